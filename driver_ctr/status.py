@@ -1,0 +1,84 @@
+"""``nvidia-driver status``: what a cluster admin asks first, read-only.
+
+Settings (redacted), the node kernel and how it parses, the loaded driver, the
+fast-path facts and the flags present in the shared directory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from . import __version__
+from .toolkit.errors import InvalidValue
+from .toolkit.settings import Settings
+from .toolkit.versions import parse_kernel_release
+
+SHARED_FLAGS = ("dir_prepared", "driver_build_started", "driver_toolkit_broken", "driver_build_failed", "driver_built")
+
+
+def _read(path: Any) -> Any:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def collect(settings: Settings) -> Dict[str, Any]:
+    paths = settings.paths
+    release = settings.kernel_release()
+    kernel: Dict[str, Any] = {"release": release}
+    try:
+        kr = parse_kernel_release(release)
+        kernel.update(distro=kr.distro, version=kr.version, release_part=kr.release, arch=kr.arch,
+                      flavour=kr.flavour, rhel_version=kr.rhel_version)
+    except InvalidValue as exc:
+        kernel["parse_error"] = exc.expected
+    nvidia_mod = paths.sys / "module" / "nvidia"
+    loaded_version = _read(nvidia_mod / "version")
+    state_digest = _read(paths.state_file)
+    fast_path = bool(
+        (nvidia_mod / "refcnt").exists()
+        and settings.driver_config_digest
+        and state_digest == settings.driver_config_digest
+        and loaded_version == settings.driver_version.raw
+    )
+    shared = paths.shared_dir
+    return {
+        "driver_ctr_version": __version__,
+        "settings": settings.describe(),
+        "driver": {
+            "version": settings.driver_version.raw,
+            "branch": settings.driver_branch,
+            "kernel_module_type": settings.kernel_module_type,
+            "target_arch": settings.target_arch,
+        },
+        "kernel": kernel,
+        "loaded": {
+            "nvidia_loaded": (nvidia_mod / "refcnt").exists(),
+            "nvidia_version": loaded_version,
+            "state_digest": state_digest,
+            "fast_path": fast_path,
+        },
+        "shared_dir": {
+            "path": str(shared),
+            "flags": sorted(f for f in SHARED_FLAGS if (shared / f).exists()),
+        },
+    }
+
+
+def render_text(info: Dict[str, Any]) -> str:
+    lines = ["driver-ctr %s" % info["driver_ctr_version"]]
+    d, k, l, s = info["driver"], info["kernel"], info["loaded"], info["shared_dir"]
+    lines.append("driver:  %s (branch %s, modules %s, %s)" % (d["version"], d["branch"], d["kernel_module_type"], d["target_arch"]))
+    if "parse_error" in k:
+        lines.append("kernel:  %s (not a supported release form: expected %s)" % (k["release"], k["parse_error"]))
+    else:
+        lines.append("kernel:  %s (%s, flavour %s%s)" % (
+            k["release"], k["distro"], k["flavour"], ", RHEL %s" % k["rhel_version"] if k.get("rhel_version") else ""))
+    lines.append("loaded:  nvidia %s, state digest %s, fast path %s" % (
+        l["nvidia_version"] or "not loaded", l["state_digest"] or "none", "yes" if l["fast_path"] else "no"))
+    lines.append("shared:  %s [%s]" % (s["path"], ", ".join(s["flags"]) or "no flags"))
+    lines.append("settings:")
+    for key, value in sorted(info["settings"].items()):
+        lines.append("  %s=%s" % (key, value))
+    return "\n".join(lines) + "\n"

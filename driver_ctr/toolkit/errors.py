@@ -1,0 +1,134 @@
+"""The errors of driver-ctr, factored out so every module can raise them.
+
+Each class says when it is raised. The CLI maps every :class:`DriverCtrError`
+to one clear message and exit status 1; anything else is a bug and shows a
+traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+
+class DriverCtrError(Exception):
+    """Base of every error a user can act on; ``str()`` is the message."""
+
+
+class InvalidValue(DriverCtrError, ValueError):
+    """A value (a variable, a file field, a version string) is malformed.
+
+    ``name`` says which input, ``value`` what it was, ``expected`` what would
+    have been accepted.
+    """
+
+    def __init__(self, name: str, value: object, expected: str) -> None:
+        self.name = name
+        self.value = value
+        self.expected = expected
+        super().__init__("%s: invalid value %r: expected %s" % (name, value, expected))
+
+
+class SettingsError(DriverCtrError):
+    """One or more settings are invalid; raised once with all of them."""
+
+    def __init__(self, problems: Sequence[InvalidValue]) -> None:
+        self.problems: List[InvalidValue] = list(problems)
+        lines = ["invalid settings (%d):" % len(self.problems)]
+        lines += ["  - %s" % p for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class NotImplementedYet(DriverCtrError):
+    """A command exists in the CLI contract but its capability is not built yet."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__("not implemented yet: %s" % what)
+
+
+class CommandFailed(DriverCtrError):
+    """A child process exited non-zero (or could not be started, or timed out).
+
+    Carries the argv, the exit status and the tails of both outputs, which is
+    everything needed to diagnose it without re-running.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: Optional[int],
+        stdout: str = "",
+        stderr: str = "",
+        reason: str = "",
+    ) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        self.reason = reason
+        head = "command %s " % " ".join(self.argv)
+        if reason:
+            head += reason
+        else:
+            head += "exited with status %s" % returncode
+        parts = [head]
+        for label, text in (("stderr", stderr), ("stdout", stdout)):
+            t = tail_lines(text, 15)
+            if t:
+                parts.append("%s (last lines):\n%s" % (label, t))
+        super().__init__("\n".join(parts))
+
+
+class ProtocolError(DriverCtrError):
+    """The shared directory holds something that breaks the two-container protocol
+    (a malformed manifest or settings file, a flag that is a directory, an unsafe
+    staged path). ``path`` names the offending file."""
+
+    def __init__(self, path: object, message: str) -> None:
+        self.path = str(path)
+        super().__init__("%s: %s" % (path, message))
+
+
+class BuildFailed(DriverCtrError):
+    """Building the kernel modules failed; ``phase`` and ``log_tail`` say where."""
+
+    def __init__(self, phase: str, message: str, log_tail: str = "") -> None:
+        self.phase = phase
+        self.log_tail = log_tail
+        text = "build failed in %s: %s" % (phase, message)
+        if log_tail:
+            text += "\nlast lines of the build log:\n" + log_tail
+        super().__init__(text)
+
+
+class HandoffTimeout(DriverCtrError):
+    """A wait of the two-container protocol passed its deadline."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        self.what = what
+        self.seconds = seconds
+        super().__init__("timed out after %.0f s waiting for %s" % (seconds, what))
+
+
+class Cancelled(DriverCtrError):
+    """A wait was ended by SIGTERM/SIGINT."""
+
+
+class FallbackRequired(DriverCtrError):
+    """The DTK cannot build for this node: the entitled build must take over.
+
+    ``reasons`` are the human-readable lines of the decision.
+    """
+
+    def __init__(self, message: str, reasons: Iterable[str] = ()) -> None:
+        self.reasons: Tuple[str, ...] = tuple(reasons)
+        text = message
+        if self.reasons:
+            text += "\n" + "\n".join("  - %s" % r for r in self.reasons)
+        super().__init__(text)
+
+
+def tail_lines(text: str, n: int) -> str:
+    """The last ``n`` non-empty lines of ``text``."""
+    lines = [l for l in (text or "").splitlines() if l.strip()]
+    return "\n".join(lines[-n:])
