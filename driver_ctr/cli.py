@@ -131,11 +131,16 @@ _NVIDIA_DRIVER_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _cmd_run_with_dtk(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("nv-ctr-run-with-dtk (the two-container protocol issue)")
+    from .driver_side import run_with_dtk
+
+    return run_with_dtk(_settings_and_logging(), dry_run=args.dry_run)
 
 
 def _cmd_dtk_build(args: argparse.Namespace) -> int:
-    raise NotImplementedYet("dtk-build-driver (the two-container protocol issue)")
+    """The DTK side, run from the installed package (the pod runs the zipapp)."""
+    from .toolkit.dtk_main import main
+
+    return main(["dtk-build-driver"])
 
 
 _OCP_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {

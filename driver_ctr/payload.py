@@ -1,0 +1,104 @@
+"""The DTK-side program the driver container puts in the shared directory.
+
+``driver-ctr-toolkit.pyz`` is a zipapp of ``driver_ctr.toolkit`` plus the
+vendored pure-Python packages it imports (structlog, pyelftools,
+inotify_simple); ``ocp_dtk_entrypoint`` is a POSIX-sh launcher that finds a
+Python >= 3.9 in the DTK image and runs it. No psutil, no requests, no C
+extensions: tests/test_zipapp.py checks the contents and the 3.9 floor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import zipfile
+from pathlib import Path
+from typing import Iterator, Tuple
+
+from .toolkit import protocol as proto
+from .toolkit.fsio import atomic_write_bytes, atomic_write_text
+
+VENDORED = ("structlog", "elftools", "inotify_simple")
+ZIP_MAIN = (
+    "# driver-ctr DTK side: python3 driver-ctr-toolkit.pyz dtk-build-driver\n"
+    "import sys\n"
+    "from driver_ctr.toolkit.dtk_main import main\n"
+    "sys.exit(main())\n"
+)
+
+INTERPRETERS = ("python3", "python3.13", "python3.12", "python3.11", "python3.9", "/usr/libexec/platform-python")
+
+LAUNCHER = r"""#!/bin/sh
+# driver-ctr DTK-side launcher (written by the driver container).
+# Runs the zipapp beside it on the DTK image's own Python >= 3.9, else on an
+# interpreter the driver container placed in ./python/bin/. If none runs, it
+# tells the driver container through driver_toolkit_broken and idles.
+dir=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
+: "${DRIVER_CTR_SHARED_DIR:=$dir}"
+export DRIVER_CTR_SHARED_DIR
+tried=""
+for py in @INTERPRETERS@ "$dir/python/bin/python3"; do
+  if command -v "$py" >/dev/null 2>&1; then
+    if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' >/dev/null 2>&1; then
+      exec "$py" "$dir/@ZIPAPP@" "$@"
+    fi
+    tried="$tried $py(<3.9)"
+  else
+    tried="$tried $py(absent)"
+  fi
+done
+reason="no Python >= 3.9 in the Driver Toolkit image to run driver-ctr; tried:$tried"
+echo "ocp_dtk_entrypoint: $reason" >&2
+tmp="$dir/.@BROKEN@.$$"
+printf '{"verdict": "broken", "reasons": ["%s"], "likely_cause": "DTK image without a usable Python"}\n' "$reason" > "$tmp" \
+  && mv -f "$tmp" "$dir/@BROKEN@"
+trap 'exit 0' TERM INT
+while :; do sleep 1 & wait $!; done
+"""
+
+
+def launcher_text() -> str:
+    return (LAUNCHER.replace("@INTERPRETERS@", " ".join(INTERPRETERS))
+            .replace("@ZIPAPP@", proto.ZIPAPP).replace("@BROKEN@", proto.TOOLKIT_BROKEN))
+
+
+def _package_files(name: str) -> Iterator[Tuple[Path, str]]:
+    mod = importlib.import_module(name)
+    path = Path(mod.__file__)  # type: ignore[arg-type]
+    if path.name == "__init__.py":
+        root = path.parent
+        for f in sorted(root.rglob("*.py")):
+            yield f, (Path(name) / f.relative_to(root)).as_posix()
+        for f in sorted(root.rglob("py.typed")):
+            yield f, (Path(name) / f.relative_to(root)).as_posix()
+    else:
+        yield path, path.name
+
+
+def zipapp_bytes() -> bytes:
+    """The zipapp, deterministic (fixed timestamps) so equal code gives equal bytes."""
+    here = Path(__file__).resolve().parent
+    entries = [(here / "__init__.py", "driver_ctr/__init__.py")]
+    for f in sorted((here / "toolkit").glob("*.py")):
+        entries.append((f, "driver_ctr/toolkit/" + f.name))
+    for name in VENDORED:
+        entries.extend(_package_files(name))
+    buf = io.BytesIO()
+    buf.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        def add(arcname: str, data: bytes) -> None:
+            info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, data)
+
+        add("__main__.py", ZIP_MAIN.encode())
+        for src, arc in entries:
+            add(arc, src.read_bytes())
+    return buf.getvalue()
+
+
+def install(shared_dir: Path) -> None:
+    """Write the zipapp and its launcher into the shared directory."""
+    atomic_write_bytes(shared_dir / proto.ZIPAPP, zipapp_bytes(), mode=0o644)
+    atomic_write_text(shared_dir / proto.LAUNCHER, launcher_text(), mode=0o755)

@@ -1,0 +1,5 @@
+import sys
+
+from .dtk_main import main
+
+sys.exit(main())

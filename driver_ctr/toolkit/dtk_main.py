@@ -1,0 +1,74 @@
+"""Entry point of the DTK-side zipapp: ``ocp_dtk_entrypoint dtk-build-driver``.
+
+Runs on the DTK image's own Python (3.9+), standard library plus the vendored
+structlog, pyelftools and inotify_simple. The launcher script beside the
+zipapp sets ``DRIVER_CTR_SHARED_DIR`` to its own directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import List, Mapping, NoReturn, Optional
+
+from . import log as logmod
+from . import protocol as proto
+from .dtk_side import DtkSide
+from .errors import DriverCtrError, InvalidValue
+from .paths import DEFAULT_SHARED_DIR, reroot
+from .waiting import Cancellation
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, "%s: error: %s\n" % (self.prog, message))
+
+
+def shared_dir_from_env(env: Mapping[str, str]) -> Path:
+    explicit = env.get("DRIVER_CTR_SHARED_DIR", "").strip()
+    if explicit:
+        return Path(explicit)
+    return reroot(env.get("DRIVER_CTR_ROOT") or None, DEFAULT_SHARED_DIR)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _Parser(prog="ocp_dtk_entrypoint", description="driver-ctr, DTK side")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    sub.add_parser("dtk-build-driver", help="detect a broken DTK, build, stage, publish, idle")
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    try:
+        fmt = logmod.choose_format(env.get("DRIVER_CTR_LOG_FORMAT") or None, sys.stdout)
+    except InvalidValue as exc:
+        sys.stderr.write("ocp_dtk_entrypoint: %s\n" % exc)
+        return 1
+    logmod.configure(fmt)
+    cancel = Cancellation().install()
+    shared = shared_dir_from_env(env)
+    if not shared.is_dir():
+        sys.stderr.write("ocp_dtk_entrypoint: the shared directory %s is not mounted (a directory is expected)\n" % shared)
+        return 1
+    try:
+        return DtkSide(shared, env, cancel).run()
+    except DriverCtrError as exc:
+        sys.stderr.write("ocp_dtk_entrypoint %s: %s\n" % (args.command, exc))
+        _signal_failure(shared, exc)
+        return 1
+
+
+def _signal_failure(shared: Path, exc: Exception) -> None:
+    """Tell the driver side, so it fails fast instead of waiting for its deadline."""
+    sd = proto.SharedDir(shared)
+    try:
+        m = sd.read_manifest()
+        gen = m["generation"] if m else None
+    except DriverCtrError:
+        gen = None
+    try:
+        sd.write_flag(proto.BUILD_FAILED, generation=gen, phase="protocol", message=str(exc).splitlines()[0], log_tail="")
+    except (OSError, DriverCtrError):
+        pass

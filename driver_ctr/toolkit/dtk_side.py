@@ -1,0 +1,231 @@
+"""``dtk-build-driver``: the DTK container's side of the protocol, top to bottom.
+
+1. ``RHCOS_IMAGE_MISSING=true``: this container runs the driver image, not a
+   DTK; the driver side falls back. Idle until signalled.
+2. Read ``settings.json`` and the manifest the driver side wrote.
+3. Decide whether this DTK can build for the node kernel; if not, write
+   ``driver_toolkit_broken`` with the reasons and idle.
+4. A complete build with the same inputs and generation is reused.
+5. Otherwise write ``driver_build_started``, build into a staging directory,
+   check every module's vermagic, swap it in as ``modules/``, write the
+   manifest, then ``driver_built`` (then the side-module flags).
+6. Idle; when ``driver_built`` disappears or the generation changes, go to 2.
+On a failure: ``driver_build_failed`` with the phase, message and log tail,
+then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from . import protocol as proto
+from .builders import Builder, BuildRequest, FixtureBuilder, UnavailableBuilder
+from .dtk_decision import decide, inspect_dtk
+from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
+from .fsio import remove_tree
+from .log import get_logger, phase
+from .modinfo import read_modinfo, vermagic_problem
+from .settings import Settings
+from .waiting import Cancellation, wait_until
+
+# Variables the operator sets on the DTK container itself; they win over settings.json.
+DTK_OWN_VARIABLES = ("RHCOS_VERSION", "RHCOS_IMAGE_MISSING", "DRIVER_CONFIG_DIGEST", "GDS_ENABLED", "GDRCOPY_ENABLED")
+
+IDLE_RECHECK_S = 5.0
+
+
+def merged_settings(shared_env: Mapping[str, str], own_env: Mapping[str, str]) -> Settings:
+    env: Dict[str, str] = dict(shared_env)
+    for k in DTK_OWN_VARIABLES:
+        if own_env.get(k, "").strip():
+            env[k] = own_env[k]
+    for k, v in own_env.items():
+        if k.startswith("DRIVER_CTR_"):
+            env[k] = v
+    return Settings.from_env(env)
+
+
+def choose_builder(own_env: Mapping[str, str]) -> Builder:
+    fixture = own_env.get("DRIVER_CTR_FIXTURE_MODULES", "").strip()
+    if fixture:
+        return FixtureBuilder(Path(fixture))
+    return UnavailableBuilder()
+
+
+class DtkSide:
+    def __init__(self, shared_dir: Path, own_env: Mapping[str, str], cancel: Cancellation,
+                 builder: Optional[Builder] = None) -> None:
+        self.shared = proto.SharedDir(shared_dir)
+        self.own_env = dict(own_env)
+        self.cancel = cancel
+        self.builder = builder or choose_builder(own_env)
+        self.log = get_logger(side="dtk")
+
+    # -- helpers -----------------------------------------------------------
+
+    def _idle(self, why: str, until: Any = None) -> None:
+        """Wait for a signal (or for ``until()`` to return something)."""
+        self.log.info("idle", reason=why)
+
+        def check() -> Optional[bool]:
+            return True if until is not None and until() else None
+
+        try:
+            wait_until(check, directory=self.shared.path, what=why, timeout_s=float("inf"),
+                       cancel=self.cancel, recheck_s=IDLE_RECHECK_S, progress_s=3600)
+        except Cancelled:
+            raise
+
+    def _generation_changed(self, generation: int) -> bool:
+        try:
+            m = self.shared.read_manifest()
+        except ProtocolError:
+            return True
+        return m is None or m["generation"] != generation
+
+    # -- main --------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        except Cancelled as exc:
+            self.log.info("stopping", reason=str(exc))
+            return 0
+
+    def _run(self) -> int:
+        own_missing = self.own_env.get("RHCOS_IMAGE_MISSING", "").strip().lower() == "true"
+        if own_missing:
+            self.log.warning("RHCOS image tag missing: this container runs the driver image, not a DTK; "
+                             "the driver container takes the entitlement-based fallback",
+                             rhcos_version=self.own_env.get("RHCOS_VERSION", ""))
+            self._idle("RHCOS_IMAGE_MISSING=true: nothing to build here")
+            return 0
+        self.shared.clean_staging()
+        while True:
+            settings = merged_settings(self.shared.read_settings(), self.own_env)
+            manifest = self.shared.read_manifest()
+            if manifest is None:
+                raise ProtocolError(self.shared.path / proto.MANIFEST_JSON, "missing: the driver side writes it before dir_prepared")
+            generation = manifest["generation"]
+            kernel = settings.kernel_release()
+            inputs = proto.build_inputs(settings, kernel)
+            if manifest["inputs"] != inputs:
+                raise ProtocolError(self.shared.path / proto.MANIFEST_JSON, "inputs of generation %d are not this node's: %s" % (
+                    generation, "; ".join("%s=%r (here %r)" % (k, manifest["inputs"].get(k), inputs[k])
+                                          for k in proto.INPUT_KEYS if manifest["inputs"].get(k) != inputs[k])))
+            paths = settings.paths
+            decision = decide(kernel, inspect_dtk(paths, kernel), settings.rhcos_version)
+            if decision.broken:
+                self.log.warning("broken Driver Toolkit image detected: informing the driver container to fall back",
+                                 **decision.as_dict())
+                self.shared.write_flag(proto.TOOLKIT_BROKEN, generation=generation, **decision.as_dict())
+                self._idle("broken DTK", until=lambda: self._generation_changed(generation))
+                continue
+            for note in decision.notes:
+                self.log.info("dtk note", note=note)
+            if self.shared.has(proto.BUILD_FAILED) and self.shared.read_flag(proto.BUILD_FAILED).get("generation") == generation:
+                self.log.warning("the build of this generation failed before; waiting for the driver side to request a retry",
+                                 generation=generation)
+                self._idle("failed build", until=lambda: self._generation_changed(generation))
+                continue
+            if self.shared.has(proto.BUILT) and self._reusable(inputs, generation):
+                self.log.info("NVIDIA drivers already built for these inputs, nothing to do", generation=generation)
+            else:
+                if not self._build(settings, inputs, generation, decision.dtk_kernels, paths.module_dir(kernel)):
+                    return 1
+            self._idle("built; watching driver_built",
+                       until=lambda: not self.shared.has(proto.BUILT) or self._generation_changed(generation))
+            self.log.warning("driver_built disappeared or a new generation was prepared: rebuilding")
+
+    def _reusable(self, inputs: Mapping[str, Any], generation: int) -> bool:
+        try:
+            proto.verify_build(self.shared, inputs, generation)
+            return True
+        except ProtocolError as exc:
+            self.log.warning("existing build not reusable, rebuilding", reason=str(exc))
+            return False
+
+    def _build(self, settings: Settings, inputs: Dict[str, Any], generation: int,
+               dtk_kernels: Mapping[str, str], module_dir: Path) -> bool:
+        sh = self.shared
+        for f in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
+            sh.remove_flag(f)
+        sh.write_flag(proto.BUILD_STARTED, generation=generation, pid=os.getpid(), builder=self.builder.name)
+        log_path = sh.path / proto.BUILD_LOG
+        log_path.write_text("")
+        staging = sh.path / (proto.STAGING_PREFIX + "%d-%d" % (generation, os.getpid()))
+        current = "build"
+        try:
+            with phase(self.log, "build", generation=generation, kernel=inputs["kernel_release"], builder=self.builder.name):
+                remove_tree(staging)
+                staging.mkdir()
+                result = self.builder.build(BuildRequest(settings, inputs["kernel_release"], sh.path, staging, log_path,
+                                                         str(module_dir / "build")))
+            current = "verify"
+            with phase(self.log, "verify", generation=generation):
+                files = proto.describe_tree(staging, inputs["kernel_release"])
+                mods = [f for f in files if proto.is_module(f["path"])]
+                if not any(f.get("name") == "nvidia" for f in mods):
+                    raise BuildFailed("verify", "the build produced no nvidia module")
+                for f in mods:
+                    problem = vermagic_problem(read_modinfo(staging / f["path"]), inputs["kernel_release"])
+                    if problem:
+                        raise BuildFailed("verify", problem)
+                wanted = [c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on]
+                missing = [c for c in wanted if c not in result.components]
+                if missing:
+                    raise BuildFailed("build", "%s requested but not built by the %s builder" % (", ".join(missing), result.builder))
+            current = "publish"
+            with phase(self.log, "publish", generation=generation):
+                if self._generation_changed(generation):
+                    self.log.warning("a new generation was prepared during the build: discarding this one")
+                    remove_tree(staging)
+                    return True
+                modules = sh.path / proto.MODULES_DIR
+                old = sh.path / (proto.STAGING_PREFIX + "old-%d" % os.getpid())
+                if modules.exists():
+                    os.replace(str(modules), str(old))
+                os.replace(str(staging), str(modules))
+                remove_tree(old)
+                manifest = {
+                    "protocol": proto.PROTOCOL_VERSION,
+                    "generation": generation,
+                    "inputs": inputs,
+                    "build": {
+                        "builder": result.builder,
+                        "components": list(result.components),
+                        "dtk_kernels": dict(dtk_kernels),
+                        "finished_at": proto.now(),
+                        "files": files,
+                    },
+                }
+                sh.write_manifest(manifest)
+                sh.write_flag(proto.BUILT, generation=generation, files=len(files))
+                if "nvidia-fs" in result.components:
+                    sh.write_flag(proto.NVIDIA_FS_BUILT, generation=generation)
+                if "gdrcopy" in result.components:
+                    sh.write_flag(proto.GDRCOPY_BUILT, generation=generation)
+            return True
+        except Cancelled:
+            remove_tree(staging)
+            raise
+        except DriverCtrError as exc:
+            remove_tree(staging)
+            phase_name = exc.phase if isinstance(exc, BuildFailed) else current
+            log_tail = exc.log_tail if isinstance(exc, BuildFailed) and exc.log_tail else _log_tail(log_path)
+            message = str(exc).splitlines()[0]
+            if isinstance(exc, BuildFailed):
+                message = message.split(": ", 1)[-1] if message.startswith("build failed in ") else message
+            self.log.error("build failed", phase=phase_name, message=message, generation=generation)
+            sh.write_flag(proto.BUILD_FAILED, generation=generation, phase=phase_name, message=message, log_tail=log_tail)
+            return False
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        return tail_lines(path.read_text(errors="replace"), 30)
+    except OSError:
+        return ""

@@ -1,0 +1,125 @@
+"""Read a kernel module's ``.modinfo`` with pyelftools (no modinfo binary needed).
+
+Handles plain ``.ko`` and the compressed ``.ko.xz`` / ``.ko.zst`` / ``.ko.gz``
+forms (zst needs the ``zstd`` tool).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .errors import ProtocolError
+
+SIGNATURE_TRAILER = b"~Module signature appended~\n"
+
+
+@dataclass(frozen=True)
+class ModInfo:
+    path: str
+    fields: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    signed: bool = False
+
+    def get(self, key: str, default: str = "") -> str:
+        v = self.fields.get(key)
+        return v[0] if v else default
+
+    @property
+    def name(self) -> str:
+        return self.get("name") or Path(self.path).name.split(".")[0].replace("-", "_")
+
+    @property
+    def version(self) -> str:
+        return self.get("version")
+
+    @property
+    def vermagic(self) -> str:
+        return self.get("vermagic")
+
+    @property
+    def vermagic_release(self) -> str:
+        v = self.vermagic.split()
+        return v[0] if v else ""
+
+    @property
+    def depends(self) -> List[str]:
+        return [d for d in self.get("depends").split(",") if d]
+
+    @property
+    def srcversion(self) -> str:
+        return self.get("srcversion")
+
+    @property
+    def parameters(self) -> Dict[str, str]:
+        """Parameter name -> type (``int``, ``charp``, ``uint``, …)."""
+        out: Dict[str, str] = {}
+        for entry in self.fields.get("parmtype", ()):
+            name, _, typ = entry.partition(":")
+            out[name] = typ
+        for entry in self.fields.get("parm", ()):
+            name = entry.partition(":")[0]
+            out.setdefault(name, "")
+        return out
+
+
+def _module_bytes(path: Path) -> bytes:
+    name = path.name
+    if name.endswith(".xz"):
+        return lzma.decompress(path.read_bytes())
+    if name.endswith(".gz"):
+        return gzip.decompress(path.read_bytes())
+    if name.endswith(".zst"):
+        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+    return path.read_bytes()
+
+
+def read_modinfo(path: Path) -> ModInfo:
+    """Parse ``.modinfo``; a file that is not a module is a ProtocolError naming it."""
+    path = Path(path)
+    try:
+        data = _module_bytes(path)
+    except (OSError, lzma.LZMAError, subprocess.CalledProcessError) as exc:
+        raise ProtocolError(path, "cannot read kernel module: %s" % exc) from None
+    try:
+        elf = ELFFile(io.BytesIO(data))
+        sec = elf.get_section_by_name(".modinfo")
+    except ELFError as exc:
+        raise ProtocolError(path, "not an ELF kernel module: %s" % exc) from None
+    if sec is None:
+        raise ProtocolError(path, "no .modinfo section: not a kernel module")
+    fields: Dict[str, List[str]] = {}
+    for raw in sec.data().split(b"\0"):
+        if not raw or b"=" not in raw:
+            continue
+        k, _, v = raw.decode("utf-8", "replace").partition("=")
+        fields.setdefault(k, []).append(v)
+    return ModInfo(path=str(path), fields={k: tuple(v) for k, v in fields.items()},
+                   signed=data.endswith(SIGNATURE_TRAILER))
+
+
+def vermagic_problem(info: ModInfo, kernel_release: str, reference_vermagic: Optional[str] = None) -> Optional[str]:
+    """Why ``info`` cannot load on ``kernel_release`` (None when it can).
+
+    The release word must be the kernel's; with ``reference_vermagic`` (a module
+    of the same kernel tree) the feature flags (SMP, preempt mode, mod_unload,
+    modversions) must be identical too.
+    """
+    vm = info.vermagic
+    if not vm:
+        return "%s has no vermagic" % info.path
+    if info.vermagic_release != kernel_release:
+        return "%s was built for kernel %s, not %s (vermagic %r)" % (info.path, info.vermagic_release, kernel_release, vm)
+    if reference_vermagic is not None:
+        flags = vm.split()[1:]
+        want = reference_vermagic.split()[1:]
+        if flags != want:
+            return "%s vermagic flags %r differ from the kernel's %r" % (info.path, " ".join(flags), " ".join(want))
+    return None

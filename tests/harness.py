@@ -1,0 +1,133 @@
+"""Helpers to run both sides of the protocol as real processes on a temporary root.
+
+Fixture modules are real ELF objects compiled by gcc with a ``.modinfo``
+section naming the kernel they claim: enough for vermagic and sha256 checks
+without a kernel tree (the real kbuild is tested in the build tier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from conftest import BASE_ENV, REPO
+
+RHEL_KERNEL = "5.14.0-427.13.1.el9_4.x86_64"
+VERMAGIC_FLAGS = "SMP preempt mod_unload modversions "
+
+_C = """
+static const char m_vermagic[] __attribute__((section(".modinfo"), used, aligned(1))) = "vermagic=%(vermagic)s";
+static const char m_name[] __attribute__((section(".modinfo"), used, aligned(1))) = "name=%(name)s";
+static const char m_version[] __attribute__((section(".modinfo"), used, aligned(1))) = "version=%(version)s";
+static const char m_depends[] __attribute__((section(".modinfo"), used, aligned(1))) = "depends=%(depends)s";
+static const char m_parmtype[] __attribute__((section(".modinfo"), used, aligned(1))) = "parmtype=NVreg_Test:uint";
+int %(name)s_init(void) { return 0; }
+"""
+
+
+def make_fixture_module(dest: Path, name: str, kernel: str, version: str = "535.261.03", depends: str = "") -> Path:
+    """Compile a tiny ELF object carrying the .modinfo of a module built for ``kernel``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    src = dest / (name + ".c")
+    src.write_text(_C % {"vermagic": kernel + " " + VERMAGIC_FLAGS, "name": name.replace("-", "_"),
+                         "version": version, "depends": depends})
+    out = dest / (name + ".ko")
+    subprocess.run(["gcc", "-c", "-o", str(out), str(src)], check=True)
+    src.unlink()
+    return out
+
+
+def make_fixture_modules(dest: Path, kernel: str) -> Path:
+    make_fixture_module(dest, "nvidia", kernel, depends="drm")
+    make_fixture_module(dest, "nvidia-uvm", kernel, depends="nvidia")
+    make_fixture_module(dest, "nvidia-modeset", kernel, depends="nvidia,video")
+    return dest
+
+
+def make_dtk_image(root: Path, kernel: str = RHEL_KERNEL, release_json: Optional[dict] = None,
+                   build_tree: bool = True, rt_kernel: Optional[str] = None) -> None:
+    """Lay out what a DTK image holds for ``kernel`` under ``root``."""
+    trees = [kernel] + ([rt_kernel] if rt_kernel else [])
+    for k in trees:
+        mod = root / "lib/modules" / k
+        mod.mkdir(parents=True, exist_ok=True)
+        (mod / "vmlinuz").write_bytes(b"\0")
+        if build_tree:
+            src = root / "usr/src/kernels" / k
+            src.mkdir(parents=True, exist_ok=True)
+            (src / "Makefile").write_text("# kernel-devel\n")
+            if not (mod / "build").exists():
+                (mod / "build").symlink_to("/usr/src/kernels/" + k)
+    if release_json is None:
+        release_json = {"KERNEL_VERSION": kernel.split("+")[0], "RHEL_VERSION": "9.4"}
+        if rt_kernel:
+            release_json["RT_KERNEL_VERSION"] = rt_kernel
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/driver-toolkit-release.json").write_text(json.dumps(release_json))
+
+
+def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DRIVER_", "NVFM_", "RHCOS_", "KERNEL_MODULE", "GDS_", "GDRCOPY_"))}
+    env.update(BASE_ENV)
+    env.update(DRIVER_CTR_ROOT=str(root), DRIVER_CTR_KERNEL_RELEASE=kernel, DRIVER_CTR_LOG_FORMAT="json",
+               PYTHONPATH=str(REPO), DRIVER_CONFIG_DIGEST="3522141578")
+    env.update(extra)
+    return env
+
+
+def shared_dir(root: Path) -> Path:
+    d = root / "mnt/shared-nvidia-driver-toolkit"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def start_driver(env: Dict[str, str], *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk",
+                             "--dry-run", *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def start_dtk(env: Dict[str, str], shared: Path) -> subprocess.Popen:
+    """The DTK container's command, as the operator renders it (minus bash -x noise)."""
+    script = ("until [ -f %s/dir_prepared ]; do sleep 0.05; done; exec %s/ocp_dtk_entrypoint dtk-build-driver"
+              % (shared, shared))
+    return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10) -> float:
+    """Signal ``p`` and return how long it took to exit."""
+    t0 = time.monotonic()
+    p.send_signal(sig)
+    p.communicate(timeout=timeout)
+    return time.monotonic() - t0
+
+
+def wait_for_file(path: Path, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > end:
+            raise AssertionError("timed out waiting for %s" % path)
+        time.sleep(0.02)
+
+
+def events(text: str) -> List[dict]:
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
