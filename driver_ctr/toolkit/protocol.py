@@ -99,9 +99,9 @@ def now() -> str:
 def safe_relative_path(base: Path, rel: str) -> Path:
     """``base/rel`` after checking ``rel`` stays inside ``base``: no absolute
     path, no ``..``, no symlink anywhere on the way."""
+    if not _rel_ok(rel):
+        raise ProtocolError(base, "unsafe staged path %r" % rel)
     p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or any(part in ("..", "") for part in p.parts) or "\x00" in rel:
-        raise ProtocolError(base / rel if rel and not p.is_absolute() else rel, "unsafe staged path %r" % rel)
     cur = base
     for part in p.parts:
         cur = cur / part
@@ -233,9 +233,14 @@ def validate_manifest(path: Path, data: Any) -> None:
         _check_rel(path, f["path"])
 
 
+def _rel_ok(rel: str) -> bool:
+    """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
+    return bool(rel) and "\x00" not in rel and not rel.startswith("/") and all(
+        part not in ("", ".", "..") for part in rel.split("/"))
+
+
 def _check_rel(manifest_path: Path, rel: str) -> None:
-    p = PurePosixPath(rel)
-    if not rel or p.is_absolute() or any(part in ("..", "") for part in p.parts):
+    if not _rel_ok(rel):
         raise ProtocolError(manifest_path, "unsafe staged path %r in the manifest" % rel)
 
 

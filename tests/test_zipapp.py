@@ -1,0 +1,120 @@
+"""The DTK-side program: pure Python, Python 3.9 at most, imports only the
+standard library, itself and the vendored packages, runs from the shared dir
+on the one interpreter PATH offers."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, need_tool
+from driver_ctr import payload
+from harness import RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, shared_dir, start_driver
+
+TOOLKIT = REPO / "driver_ctr/toolkit"
+VENDORED_TOP = {"structlog", "elftools", "inotify_simple"}
+
+
+def _zip():
+    return zipfile.ZipFile(io.BytesIO(payload.zipapp_bytes()))
+
+
+def test_zipapp_holds_only_pure_python():
+    names = _zip().namelist()
+    assert "__main__.py" in names and "driver_ctr/toolkit/dtk_main.py" in names
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"__main__.py", "driver_ctr", "structlog", "elftools", "inotify_simple.py"}
+    assert not [n for n in names if n.endswith((".so", ".pyd", ".dll", ".c"))]
+    driver_side = [n for n in names if n.startswith("driver_ctr/") and not n.startswith("driver_ctr/toolkit/")]
+    assert driver_side == ["driver_ctr/__init__.py"]
+
+
+def test_toolkit_imports_only_stdlib_itself_and_vendored():
+    """The dependency direction is a test: the toolkit never imports the driver side,
+    psutil or requests."""
+    stdlib = set(sys.stdlib_module_names)
+    for f in TOOLKIT.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    assert node.level == 1, "%s: relative import leaves the toolkit" % f.name
+                    continue
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                top = m.split(".")[0]
+                assert top in stdlib or top in VENDORED_TOP, "%s imports %s" % (f.name, m)
+
+
+def test_dtk_side_needs_at_most_python_3_9(tmp_path):
+    """vermin over everything the zipapp carries (our toolkit and the vendored code)."""
+    vermin = need_tool("vermin")
+    d = tmp_path / "z"
+    _zip().extractall(d)
+    r = subprocess.run([vermin, "--no-tips", "--eval-annotations", "-t=3.9-", "--violations",
+                        "--exclude-regex", r"construct/lib/py3compat\.py$", str(d)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_zipapp_runs_from_shared_dir_with_only_the_chosen_interpreter(root, tmp_path):
+    """PATH holds one python3 that runs isolated (-I -S: no site-packages), so every
+    import must come from the zipapp; the DTK side then builds for real."""
+    make_dtk_image(root)
+    mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    py = bindir / "python3"
+    py.write_text("#!/bin/sh\nexec %s -I -S \"$@\"\n" % sys.executable)
+    py.chmod(0o755)
+    for tool in ("sh", "dirname", "mv", "printf", "sleep", "cat"):
+        p = need_tool(tool)
+        (bindir / tool).symlink_to(p)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
+    shared = shared_dir(root)
+    drv = start_driver(env)
+    from harness import wait_for_file
+    wait_for_file(shared / "dir_prepared")
+    dtk_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    dtk_env["PATH"] = str(bindir)
+    dtk = subprocess.Popen([str(shared / "ocp_dtk_entrypoint"), "dtk-build-driver"], env=dtk_env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    d = finish(drv)
+    dtk.terminate()
+    out, err = dtk.communicate(timeout=10)
+    assert d.returncode == 0, d.stderr + err
+    assert json.loads((shared / "manifest.json").read_text())["build"]["builder"] == "fixture"
+
+
+def test_launcher_without_python_signals_broken(tmp_path):
+    """No Python >= 3.9 in the DTK image: driver_toolkit_broken names the reason."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    payload.install(shared)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("sh", "dirname", "mv", "printf", "sleep"):
+        (bindir / tool).symlink_to(need_tool(tool))
+    p = subprocess.Popen([str(shared / "ocp_dtk_entrypoint"), "dtk-build-driver"], env={"PATH": str(bindir)},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from harness import stop, wait_for_file
+    wait_for_file(shared / "driver_toolkit_broken", 10)
+    assert stop(p) < 2.0
+    body = json.loads((shared / "driver_toolkit_broken").read_text())
+    assert "no Python >= 3.9" in body["reasons"][0]
+
+
+def test_zipapp_is_deterministic():
+    assert payload.zipapp_bytes() == payload.zipapp_bytes()
