@@ -21,9 +21,9 @@ from typing import Any, Dict, Optional
 from . import payload
 from .fast_path import FastPath, decide_fast_path
 from .toolkit import protocol as proto
-from .toolkit.errors import BuildFailed, FallbackRequired, NotImplementedYet, ProtocolError
-from .toolkit.fsio import atomic_write_bytes
+from .toolkit.errors import BuildFailed, Cancelled, FallbackRequired, NotImplementedYet, ProtocolError
 from .toolkit.log import get_logger, phase
+from .toolkit.modinfo import preload as preload_modinfo
 from .toolkit.settings import Settings
 from .toolkit.waiting import Cancellation, wait_until
 
@@ -63,6 +63,7 @@ class DriverSide:
         if not self.shared.path.is_dir():
             raise ProtocolError(self.shared.path, "the shared directory is not mounted (a directory is expected)")
         generation = self.prepare()
+        preload_modinfo()
         self.wait_started(generation)
         manifest = self.wait_built(generation)
         return Handoff(fast_path=None, manifest=manifest, generation=generation)
@@ -179,8 +180,6 @@ class DriverSide:
 
 def run_with_dtk(settings: Settings, dry_run: bool) -> int:
     cancel = Cancellation().install()
-    from .toolkit.errors import Cancelled
-
     try:
         handoff = DriverSide(settings, cancel).run()
     except Cancelled as exc:

@@ -208,6 +208,7 @@ def test_stale_modules_planted_under_a_matching_manifest_are_refused(root, fixtu
     assert "5.14.0-1.el9.x86_64" in d2.stderr and RHEL_KERNEL in d2.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["driver", "dtk"])
 @pytest.mark.parametrize("step", ["prepared", "started", "built"])
 def test_sigkill_and_restart_converges(root, fixture_mods, victim, step):
