@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass, field
-from typing import IO, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import CommandFailed
 from .log import get_logger

@@ -1,0 +1,39 @@
+"""The process seam: real children, errors that carry argv, status and output tails."""
+
+from __future__ import annotations
+
+import pytest
+
+from driver_ctr.toolkit.errors import CommandFailed
+from driver_ctr.toolkit.runner import FakeRunner, Runner
+
+
+def test_success_and_output():
+    r = Runner().run(["sh", "-c", "echo out; echo err >&2"])
+    assert (r.returncode, r.stdout, r.stderr) == (0, "out\n", "err\n")
+
+
+def test_failure_carries_argv_status_and_tail():
+    with pytest.raises(CommandFailed) as exc:
+        Runner().run(["sh", "-c", "echo first; echo 'error: too few arguments' >&2; exit 3"])
+    e = exc.value
+    assert e.returncode == 3 and e.argv[0] == "sh"
+    assert "too few arguments" in str(e) and "exited with status 3" in str(e)
+
+
+def test_missing_binary_and_timeout():
+    with pytest.raises(CommandFailed) as exc:
+        Runner().run(["/nonexistent/depmod", "-a"])
+    assert exc.value.returncode is None and "not found" in str(exc.value)
+    with pytest.raises(CommandFailed) as exc:
+        Runner().run(["sleep", "5"], timeout=0.2)
+    assert "timed out" in str(exc.value)
+
+
+def test_fake_runner_refuses_unexpected_commands():
+    fake = FakeRunner()
+    fake.expect(("modprobe", "-n"), stdout="insmod /x.ko\n")
+    assert fake.run(["modprobe", "-n", "nvidia"]).stdout == "insmod /x.ko\n"
+    with pytest.raises(AssertionError):
+        fake.run(["rmmod", "nvidia"])
+    assert fake.calls == [("modprobe", "-n", "nvidia"), ("rmmod", "nvidia")]
