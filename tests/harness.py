@@ -77,6 +77,9 @@ def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, st
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DRIVER_", "NVFM_", "RHCOS_", "KERNEL_MODULE", "GDS_", "GDRCOPY_"))}
     env.update(BASE_ENV)
+    # The real interpreter first on PATH (as /usr/bin/python3 is in a DTK image),
+    # not a version-manager shim that costs a shell start per call.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.update(DRIVER_CTR_ROOT=str(root), DRIVER_CTR_KERNEL_RELEASE=kernel, DRIVER_CTR_LOG_FORMAT="json",
                PYTHONPATH=str(REPO), DRIVER_CONFIG_DIGEST="3522141578")
     env.update(extra)
