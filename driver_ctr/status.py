@@ -9,18 +9,12 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import __version__
+from .fast_path import decide_fast_path
 from .toolkit.errors import InvalidValue
 from .toolkit.settings import Settings
 from .toolkit.versions import parse_kernel_release
 
 SHARED_FLAGS = ("dir_prepared", "driver_build_started", "driver_toolkit_broken", "driver_build_failed", "driver_built")
-
-
-def _read(path: Any) -> Any:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
 
 
 def collect(settings: Settings) -> Dict[str, Any]:
@@ -33,15 +27,7 @@ def collect(settings: Settings) -> Dict[str, Any]:
                       flavour=kr.flavour, rhel_version=kr.rhel_version)
     except InvalidValue as exc:
         kernel["parse_error"] = exc.expected
-    nvidia_mod = paths.sys / "module" / "nvidia"
-    loaded_version = _read(nvidia_mod / "version")
-    state_digest = _read(paths.state_file)
-    fast_path = bool(
-        (nvidia_mod / "refcnt").exists()
-        and settings.driver_config_digest
-        and state_digest == settings.driver_config_digest
-        and loaded_version == settings.driver_version.raw
-    )
+    fp = decide_fast_path(settings)
     shared = paths.shared_dir
     return {
         "driver_ctr_version": __version__,
@@ -54,10 +40,10 @@ def collect(settings: Settings) -> Dict[str, Any]:
         },
         "kernel": kernel,
         "loaded": {
-            "nvidia_loaded": (nvidia_mod / "refcnt").exists(),
-            "nvidia_version": loaded_version,
-            "state_digest": state_digest,
-            "fast_path": fast_path,
+            "nvidia_loaded": fp.facts["nvidia_loaded"],
+            "nvidia_version": fp.facts["loaded_version"],
+            "state_digest": fp.facts["state_digest"],
+            "fast_path": fp.applies,
         },
         "shared_dir": {
             "path": str(shared),

@@ -73,11 +73,8 @@ class DtkSide:
         def check() -> Optional[bool]:
             return True if until is not None and until() else None
 
-        try:
-            wait_until(check, directory=self.shared.path, what=why, timeout_s=float("inf"),
-                       cancel=self.cancel, recheck_s=IDLE_RECHECK_S, progress_s=3600)
-        except Cancelled:
-            raise
+        wait_until(check, directory=self.shared.path, what=why, timeout_s=float("inf"),
+                   cancel=self.cancel, recheck_s=IDLE_RECHECK_S, progress_s=3600)
 
     def _generation_changed(self, generation: int) -> bool:
         try:
