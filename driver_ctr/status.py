@@ -10,11 +10,11 @@ from typing import Any, Dict
 
 from . import __version__
 from .fast_path import decide_fast_path
+from .toolkit import protocol as proto
 from .toolkit.errors import InvalidValue
 from .toolkit.settings import Settings
 from .toolkit.versions import parse_kernel_release
 
-SHARED_FLAGS = ("dir_prepared", "driver_build_started", "driver_toolkit_broken", "driver_build_failed", "driver_built")
 
 
 def collect(settings: Settings) -> Dict[str, Any]:
@@ -47,7 +47,7 @@ def collect(settings: Settings) -> Dict[str, Any]:
         },
         "shared_dir": {
             "path": str(shared),
-            "flags": sorted(f for f in SHARED_FLAGS if (shared / f).exists()),
+            "flags": sorted(f for f in proto.FLAGS if (shared / f).exists()),
         },
     }
 

@@ -67,3 +67,5 @@ def test_inspect_reads_trees_under_root(tmp_path):
     (tmp_path / "usr/src/kernels" / RHEL_KERNEL / "Makefile").unlink()
     f2 = inspect_dtk(HostPaths(root=str(tmp_path)), RHEL_KERNEL)
     assert f2.build_tree is None and "no Makefile" in f2.build_tree_problem
+    assert f2.usr_src_kernel
+    assert any("kernel-devel is installed" in n for n in decide(RHEL_KERNEL, f2).notes)

@@ -181,6 +181,9 @@ def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDec
             cause = CAUSE_NO_TREE
         if facts.kernels_present:
             notes.append("kernel trees present in the DTK: %s" % ", ".join(facts.kernels_present))
+        if facts.usr_src_kernel:
+            notes.append("/usr/src/kernels/%s exists: kernel-devel is installed but %s/build does not lead to it"
+                         % (node_kernel, "/lib/modules/" + node_kernel))
     if not facts.vmlinuz:
         notes.append("no /lib/modules/%s/vmlinuz (the reference's only check): not needed to build" % node_kernel)
     return DtkDecision(

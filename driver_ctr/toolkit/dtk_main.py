@@ -17,7 +17,7 @@ from . import log as logmod
 from . import protocol as proto
 from .dtk_side import DtkSide
 from .errors import DriverCtrError, InvalidValue
-from .paths import DEFAULT_SHARED_DIR, reroot
+from .paths import HostPaths
 from .waiting import Cancellation
 
 
@@ -28,10 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def shared_dir_from_env(env: Mapping[str, str]) -> Path:
-    explicit = env.get("DRIVER_CTR_SHARED_DIR", "").strip()
-    if explicit:
-        return Path(explicit)
-    return reroot(env.get("DRIVER_CTR_ROOT") or None, DEFAULT_SHARED_DIR)
+    """Before settings.json is read: the same rule as ``Settings.paths.shared_dir``."""
+    return HostPaths(root=env.get("DRIVER_CTR_ROOT", "").strip() or None,
+                     shared_dir_override=env.get("DRIVER_CTR_SHARED_DIR", "").strip() or None).shared_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:

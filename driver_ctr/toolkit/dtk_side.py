@@ -27,7 +27,7 @@ from .dtk_decision import decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
 from .fsio import remove_tree
 from .log import get_logger, phase
-from .modinfo import read_modinfo, vermagic_problem
+from .modinfo import vermagic_problem
 from .settings import Settings
 from .waiting import Cancellation, wait_until
 
@@ -163,12 +163,12 @@ class DtkSide:
                                                          str(module_dir / "build")))
             current = "verify"
             with phase(self.log, "verify", generation=generation):
-                files = proto.describe_tree(staging, inputs["kernel_release"])
+                files = proto.describe_tree(staging)
                 mods = [f for f in files if proto.is_module(f["path"])]
                 if not any(f.get("name") == "nvidia" for f in mods):
                     raise BuildFailed("verify", "the build produced no nvidia module")
                 for f in mods:
-                    problem = vermagic_problem(read_modinfo(staging / f["path"]), inputs["kernel_release"])
+                    problem = vermagic_problem(staging / f["path"], f["vermagic"], inputs["kernel_release"])
                     if problem:
                         raise BuildFailed("verify", problem)
                 wanted = [c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on]
@@ -211,11 +211,10 @@ class DtkSide:
             raise
         except DriverCtrError as exc:
             remove_tree(staging)
-            phase_name = exc.phase if isinstance(exc, BuildFailed) else current
-            log_tail = exc.log_tail if isinstance(exc, BuildFailed) and exc.log_tail else _log_tail(log_path)
-            message = str(exc).splitlines()[0]
             if isinstance(exc, BuildFailed):
-                message = message.split(": ", 1)[-1] if message.startswith("build failed in ") else message
+                phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(log_path)
+            else:
+                phase_name, message, log_tail = current, str(exc).splitlines()[0], _log_tail(log_path)
             self.log.error("build failed", phase=phase_name, message=message, generation=generation)
             sh.write_flag(proto.BUILD_FAILED, generation=generation, phase=phase_name, message=message, log_tail=log_tail)
             return False

@@ -94,6 +94,7 @@ class BuildFailed(DriverCtrError):
 
     def __init__(self, phase: str, message: str, log_tail: str = "") -> None:
         self.phase = phase
+        self.message = message
         self.log_tail = log_tail
         text = "build failed in %s: %s" % (phase, message)
         if log_tail:

@@ -74,21 +74,29 @@ def preload() -> None:
 
 
 def _module_bytes(path: Path) -> bytes:
+    return _decompress(path, path.read_bytes())
+
+
+def _decompress(path: Path, raw: bytes) -> bytes:
     name = path.name
     if name.endswith(".xz"):
-        return lzma.decompress(path.read_bytes())
+        return lzma.decompress(raw)
     if name.endswith(".gz"):
-        return gzip.decompress(path.read_bytes())
+        return gzip.decompress(raw)
     if name.endswith(".zst"):
-        return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
-    return path.read_bytes()
+        return subprocess.run(["zstd", "-dc"], input=raw, check=True, capture_output=True).stdout
+    return raw
 
 
-def read_modinfo(path: Path) -> ModInfo:
-    """Parse ``.modinfo``; a file that is not a module is a ProtocolError naming it."""
+def read_modinfo(path: Path, raw: Optional[bytes] = None) -> ModInfo:
+    """Parse ``.modinfo``; a file that is not a module is a ProtocolError naming it.
+
+    ``raw`` is the file's content when the caller already read it (to hash it):
+    each module is then read from disk once.
+    """
     path = Path(path)
     try:
-        data = _module_bytes(path)
+        data = _module_bytes(path) if raw is None else _decompress(path, raw)
     except (OSError, lzma.LZMAError, subprocess.CalledProcessError) as exc:
         raise ProtocolError(path, "cannot read kernel module: %s" % exc) from None
     # Imported here: pyelftools costs ~0.3 s to import from the zipapp, and the
@@ -113,21 +121,24 @@ def read_modinfo(path: Path) -> ModInfo:
                    signed=data.endswith(SIGNATURE_TRAILER))
 
 
-def vermagic_problem(info: ModInfo, kernel_release: str, reference_vermagic: Optional[str] = None) -> Optional[str]:
-    """Why ``info`` cannot load on ``kernel_release`` (None when it can).
+def vermagic_problem(path: object, vermagic: str, kernel_release: str,
+                     reference_vermagic: Optional[str] = None) -> Optional[str]:
+    """Why the module at ``path`` with ``vermagic`` cannot load on
+    ``kernel_release`` (None when it can).
 
     The release word must be the kernel's; with ``reference_vermagic`` (a module
     of the same kernel tree) the feature flags (SMP, preempt mode, mod_unload,
     modversions) must be identical too.
     """
-    vm = info.vermagic
-    if not vm:
-        return "%s has no vermagic" % info.path
-    if info.vermagic_release != kernel_release:
-        return "%s was built for kernel %s, not %s (vermagic %r)" % (info.path, info.vermagic_release, kernel_release, vm)
+    vm = vermagic or ""
+    if not vm.split():
+        return "%s has no vermagic" % path
+    release = vm.split()[0]
+    if release != kernel_release:
+        return "%s was built for kernel %s, not %s (vermagic %r)" % (path, release, kernel_release, vm)
     if reference_vermagic is not None:
         flags = vm.split()[1:]
         want = reference_vermagic.split()[1:]
         if flags != want:
-            return "%s vermagic flags %r differ from the kernel's %r" % (info.path, " ".join(flags), " ".join(want))
+            return "%s vermagic flags %r differ from the kernel's %r" % (path, " ".join(flags), " ".join(want))
     return None

@@ -22,6 +22,7 @@ reference only tests for existence, which still works.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -36,7 +37,6 @@ from .fsio import (
     read_json_optional,
     regular_file_exists,
     remove_tree,
-    sha256_file,
 )
 from .modinfo import read_modinfo, vermagic_problem
 
@@ -49,7 +49,7 @@ BUILD_FAILED = "driver_build_failed"
 BUILT = "driver_built"
 NVIDIA_FS_BUILT = "nvidia_fs_built"
 GDRCOPY_BUILT = "gdrcopy_built"
-FLAGS = (DIR_PREPARED, BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)
+FLAGS = (DIR_PREPARED, BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)  # status shows these
 # Flags of one generation's outcome: moved aside when a new generation starts.
 OUTCOME_FLAGS = (BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)
 
@@ -61,7 +61,6 @@ LAUNCHER = "ocp_dtk_entrypoint"
 ZIPAPP = "driver-ctr-toolkit.pyz"
 BUILD_LOG = "build.log"
 STALE_DIR = "stale"
-INSMOD_LIST = "insmod_nvidia"
 
 KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
@@ -248,7 +247,14 @@ def is_module(rel: str) -> bool:
     return rel.endswith(KO_SUFFIXES)
 
 
-def describe_tree(root: Path, kernel_release: str) -> List[Dict[str, Any]]:
+def _hash_and_info(path: Path, rel: str) -> Any:
+    """sha256 of a staged file and, for a module, its modinfo, from one read."""
+    raw = path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    return digest, (read_modinfo(path, raw) if is_module(rel) else None)
+
+
+def describe_tree(root: Path) -> List[Dict[str, Any]]:
     """Every file under ``root`` with sha256, and vermagic/name/version for
     modules; symlinks and special files are refused."""
     out: List[Dict[str, Any]] = []
@@ -262,9 +268,9 @@ def describe_tree(root: Path, kernel_release: str) -> List[Dict[str, Any]]:
             if full.is_symlink() or not full.is_file():
                 raise ProtocolError(full, "staged tree holds a symlink or special file")
             rel = full.relative_to(root).as_posix()
-            entry: Dict[str, Any] = {"path": rel, "sha256": sha256_file(full), "size": full.stat().st_size}
-            if is_module(rel):
-                info = read_modinfo(full)
+            digest, info = _hash_and_info(full, rel)
+            entry: Dict[str, Any] = {"path": rel, "sha256": digest, "size": full.stat().st_size}
+            if info is not None:
                 entry.update(name=info.name, version=info.version, vermagic=info.vermagic, signed=info.signed)
             out.append(entry)
     return out
@@ -298,10 +304,11 @@ def verify_build(shared: SharedDir, inputs: Mapping[str, Any], generation: int) 
         listed.add(f["path"])
         if not full.is_file():
             raise VerificationError(full, "listed in the manifest but missing")
-        if sha256_file(full) != f["sha256"]:
+        digest, info = _hash_and_info(full, f["path"])
+        if digest != f["sha256"]:
             raise VerificationError(full, "sha256 differs from the manifest (corrupt or replaced)")
-        if is_module(f["path"]):
-            problem = vermagic_problem(read_modinfo(full), kernel)
+        if info is not None:
+            problem = vermagic_problem(full, info.vermagic, kernel)
             if problem:
                 raise VerificationError(full, problem)
     for e in describe_tree_paths(modules):
