@@ -134,3 +134,44 @@ def events(text: str) -> List[dict]:
         except ValueError:
             pass
     return out
+
+
+FIXTURE_SOURCES = REPO / "tests" / "fixtures" / "nvidia-src"
+
+
+def installed_kernels() -> List[str]:
+    """Kernels of this machine with headers (a build tree with a .config) and modules (modules.dep)."""
+    base = Path("/lib/modules")
+    if not base.is_dir():
+        return []
+    return sorted(k.name for k in base.iterdir()
+                  if (k / "build" / ".config").is_file() and (k / "modules.dep").is_file())
+
+
+def make_real_kernel_root(root: Path, kernel: str) -> None:
+    """A DTK-like root for a kernel installed on this machine: /lib/modules/<k>
+    links to the real tree (headers and the kernel's own modules), and the
+    release file names that kernel."""
+    mod = root / "lib/modules"
+    mod.mkdir(parents=True, exist_ok=True)
+    if not (mod / kernel).exists():
+        (mod / kernel).symlink_to(Path("/lib/modules") / kernel)
+    # build/source link to absolute paths of the image, which the DTK side
+    # re-roots: make those paths lead to the real trees too.
+    for link in ("build", "source"):
+        target = os.readlink(str(Path("/lib/modules") / kernel / link))
+        if target.startswith("/"):
+            there = root / target.lstrip("/")
+            there.parent.mkdir(parents=True, exist_ok=True)
+            if not there.exists():
+                there.symlink_to(target)
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "etc/driver-toolkit-release.json").write_text(json.dumps({"KERNEL_VERSION": kernel}))
+
+
+def copy_fixture_sources(dest: Path, flavours=("kernel",)) -> Path:
+    """The fixture NVIDIA source tree, as an extracted .run lays it out."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in flavours:
+        shutil.copytree(str(FIXTURE_SOURCES / "kernel"), str(dest / f))
+    return dest

@@ -11,7 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import BuildFailed, tail_lines
 
@@ -26,12 +26,14 @@ class BuildRequest:
     staging_dir: Path
     log_path: Path
     build_tree: Optional[str] = None
+    cancel: Any = None  # a waiting.Cancellation: long builds stop on SIGTERM
 
 
 @dataclass(frozen=True)
 class BuildResult:
     builder: str
     components: Tuple[str, ...] = ("nvidia",)  # plus "nvidia-fs", "gdrcopy" when built
+    details: Optional[Dict[str, Any]] = None  # recorded in the manifest (flavour, jobs, compiler...)
 
 
 class Builder:
@@ -39,15 +41,6 @@ class Builder:
 
     def build(self, request: BuildRequest) -> BuildResult:  # pragma: no cover - interface
         raise NotImplementedError
-
-
-class UnavailableBuilder(Builder):
-    """Stands in until the real kbuild builder lands: fails with a clear reason."""
-
-    name = "unavailable"
-
-    def build(self, request: BuildRequest) -> BuildResult:
-        raise BuildFailed("build", "not implemented yet: the real kernel module build (kbuild of kernel/ or kernel-open/)")
 
 
 class FixtureBuilder(Builder):

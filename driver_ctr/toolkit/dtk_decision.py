@@ -94,12 +94,7 @@ def inspect_dtk(paths: HostPaths, node_kernel: str) -> DtkFacts:
     if not (build.exists() or build.is_symlink()):
         problem = "%s does not exist" % build
     else:
-        target = build.resolve()
-        if build.is_symlink() and paths.root:
-            # An absolute link target names a path of the image: re-root it.
-            link = os.readlink(str(build))
-            if link.startswith("/"):
-                target = paths.host(link)
+        target = paths.follow(build)
         if not target.is_dir():
             problem = "%s does not resolve to a directory (%s)" % (build, target)
         elif not (target / "Makefile").is_file():

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from . import protocol as proto
-from .builders import Builder, BuildRequest, FixtureBuilder, UnavailableBuilder
+from .builders import Builder, BuildRequest, FixtureBuilder
 from .dtk_decision import decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
 from .fsio import remove_tree
+from .kbuild import KbuildBuilder
 from .log import get_logger, phase
 from .modinfo import vermagic_problem
 from .settings import Settings
@@ -52,7 +53,7 @@ def choose_builder(own_env: Mapping[str, str]) -> Builder:
     fixture = own_env.get("DRIVER_CTR_FIXTURE_MODULES", "").strip()
     if fixture:
         return FixtureBuilder(Path(fixture))
-    return UnavailableBuilder()
+    return KbuildBuilder()
 
 
 class DtkSide:
@@ -114,7 +115,8 @@ class DtkSide:
                     generation, "; ".join("%s=%r (here %r)" % (k, manifest["inputs"].get(k), inputs[k])
                                           for k in proto.INPUT_KEYS if manifest["inputs"].get(k) != inputs[k])))
             paths = settings.paths
-            decision = decide(kernel, inspect_dtk(paths, kernel), settings.rhcos_version)
+            facts = inspect_dtk(paths, kernel)
+            decision = decide(kernel, facts, settings.rhcos_version)
             if decision.broken:
                 self.log.warning("broken Driver Toolkit image detected: informing the driver container to fall back",
                                  **decision.as_dict())
@@ -131,7 +133,7 @@ class DtkSide:
             if self.shared.has(proto.BUILT) and self._reusable(inputs, generation):
                 self.log.info("NVIDIA drivers already built for these inputs, nothing to do", generation=generation)
             else:
-                if not self._build(settings, inputs, generation, decision.dtk_kernels, paths.module_dir(kernel)):
+                if not self._build(settings, inputs, generation, decision.dtk_kernels, facts.build_tree):
                     return 1
             self._idle("built; watching driver_built",
                        until=lambda: not self.shared.has(proto.BUILT) or self._generation_changed(generation))
@@ -146,7 +148,7 @@ class DtkSide:
             return False
 
     def _build(self, settings: Settings, inputs: Dict[str, Any], generation: int,
-               dtk_kernels: Mapping[str, str], module_dir: Path) -> bool:
+               dtk_kernels: Mapping[str, str], build_tree: Optional[str]) -> bool:
         sh = self.shared
         for f in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
             sh.remove_flag(f)
@@ -160,7 +162,7 @@ class DtkSide:
                 remove_tree(staging)
                 staging.mkdir()
                 result = self.builder.build(BuildRequest(settings, inputs["kernel_release"], sh.path, staging, log_path,
-                                                         str(module_dir / "build")))
+                                                         build_tree, cancel=self.cancel))
             current = "verify"
             with phase(self.log, "verify", generation=generation):
                 files = proto.describe_tree(staging)
@@ -196,6 +198,7 @@ class DtkSide:
                         "components": list(result.components),
                         "dtk_kernels": dict(dtk_kernels),
                         "finished_at": proto.now(),
+                        "details": result.details or {},
                         "files": files,
                     },
                 }

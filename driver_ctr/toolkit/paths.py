@@ -111,5 +111,14 @@ class HostPaths:
     def firmware_search_path(self) -> Path:
         return self.host("/sys/module/firmware_class/parameters/path")
 
+    def follow(self, link: Path) -> Path:
+        """Where ``link`` points: an absolute symlink target names a path of this
+        root (an image's ``/lib/modules/<k>/build -> /usr/src/kernels/<k>``)."""
+        if link.is_symlink() and self.root and str(self.root) != "/":
+            target = os.readlink(str(link))
+            if target.startswith("/"):
+                return Path(os.path.realpath(str(self.host(target))))
+        return Path(os.path.realpath(str(link)))
+
     def module_dir(self, kernel_release: str) -> Path:
         return self.lib_modules / kernel_release

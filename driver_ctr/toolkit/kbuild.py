@@ -1,0 +1,156 @@
+"""The real builder: NVIDIA's own Makefile (kbuild) against the target kernel's tree.
+
+One build, in order: open the kernel trees; refuse a PREEMPT_RT kernel unless
+``IGNORE_PREEMPT_RT_PRESENCE`` opts in; compare the kernel's compiler with the
+one here; locate the sources and choose the flavour; copy that tree to a
+scratch directory (a killed build never leaves objects in the sources);
+``make -j<bounded> SYSSRC= SYSOUT= NV_KERNEL_MODULES= modules`` with its
+output in the build log; check every module's vermagic against a module of
+the same kernel; sign when a key is configured; stage the hand-off tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any, Dict, List, Optional, Sequence
+
+from .builders import Builder, BuildRequest, BuildResult
+from .errors import BuildFailed, CommandFailed, tail_lines
+from .fsio import remove_tree
+from .jobs import plan_jobs
+from .kernel_tree import KernelTree, compiler_version, open_kernel_tree, present_compiler_version
+from .log import get_logger
+from .modinfo import read_modinfo, vermagic_problem
+from .runner import Runner
+from .signing import signing_fingerprint, sign_modules
+from .sources import locate_sources, resolve_flavour
+from .staging import stage_modules
+
+BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
+RDMA_MODULE = "nvidia-peermem"
+
+
+def wanted_modules(settings: Any) -> List[str]:
+    return list(BASE_MODULES) + ([RDMA_MODULE] if settings.gpu_direct_rdma_enabled else [])
+
+
+def default_scratch() -> Path:
+    return Path(tempfile.gettempdir()) / "driver-ctr"
+
+
+def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str]) -> List[str]:
+    return ["make", "-j%d" % jobs, "SYSSRC=%s" % tree.syssrc, "SYSOUT=%s" % tree.sysout,
+            "NV_KERNEL_MODULES=%s" % " ".join(modules), "modules"]
+
+
+def first_error(text: str, workdir: Path) -> str:
+    """The line that says why a build failed: the first compiler error, else
+    the first ``***`` line (conftest, make), else the last line."""
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    picked = next((l for l in lines if ": error:" in l or "fatal error:" in l), None) \
+        or next((l for l in lines if "***" in l), None) \
+        or (lines[-1] if lines else "the build printed nothing")
+    return picked.replace(str(workdir) + "/", "")
+
+
+class KbuildBuilder(Builder):
+    name = "kbuild"
+
+    def __init__(self, scratch: Optional[Path] = None, runner: Optional[Runner] = None) -> None:
+        self.scratch = scratch or default_scratch()
+        self.runner = runner or Runner()
+        self.log = get_logger(builder=self.name)
+
+    def build(self, request: BuildRequest) -> BuildResult:
+        with open(str(request.log_path), "ab", buffering=0) as logf:
+            return self._build(request, logf)
+
+    def _note(self, logf: IO[bytes], text: str) -> None:
+        logf.write(("driver-ctr: %s\n" % text).encode())
+
+    def _build(self, req: BuildRequest, logf: IO[bytes]) -> BuildResult:
+        s = req.settings
+        paths = s.paths
+        kernel = req.kernel_release
+        started = time.monotonic()
+        tree = open_kernel_tree(paths, kernel, Path(req.build_tree) if req.build_tree else None)
+        self._note(logf, "kernel %s: SYSSRC=%s SYSOUT=%s" % (kernel, tree.syssrc, tree.sysout))
+        if tree.preempt_rt:
+            if not s.ignore_preempt_rt_presence:
+                raise BuildFailed("prepare", "kernel %s is a PREEMPT_RT kernel (CONFIG_PREEMPT_RT=y in %s/.config), which "
+                                  "NVIDIA does not support; set IGNORE_PREEMPT_RT_PRESENCE=1 to build anyway"
+                                  % (kernel, tree.sysout))
+            self.log.warning("building for a PREEMPT_RT kernel: IGNORE_PREEMPT_RT_PRESENCE=1 is set", kernel=kernel)
+        kernel_cc = compiler_version(tree.compiler_text)
+        here_cc = present_compiler_version(self.runner, tree.compiler) or present_compiler_version(self.runner, "gcc")
+        if not here_cc:
+            raise BuildFailed("prepare", "no C compiler: neither %s nor gcc runs here (the kernel was built with %r)"
+                              % (tree.compiler, tree.compiler_text))
+        if kernel_cc and here_cc != kernel_cc:
+            self.log.warning("compiler differs from the kernel's", kernel_compiler=kernel_cc, compiler=here_cc,
+                             kernel_compiler_text=tree.compiler_text)
+            self._note(logf, "compiler %s differs from the kernel's %s (%s)" % (here_cc, kernel_cc, tree.compiler_text))
+
+        sources = locate_sources(s.source_dir, [req.shared_dir / "drivers", paths.drivers_dir], s.target_arch,
+                                 s.driver_version.raw, self.scratch, self.runner)
+        flavour = resolve_flavour(s.kernel_module_type, s.driver_branch, sources, self.runner)
+        modules = wanted_modules(s)
+        plan = plan_jobs(Path("/proc"), Path("/sys"), s.max_threads)
+        self.log.info("building", flavour=flavour.name, tree=flavour.subdir, reason=flavour.reason,
+                      sources=sources.origin, modules=modules, jobs=plan.jobs, job_limits=plan.limits)
+        self._note(logf, "%s modules from %s/%s (%s), -j%d (limits %s)" % (
+            flavour.name, sources.root, flavour.subdir, flavour.reason, plan.jobs, plan.limits))
+
+        work = self.scratch / ("build-%d" % os.getpid())
+        remove_tree(work)
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(str(sources.root / flavour.subdir), str(work), symlinks=True)
+            env = dict(os.environ, LC_ALL="C")
+            env.pop("IGNORE_PREEMPT_RT_PRESENCE", None)  # conftest treats any non-empty value as yes
+            if tree.preempt_rt and s.ignore_preempt_rt_presence:
+                env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
+            argv = make_argv(tree, plan.jobs, modules)
+            self._note(logf, "$ " + " ".join(argv))
+            compile_start = time.monotonic()
+            try:
+                self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=s.build_timeout_s,
+                                cancel=req.cancel)
+            except CommandFailed as exc:
+                text = req.log_path.read_text(errors="replace")
+                why = first_error(text, work) if exc.returncode is not None else str(exc).splitlines()[0]
+                raise BuildFailed("compile", why, tail_lines(text.replace(str(work) + "/", ""), 30)) from None
+            compile_s = time.monotonic() - compile_start
+            built = [work / (m + ".ko") for m in modules]
+            missing = [p.name for p in built if not p.is_file()]
+            if missing:
+                raise BuildFailed("compile", "make succeeded but did not produce %s" % ", ".join(missing))
+            reference = tree.reference_vermagic()
+            for p in built:
+                problem = vermagic_problem(p.name, read_modinfo(p).vermagic, kernel, reference)
+                if problem:
+                    raise BuildFailed("verify", problem)
+            fingerprint = ""
+            if s.signing_key:
+                fingerprint = signing_fingerprint(s)
+                sign_modules(built, tree.sign_file(), s.signing_hash, Path(s.signing_key), Path(s.signing_cert),
+                             self.runner, logf)
+                self._note(logf, "signed %d modules (%s, certificate sha256 %s)" % (len(built), s.signing_hash, fingerprint))
+            staged = stage_modules(built, tree.module_dir, kernel, req.staging_dir, self.runner,
+                                   symvers=tree.sysout / "Module.symvers", log_file=logf)
+        finally:
+            remove_tree(work)
+        details: Dict[str, Any] = {
+            "flavour": flavour.name, "tree": flavour.subdir, "flavour_reason": flavour.reason,
+            "sources": sources.origin, "modules": modules, "from_kernel": list(staged.from_kernel),
+            "jobs": plan.jobs, "job_limits": plan.limits, "kernel_compiler": tree.compiler_text,
+            "compiler": here_cc, "preempt_rt": tree.preempt_rt, "reference_vermagic": reference,
+            "signed": bool(s.signing_key), "signing_fingerprint": fingerprint,
+            "compile_seconds": round(compile_s, 1), "seconds": round(time.monotonic() - started, 1),
+        }
+        self._note(logf, "built %s in %.1f s" % (", ".join(modules), details["seconds"]))
+        return BuildResult(builder=self.name, details=details)

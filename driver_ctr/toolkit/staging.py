@@ -1,0 +1,179 @@
+"""The hand-off module tree: NVIDIA's modules plus what they need from the kernel.
+
+Layout is relative to ``/lib/modules/<kver>``:
+
+- ``kernel/drivers/video/nvidia*.ko`` (where nvidia-installer puts them);
+- the dependency closure from the target kernel's own modules (``drm``,
+  ``video``, … as ``modules.dep`` of the kernel names them), compressed files
+  kept as they are, at their own relative paths;
+- the kernel's ``modules.order``/``modules.builtin``/``modules.builtin.modinfo``
+  and the indexes the real ``depmod -b`` generates, so the loader can run
+  ``modprobe -d <tree>``;
+- ``insmod_nvidia``: ``modprobe --show-depends`` of the reference's module
+  list, for consumers of the reference layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, IO, List, Optional, Sequence, Set, Tuple
+
+from .errors import BuildFailed, CommandFailed
+from .fsio import remove_tree
+from .modinfo import read_modinfo
+from .runner import Runner
+
+NVIDIA_SUBDIR = "kernel/drivers/video"
+INSMOD_LIST = "insmod_nvidia"
+# Loaded before nvidia by the reference (§2.5): part of insmod_nvidia when the kernel has them.
+COMPANIONS = ("i2c_core", "ipmi_msghandler", "ipmi_devintf")
+KERNEL_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
+_UNKNOWN_SYMBOL = re.compile(r"(\S+\.ko\S*) needs unknown symbol (\S+)")
+_KO = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
+
+
+def module_name(path: str) -> str:
+    """``kernel/drivers/gpu/drm/drm.ko.xz`` -> ``drm``; dashes become underscores."""
+    return _KO.sub("", os.path.basename(path)).replace("-", "_")
+
+
+@dataclass(frozen=True)
+class KernelModules:
+    """What ``/lib/modules/<k>`` of the target kernel provides."""
+
+    root: Path
+    paths: Dict[str, str] = field(default_factory=dict)  # name -> path relative to root
+    deps: Dict[str, Tuple[str, ...]] = field(default_factory=dict)  # name -> names
+    builtin: Set[str] = field(default_factory=set)
+
+    @classmethod
+    def read(cls, module_dir: Path) -> "KernelModules":
+        paths: Dict[str, str] = {}
+        deps: Dict[str, Tuple[str, ...]] = {}
+        dep_file = module_dir / "modules.dep"
+        if dep_file.is_file():
+            for line in dep_file.read_text(errors="replace").splitlines():
+                target, sep, rest = line.partition(":")
+                if not sep:
+                    continue
+                name = module_name(target.strip())
+                paths[name] = target.strip()
+                deps[name] = tuple(module_name(d) for d in rest.split())
+        builtin: Set[str] = set()
+        b = module_dir / "modules.builtin"
+        if b.is_file():
+            builtin = {module_name(l.strip()) for l in b.read_text(errors="replace").splitlines() if l.strip()}
+        return cls(root=module_dir, paths=paths, deps=deps, builtin=builtin)
+
+    def provides(self, name: str) -> bool:
+        return name in self.paths or name in self.builtin
+
+
+def dependency_closure(built: Dict[str, List[str]], kernel: KernelModules, release: str) -> List[str]:
+    """Kernel-module names (not built ones, not built-ins) that ``built`` needs,
+    directly or through each other; ``built`` maps name -> modinfo depends."""
+    need: List[str] = []
+    seen: Set[str] = set(built)
+    stack = [(name, d) for name, ds in built.items() for d in ds]
+    while stack:
+        parent, dep = stack.pop()
+        dep = dep.replace("-", "_")
+        if dep in seen:
+            continue
+        seen.add(dep)
+        if dep in kernel.paths:
+            need.append(dep)
+            stack.extend((dep, d) for d in kernel.deps.get(dep, ()))
+        elif dep in kernel.builtin:
+            continue
+        else:
+            where = kernel.root / "modules.dep"
+            raise BuildFailed("stage", "%s depends on %s, which kernel %s has neither as a module (%s%s) nor built in"
+                              % (parent, dep, release, where, "" if where.is_file() else ": missing"))
+    return sorted(need)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    modules: Tuple[str, ...]  # relative paths of every staged module
+    from_kernel: Tuple[str, ...]  # names taken from the kernel's own modules
+    warnings: Tuple[str, ...] = ()
+
+
+def stage_modules(built: Sequence[Path], module_dir: Path, release: str, staging: Path, runner: Runner,
+                  symvers: Optional[Path] = None, log_file: Optional[IO[bytes]] = None) -> StageResult:
+    """Fill the empty directory ``staging`` with the hand-off tree."""
+    kernel = KernelModules.read(module_dir)
+    infos = {module_name(p.name): read_modinfo(p) for p in built}
+    closure = dependency_closure({n: i.depends for n, i in infos.items()}, kernel, release)
+    companions = [c for c in COMPANIONS if c in kernel.paths and c not in closure]
+    for c in list(companions):
+        companions.extend(d for d in dependency_closure({c: list(kernel.deps.get(c, ()))}, kernel, release)
+                          if d not in closure and d not in companions)
+    root = staging.parent / (staging.name + ".root")
+    remove_tree(root)
+    kdir = root / "lib" / "modules" / release
+    try:
+        (kdir / NVIDIA_SUBDIR).mkdir(parents=True)
+        staged: List[str] = []
+        for p in built:
+            rel = "%s/%s" % (NVIDIA_SUBDIR, p.name)
+            shutil.copyfile(str(p), str(kdir / rel))
+            staged.append(rel)
+        for name in sorted(set(closure) | set(companions)):
+            rel = kernel.paths[name]
+            (kdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(str(module_dir / rel), str(kdir / rel))
+            staged.append(rel)
+        for f in KERNEL_INDEX_FILES:
+            if (module_dir / f).is_file():
+                shutil.copyfile(str(module_dir / f), str(kdir / f))
+            else:
+                (kdir / f).write_text("")
+        warnings = _depmod(runner, root, release, symvers, log_file)
+        unknown = [w for w in warnings if _UNKNOWN_SYMBOL.search(w) and NVIDIA_SUBDIR in w]
+        if unknown:
+            raise BuildFailed("stage", "depmod: " + "; ".join(_short(u, root) for u in unknown[:5]))
+        wanted = list(COMPANIONS) + [module_name(p.name) for p in built]
+        names = [n for n in wanted if n in infos or kernel.provides(n)]
+        (kdir / INSMOD_LIST).write_text(_show_depends(runner, root, release, names))
+        os.rmdir(str(staging))
+        os.replace(str(kdir), str(staging))
+    finally:
+        remove_tree(root)
+    return StageResult(modules=tuple(sorted(staged)), from_kernel=tuple(sorted(set(closure) | set(companions))),
+                       warnings=tuple(_short(w, root) for w in warnings))
+
+
+def _short(line: str, root: Path) -> str:
+    return line.replace(str(root), "")
+
+
+def _depmod(runner: Runner, root: Path, release: str, symvers: Optional[Path], log_file: Optional[IO[bytes]]) -> List[str]:
+    argv = ["depmod", "-b", str(root)]
+    if symvers is not None and symvers.is_file():
+        argv += ["-e", "-E", str(symvers)]
+    argv.append(release)
+    try:
+        res = runner.run(argv, timeout=300)
+    except CommandFailed as exc:
+        raise BuildFailed("stage", "depmod failed: %s" % str(exc).splitlines()[0]) from None
+    lines = [l for l in (res.stdout + res.stderr).splitlines() if l.strip()]
+    if log_file is not None:
+        log_file.write(("".join(l + "\n" for l in lines)).encode())
+    return lines
+
+
+def _show_depends(runner: Runner, root: Path, release: str, names: Sequence[str]) -> str:
+    """``modprobe --show-depends`` over the staged tree, paths rewritten to
+    ``/lib/modules/<k>/...`` as the reference's file has them."""
+    argv = ["modprobe", "-C", "/dev/null", "-d", str(root), "-S", release, "--show-depends", "-a"] + list(names)
+    try:
+        res = runner.run(argv, timeout=120)
+    except CommandFailed as exc:
+        raise BuildFailed("stage", "modprobe --show-depends failed: %s" % str(exc).splitlines()[0]) from None
+    return res.stdout.replace(str(root) + "/lib/modules/", "/lib/modules/")
