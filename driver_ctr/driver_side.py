@@ -2,17 +2,22 @@
 
 1. ``RHCOS_IMAGE_MISSING=true``: no DTK for this RHCOS; fall back.
 2. Fast path, decided once: the loaded driver is ours and its digest matches.
-3. Prepare the shared directory once per inputs (a new generation when the
+3. Host cache: a verified tree built earlier for the same inputs is put in
+   the shared directory as this generation's build (the DTK side then finds
+   a complete build and does nothing).
+4. Otherwise prepare the shared directory once per inputs (a new generation when the
    inputs changed or the last build failed; the old outcome is moved aside).
-4. Wait, event-driven and with deadlines, for ``driver_build_started``, then
+5. Wait, event-driven and with deadlines, for ``driver_build_started``, then
    ``driver_built``; ``driver_toolkit_broken`` means fall back,
    ``driver_build_failed`` means fail now with the DTK's reason.
-5. Verify the manifest and every staged file before anything is used.
-6. Hand over to loading (``--dry-run`` stops after the verification).
+6. Verify the manifest and every staged file before anything is used, and
+   store a DTK build in the host cache.
+7. Hand over to loading (``--dry-run`` stops after the verification).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +26,13 @@ from typing import Any, Dict, Optional
 from . import payload
 from .fast_path import FastPath, decide_fast_path
 from .toolkit import protocol as proto
-from .toolkit.errors import BuildFailed, Cancelled, FallbackRequired, NotImplementedYet, ProtocolError
+from .toolkit.errors import BuildFailed, Cancelled, DriverCtrError, FallbackRequired, NotImplementedYet, ProtocolError
+from .toolkit.fsio import remove_tree
+from .toolkit.host_cache import CacheEntry, HostCache
 from .toolkit.log import get_logger, phase
 from .toolkit.modinfo import preload as preload_modinfo
 from .toolkit.settings import Settings
+from .toolkit.signing import signing_fingerprint
 from .toolkit.waiting import Cancellation, wait_until
 
 FALLBACK_NOTE = "the entitlement-based build in the driver container (not implemented yet: the fallback issue)"
@@ -37,6 +45,7 @@ class Handoff:
     fast_path: Optional[FastPath]
     manifest: Optional[Dict[str, Any]]
     generation: int = 0
+    from_cache: bool = False
 
 
 class DriverSide:
@@ -48,6 +57,7 @@ class DriverSide:
         self.kernel = settings.kernel_release()
         self.inputs = proto.build_inputs(settings, self.kernel)
         self.log = get_logger(side="driver")
+        self.cache = HostCache.from_settings(settings)
 
     def run(self) -> Handoff:
         s = self.settings
@@ -62,11 +72,59 @@ class DriverSide:
         self.log.info("fast path not taken: building driver and modules", reason=fp.reason)
         if not self.shared.path.is_dir():
             raise ProtocolError(self.shared.path, "the shared directory is not mounted (a directory is expected)")
+        if self.cache is not None and not self._prepared_for_inputs():
+            entry = self.cache.lookup(self.inputs, signing_fingerprint(s))
+            if entry is not None:
+                return self.from_cache(entry)
         generation = self.prepare()
         preload_modinfo()
         self.wait_started(generation)
         manifest = self.wait_built(generation)
+        self._store_in_cache(manifest)
         return Handoff(fast_path=None, manifest=manifest, generation=generation)
+
+    # -- host cache ------------------------------------------------------------
+
+    def _prepared_for_inputs(self) -> bool:
+        """The shared dir already holds a prepared generation for these inputs
+        that has not failed (a restart of this container): use that."""
+        try:
+            m = self.shared.read_manifest()
+            return (m is not None and m["inputs"] == self.inputs and self.shared.has(proto.DIR_PREPARED)
+                    and not self.shared.has(proto.BUILD_FAILED))
+        except ProtocolError:
+            return False
+
+    def from_cache(self, entry: CacheEntry) -> Handoff:
+        sh = self.shared
+        gen = self._next_generation()
+        with phase(self.log, "restore from host cache", generation=gen, entry=str(entry.path)):
+            self._start_generation(gen)
+            staging = sh.path / (proto.STAGING_PREFIX + "cache-%d" % os.getpid())
+            remove_tree(staging)
+            assert self.cache is not None
+            self.cache.restore(entry, staging)
+            os.replace(str(staging), str(sh.path / proto.MODULES_DIR))
+            details = dict(entry.data.get("details") or {})
+            details["host_cache_entry"] = str(entry.path)
+            sh.write_manifest({"protocol": proto.PROTOCOL_VERSION, "generation": gen, "inputs": self.inputs,
+                               "build": {"builder": "host-cache", "components": ["nvidia"], "dtk_kernels": {},
+                                         "finished_at": proto.now(), "details": details, "files": entry.files}})
+            sh.write_flag(proto.BUILT, generation=gen, files=len(entry.files), source="host-cache")
+            sh.write_flag(proto.DIR_PREPARED, generation=gen)
+            manifest = proto.verify_build(sh, self.inputs, gen)
+        self.log.info("hand-off verified from the host cache: no build needed", generation=gen, kernel=self.kernel)
+        return Handoff(fast_path=None, manifest=manifest, generation=gen, from_cache=True)
+
+    def _store_in_cache(self, manifest: Dict[str, Any]) -> None:
+        if self.cache is None or manifest["build"].get("builder") == "host-cache":
+            return
+        fingerprint = (manifest["build"].get("details") or {}).get("signing_fingerprint", "")
+        try:
+            if not self.cache.contains(self.inputs, fingerprint):
+                self.cache.store(self.inputs, fingerprint, self.shared.path / proto.MODULES_DIR, manifest["build"])
+        except (OSError, DriverCtrError) as exc:
+            self.log.warning("could not store the build in the host cache (the build itself is fine)", reason=str(exc))
 
     # -- prepare -------------------------------------------------------------
 
@@ -86,19 +144,31 @@ class DriverSide:
             else:
                 self.log.info("shared directory already prepared for these inputs", generation=gen)
                 return gen
-        old_gen = manifest["generation"] if manifest is not None else self._stale_generation()
-        gen = old_gen + 1
+        gen = self._next_generation(manifest)
         with phase(self.log, "prepare", generation=gen, shared_dir=str(sh.path)):
-            if manifest is not None and manifest["inputs"] != self.inputs:
-                self.log.warning("shared directory holds another configuration's build: never used, moved aside",
-                                 old_inputs=manifest["inputs"], inputs=self.inputs)
-            sh.move_aside(old_gen)
-            payload.install(sh.path)
-            sh.write_settings(self.settings.shared())
+            self._start_generation(gen, manifest)
             self._copy_drivers()
             sh.write_manifest({"protocol": proto.PROTOCOL_VERSION, "generation": gen, "inputs": self.inputs})
             sh.write_flag(proto.DIR_PREPARED, generation=gen)
         return gen
+
+    def _next_generation(self, manifest: Optional[Dict[str, Any]] = None) -> int:
+        if manifest is None:
+            try:
+                manifest = self.shared.read_manifest()
+            except ProtocolError:
+                manifest = None
+        return (manifest["generation"] if manifest is not None else self._stale_generation()) + 1
+
+    def _start_generation(self, gen: int, manifest: Optional[Dict[str, Any]] = None) -> None:
+        """Move the last generation's outcome aside; install the DTK program and settings."""
+        sh = self.shared
+        if manifest is not None and manifest["inputs"] != self.inputs:
+            self.log.warning("shared directory holds another configuration's build: never used, moved aside",
+                             old_inputs=manifest["inputs"], inputs=self.inputs)
+        sh.move_aside(gen - 1)
+        payload.install(sh.path)
+        sh.write_settings(self.settings.shared())
 
     def _stale_generation(self) -> int:
         """Highest generation seen in stale/ (so numbers never repeat after a lost manifest)."""

@@ -26,6 +26,7 @@ from .builders import Builder, BuildRequest, FixtureBuilder
 from .dtk_decision import decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
 from .fsio import remove_tree
+from .host_cache import HostCache
 from .kbuild import KbuildBuilder
 from .log import get_logger, phase
 from .modinfo import vermagic_problem
@@ -106,7 +107,11 @@ class DtkSide:
             settings = merged_settings(self.shared.read_settings(), self.own_env)
             manifest = self.shared.read_manifest()
             if manifest is None:
-                raise ProtocolError(self.shared.path / proto.MANIFEST_JSON, "missing: the driver side writes it before dir_prepared")
+                # The driver side is starting a new generation (it moved the
+                # last one aside and writes the manifest next).
+                self._idle("waiting for the driver side's new manifest",
+                           until=lambda: (self.shared.path / proto.MANIFEST_JSON).exists())
+                continue
             generation = manifest["generation"]
             kernel = settings.kernel_release()
             inputs = proto.build_inputs(settings, kernel)
@@ -203,6 +208,8 @@ class DtkSide:
                     },
                 }
                 sh.write_manifest(manifest)
+                # Before driver_built: the driver side then finds it stored.
+                self._store_in_cache(settings, inputs, manifest["build"])
                 sh.write_flag(proto.BUILT, generation=generation, files=len(files))
                 if "nvidia-fs" in result.components:
                     sh.write_flag(proto.NVIDIA_FS_BUILT, generation=generation)
@@ -221,6 +228,17 @@ class DtkSide:
             self.log.error("build failed", phase=phase_name, message=message, generation=generation)
             sh.write_flag(proto.BUILD_FAILED, generation=generation, phase=phase_name, message=message, log_tail=log_tail)
             return False
+
+
+    def _store_in_cache(self, settings: Settings, inputs: Mapping[str, Any], build: Mapping[str, Any]) -> None:
+        """Keep the published build on the host when the cache is mounted here."""
+        try:
+            cache = HostCache.from_settings(settings)
+            if cache is not None:
+                cache.store(inputs, (build.get("details") or {}).get("signing_fingerprint", ""),
+                            self.shared.path / proto.MODULES_DIR, build)
+        except (OSError, DriverCtrError) as exc:
+            self.log.warning("could not store the build in the host cache (the build itself is fine)", reason=str(exc))
 
 
 def _log_tail(path: Path) -> str:

@@ -296,10 +296,15 @@ def verify_build(shared: SharedDir, inputs: Mapping[str, Any], generation: int) 
     if diff:
         raise VerificationError(mpath, "build inputs differ from this node's: " + "; ".join(
             "%s built=%r wanted=%r" % (k, a, b) for k, (a, b) in sorted(diff.items())))
-    modules = shared.path / MODULES_DIR
-    kernel = inputs["kernel_release"]
+    verify_files(shared.path / MODULES_DIR, manifest["build"]["files"], inputs["kernel_release"])
+    return manifest
+
+
+def verify_files(modules: Path, files: List[Dict[str, Any]], kernel: str) -> None:
+    """Every listed file present under ``modules`` with its sha256, every
+    module built for ``kernel``, no module that is not listed."""
     listed = set()
-    for f in manifest["build"]["files"]:
+    for f in files:
         full = safe_relative_path(modules, f["path"])
         listed.add(f["path"])
         if not full.is_file():
@@ -314,7 +319,6 @@ def verify_build(shared: SharedDir, inputs: Mapping[str, Any], generation: int) 
     for e in describe_tree_paths(modules):
         if is_module(e) and e not in listed:
             raise VerificationError(modules / e, "module not listed in the manifest")
-    return manifest
 
 
 def describe_tree_paths(root: Path) -> List[str]:
