@@ -166,7 +166,10 @@ def make_real_kernel_root(root: Path, kernel: str) -> None:
             if not there.exists():
                 there.symlink_to(target)
     (root / "etc").mkdir(parents=True, exist_ok=True)
-    (root / "etc/driver-toolkit-release.json").write_text(json.dumps({"KERNEL_VERSION": kernel}))
+    release = {"KERNEL_VERSION": kernel}
+    if "-rt-" in kernel:
+        release["RT_KERNEL_VERSION"] = kernel
+    (root / "etc/driver-toolkit-release.json").write_text(json.dumps(release))
 
 
 def copy_fixture_sources(dest: Path, flavours=("kernel",)) -> Path:

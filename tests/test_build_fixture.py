@@ -1,0 +1,244 @@
+"""The real kbuild path, fast: both sides as processes, NVIDIA's Makefile
+interface, a real Debian kernel tree, real modules (tiny fixture sources that
+link against drm and video like NVIDIA's), real depmod, modprobe, sign-file.
+About 3-5 s a build."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from driver_ctr.toolkit.modinfo import read_modinfo
+from harness import (copy_fixture_sources, env_for, events, finish, installed_kernels, make_real_kernel_root,
+                     shared_dir, start_driver, start_dtk, stop, wait_for_file)
+
+NV = "kernel/drivers/video"
+
+
+def _kernel(pattern: str) -> str:
+    ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]
+    if not ks:
+        pytest.skip("no installed kernel matching %s with headers and modules (scripts/test installs it)" % pattern)
+    return ks[-1]
+
+
+@pytest.fixture(name="k61")
+def _k61() -> str:
+    return _kernel(r"6\.1\.0-\d+-amd64")
+
+
+def _setup(root: Path, tmp_path: Path, kernel: str, **extra: str):
+    for tool in ("make", "gcc", "depmod", "modprobe"):
+        if not shutil.which(tool) and not os.path.exists("/sbin/" + tool):
+            pytest.skip("%s is not installed (scripts/test installs it)" % tool)
+    make_real_kernel_root(root, kernel)
+    src = copy_fixture_sources(tmp_path / "src", flavours=("kernel", "kernel-open"))
+    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path), **extra)
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    return src, env
+
+
+def _both(root: Path, env: dict, timeout: float = 180):
+    shared = shared_dir(root)
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    try:
+        d = finish(drv, timeout)
+    finally:
+        if dtk.poll() is None:
+            stop(dtk)
+    return d, finish(dtk, 10)
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((shared_dir(root) / "manifest.json").read_text())
+
+
+def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
+    _, env = _setup(root, tmp_path, k61)
+    d, dtk = _both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    shared = shared_dir(root)
+    m = _manifest(root)
+    det = m["build"]["details"]
+    assert m["build"]["builder"] == "kbuild"
+    assert det["flavour"] == "proprietary" and det["tree"] == "kernel"
+    assert "auto" in det["flavour_reason"] and "535 < 560" in det["flavour_reason"]
+    assert det["modules"] == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    assert 1 <= det["jobs"] <= len(os.sched_getaffinity(0))
+    assert det["reference_vermagic"].startswith(k61 + " SMP ")
+    files = {f["path"]: f for f in m["build"]["files"]}
+    for name in ("nvidia", "nvidia-uvm", "nvidia-modeset"):
+        f = files["%s/%s.ko" % (NV, name)]
+        assert f["vermagic"] == det["reference_vermagic"] and f["version"] == "535.261.03"
+    # the kernel's own modules the NVIDIA ones need, at their own paths
+    assert "kernel/drivers/gpu/drm/drm.ko" in files and "kernel/drivers/acpi/video.ko" in files
+    assert {"drm", "video"} <= set(det["from_kernel"])
+    # nothing of the scratch build is left
+    assert not list(tmp_path.glob("driver-ctr/build-*"))
+    # the tree works with the real modprobe, with paths relative to /lib/modules/<k>
+    mroot = tmp_path / "mroot/lib/modules"
+    mroot.mkdir(parents=True)
+    (mroot / k61).symlink_to(shared / "modules")
+    r = subprocess.run(["modprobe", "-C", "/dev/null", "-d", str(tmp_path / "mroot"), "-S", k61, "--show-depends",
+                        "nvidia-modeset"], capture_output=True, text=True, env=env, check=True)
+    order = [l.split()[1].rsplit("/", 1)[-1] for l in r.stdout.splitlines() if l.startswith("insmod")]
+    assert order.index("drm.ko") < order.index("nvidia.ko") < order.index("nvidia-modeset.ko")
+    assert order.index("video.ko") < order.index("nvidia-modeset.ko")
+    # insmod_nvidia keeps the reference format: absolute /lib/modules/<k> paths
+    insmod = (shared / "modules/insmod_nvidia").read_text()
+    assert "insmod /lib/modules/%s/%s/nvidia.ko" % (k61, NV) in insmod and str(tmp_path) not in insmod
+    assert insmod.index("/nvidia.ko") < insmod.index("/nvidia-uvm.ko")
+    # the build log is in the shared dir and names the make command
+    log = (shared / "build.log").read_text()
+    assert "NV_KERNEL_MODULES=nvidia nvidia-uvm nvidia-modeset" in log and "-j%d" % det["jobs"] in log
+
+
+def test_open_flavour_and_peermem_with_rdma(root, tmp_path, k61):
+    _, env = _setup(root, tmp_path, k61, KERNEL_MODULE_TYPE="open", GPU_DIRECT_RDMA_ENABLED="true")
+    d, dtk = _both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    det = _manifest(root)["build"]["details"]
+    assert det["tree"] == "kernel-open" and det["flavour_reason"] == "KERNEL_MODULE_TYPE=open"
+    assert det["modules"][-1] == "nvidia-peermem"
+    assert (shared_dir(root) / "modules" / NV / "nvidia-peermem.ko").is_file()
+
+
+def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):
+    src, env = _setup(root, tmp_path, k61)
+    d, _ = _both(root, env)
+    assert d.returncode == 0
+    shared = shared_dir(root)
+    good = (shared / "modules" / NV / "nvidia.ko").read_bytes()
+    # the sources break (a driver that does not support this kernel); the flag goes
+    (src / "kernel/nvidia.c").write_text((src / "kernel/nvidia.c").read_text().replace(
+        "static int __init nvfx_init(void) { return 0; }",
+        "static int __init nvfx_init(void) { return pci_resize_resource(0, 1); }"))
+    (shared / "driver_built").unlink()
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    wait_for_file(shared / "driver_build_failed", timeout=120)
+    t0 = time.monotonic()
+    d = finish(drv, 30)
+    assert d.returncode == 1 and "pci_resize_resource" in d.stderr
+    assert time.monotonic() - t0 < 5.0
+    r = finish(dtk, 30)
+    assert r.returncode == 1
+    body = json.loads((shared / "driver_build_failed").read_text())
+    assert body["phase"] == "compile"
+    assert "nvidia.c" in body["message"] and "error:" in body["message"] and "pci_resize_resource" in body["message"]
+    assert str(tmp_path) not in body["message"]  # scratch paths stripped
+    assert (shared / "modules" / NV / "nvidia.ko").read_bytes() == good
+    assert not list(shared.glob(".modules.staging-*")) and not list(tmp_path.glob("driver-ctr/build-*"))
+
+
+def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k61):
+    openssl = shutil.which("openssl") or pytest.skip("openssl is not installed (scripts/test installs it)")
+    keys = tmp_path / "secret"
+    keys.mkdir()
+    subprocess.run([openssl, "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=driver-ctr test signing key/", "-outform", "PEM", "-keyout", str(keys / "key.pem"),
+                    "-out", str(keys / "cert.pem")], check=True, capture_output=True)
+    cache = root / "var/lib/driver-ctr/cache"
+    cache.mkdir(parents=True)
+    _, env = _setup(root, tmp_path, k61, DRIVER_CTR_SIGNING_KEY=str(keys / "key.pem"),
+                    DRIVER_CTR_SIGNING_CERT=str(keys / "cert.pem"))
+    d, dtk = _both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    shared = shared_dir(root)
+    det = _manifest(root)["build"]["details"]
+    assert det["signed"] and len(det["signing_fingerprint"]) == 64
+    for name in ("nvidia", "nvidia-uvm", "nvidia-modeset"):
+        info = read_modinfo(shared / "modules" / NV / (name + ".ko"))
+        assert info.signed, name
+        out = subprocess.run(["modinfo", "-F", "signer", str(shared / "modules" / NV / (name + ".ko"))],
+                             capture_output=True, text=True, env=env).stdout
+        assert "driver-ctr test signing key" in out
+    # the private key's material appears nowhere: shared dir, host cache, either side's log
+    pem = (keys / "key.pem").read_text()
+    body = "".join(l for l in pem.splitlines() if not l.startswith("-----"))
+    needles = [body[i:i + 40] for i in (0, 200, 800)] + [base64.b64decode(body)[40:80]]
+    for where in (shared, cache):
+        for p in where.rglob("*"):
+            if p.is_file():
+                data = p.read_bytes()
+                for n in needles:
+                    assert (n.encode() if isinstance(n, str) else n) not in data, p
+                assert p.name != "key.pem"
+    for text in (d.stderr, dtk.stderr, (shared / "build.log").read_text()):
+        assert all(n not in text for n in needles if isinstance(n, str))
+
+
+def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp_path, k61):
+    cache = root / "var/lib/driver-ctr/cache"
+    cache.mkdir(parents=True)
+    _, env = _setup(root, tmp_path, k61)
+    d, dtk = _both(root, env)
+    assert d.returncode == 0, d.stderr
+    entries = list((cache / k61).iterdir())
+    assert len(entries) == 1
+    entry = entries[0]
+    assert json.loads((entry / "entry.json").read_text())["inputs"]["kernel_release"] == k61
+
+    def fresh_run():
+        shutil.rmtree(shared_dir(root))  # a new pod: empty shared dir
+        return _both(root, env)
+
+    # hit: no build at all
+    d, dtk = fresh_run()
+    assert d.returncode == 0
+    assert "host cache hit" in d.stderr and _manifest(root)["build"]["builder"] == "host-cache"
+    assert not (shared_dir(root) / "driver_build_started").exists()
+    # a flipped byte: discarded with a warning, the DTK rebuilds, the cache is refilled
+    ko = entry / "modules" / NV / "nvidia.ko"
+    raw = bytearray(ko.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    ko.write_bytes(bytes(raw))
+    d, dtk = fresh_run()
+    assert d.returncode == 0
+    ev = events(d.stderr)
+    corrupt = [e for e in ev if e["event"].startswith("host cache entry is corrupt")]
+    assert corrupt and "sha256 differs" in corrupt[0]["reason"]
+    assert _manifest(root)["build"]["builder"] == "kbuild"
+    assert (entry / "entry.json").is_file()  # stored again by the rebuild
+    # a module for another kernel planted, with the entry rewritten to list it: still refused
+    other = read_modinfo(shared_dir(root) / "modules" / NV / "nvidia.ko")
+    data = json.loads((entry / "entry.json").read_text())
+    planted = entry / "modules" / NV / "nvidia-uvm.ko"
+    planted.write_bytes(planted.read_bytes().replace(k61.encode(), ("9" * len(k61)).encode()))
+    import hashlib
+    for f in data["files"]:
+        if f["path"].endswith("nvidia-uvm.ko"):
+            f["sha256"] = hashlib.sha256(planted.read_bytes()).hexdigest()
+    (entry / "entry.json").write_text(json.dumps(data))
+    d, dtk = fresh_run()
+    assert d.returncode == 0
+    corrupt = [e for e in events(d.stderr) if e["event"].startswith("host cache entry is corrupt")]
+    assert corrupt and "9999" in corrupt[0]["reason"] and k61 in corrupt[0]["reason"]
+    assert _manifest(root)["build"]["builder"] == "kbuild" and other.vermagic.startswith(k61)
+
+
+def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
+    krt = _kernel(r"6\.1\.0-\d+-rt-amd64")
+    _, env = _setup(root, tmp_path, krt)
+    d, dtk = _both(root, env)
+    assert d.returncode == 1
+    body = json.loads((shared_dir(root) / "driver_build_failed").read_text())
+    assert body["phase"] == "prepare" and "PREEMPT_RT" in body["message"]
+    assert "IGNORE_PREEMPT_RT_PRESENCE=1" in body["message"] and krt in body["message"]
+    # opted in: builds, and the vermagic says preempt_rt like the kernel's own modules
+    shutil.rmtree(shared_dir(root))
+    env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
+    d, dtk = _both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    files = _manifest(root)["build"]["files"]
+    nv = [f for f in files if f["path"] == NV + "/nvidia.ko"][0]
+    assert " preempt_rt " in nv["vermagic"] and nv["vermagic"].startswith(krt + " ")
