@@ -148,6 +148,17 @@ def installed_kernels() -> List[str]:
                   if (k / "build" / ".config").is_file() and (k / "modules.dep").is_file())
 
 
+def installed_kernel(pattern: str) -> str:
+    """The newest installed kernel whose release matches ``pattern`` (skip when none)."""
+    import re
+    import pytest
+
+    ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]
+    if not ks:
+        pytest.skip("no installed kernel matching %s with headers and modules (scripts/test installs it)" % pattern)
+    return ks[-1]
+
+
 def make_real_kernel_root(root: Path, kernel: str) -> None:
     """A DTK-like root for a kernel installed on this machine: /lib/modules/<k>
     links to the real tree (headers and the kernel's own modules), and the

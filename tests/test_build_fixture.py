@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import shutil
 import subprocess
 import time
@@ -17,22 +16,17 @@ from pathlib import Path
 import pytest
 
 from driver_ctr.toolkit.modinfo import read_modinfo
-from harness import (copy_fixture_sources, env_for, events, finish, installed_kernels, make_real_kernel_root,
+from harness import (copy_fixture_sources, env_for, events, finish, installed_kernel, make_real_kernel_root,
                      shared_dir, start_driver, start_dtk, stop, wait_for_file)
 
 NV = "kernel/drivers/video"
 
 
-def _kernel(pattern: str) -> str:
-    ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]
-    if not ks:
-        pytest.skip("no installed kernel matching %s with headers and modules (scripts/test installs it)" % pattern)
-    return ks[-1]
 
 
 @pytest.fixture(name="k61")
 def _k61() -> str:
-    return _kernel(r"6\.1\.0-\d+-amd64")
+    return installed_kernel(r"6\.1\.0-\d+-amd64")
 
 
 def _setup(root: Path, tmp_path: Path, kernel: str, **extra: str):
@@ -227,7 +221,7 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
 
 
 def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
-    krt = _kernel(r"6\.1\.0-\d+-rt-amd64")
+    krt = installed_kernel(r"6\.1\.0-\d+-rt-amd64")
     _, env = _setup(root, tmp_path, krt)
     d, dtk = _both(root, env)
     assert d.returncode == 1

@@ -69,3 +69,15 @@ def test_inspect_reads_trees_under_root(tmp_path):
     assert f2.build_tree is None and "no Makefile" in f2.build_tree_problem
     assert f2.usr_src_kernel
     assert any("kernel-devel is installed" in n for n in decide(RHEL_KERNEL, f2).notes)
+
+
+def test_debian_releases_keep_their_deb_suffix():
+    """``+deb12`` is part of a Debian release, not a RHEL flavour to strip."""
+    k = "6.12.95+deb12-amd64"
+    facts = DtkFacts(release_json={"KERNEL_VERSION": k}, build_tree="/usr/src/linux-headers-" + k, vmlinuz=True)
+    d = decide(k, facts)
+    assert not d.broken, d.reasons
+    other = decide(k, DtkFacts(release_json={"KERNEL_VERSION": "6.12.117+deb12-amd64"},
+                               build_tree="/x", vmlinuz=True))
+    assert other.broken and other.newer == "dtk"
+    assert any("6.12.95" in r and "6.12.117" in r for r in other.reasons)

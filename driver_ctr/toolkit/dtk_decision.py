@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -115,14 +116,21 @@ def inspect_dtk(paths: HostPaths, node_kernel: str) -> DtkFacts:
     )
 
 
+_RHEL_FLAVOUR_SUFFIX = re.compile(r"\+(rt|64k)(-debug)?$|\+debug$")
+
+
+def _without_flavour(v: Optional[str]) -> Optional[str]:
+    """A release without its RHEL flavour suffix (``+rt``, ``+64k``, ``+debug``);
+    Debian's ``+debNN`` is part of the release and stays."""
+    return _RHEL_FLAVOUR_SUFFIX.sub("", v) if v else None
+
+
 def _dtk_kernel_for(node: KernelRelease, rj: Dict[str, Any]) -> Tuple[str, Optional[str]]:
     """(field name, DTK kernel V-R.A) that must equal the node kernel's."""
     if node.flavour == "rt":
-        v = rj.get("RT_KERNEL_VERSION")
-        return "RT_KERNEL_VERSION", v.split("+")[0] if v else None
+        return "RT_KERNEL_VERSION", _without_flavour(rj.get("RT_KERNEL_VERSION"))
     # 64k kernels come from the same source RPM: same V-R.A, +64k packages.
-    v = rj.get("KERNEL_VERSION")
-    return "KERNEL_VERSION", v.split("+")[0] if v else None
+    return "KERNEL_VERSION", _without_flavour(rj.get("KERNEL_VERSION"))
 
 
 def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDecision:

@@ -90,7 +90,7 @@ class HostCache:
         key = cache_key(inputs, signing_fingerprint)
         path = self.entry_dir(kernel, key)
         if not path.is_dir():
-            self.log.info("host cache miss", kernel=kernel, key=key)
+            self.log.info("host cache miss", kernel=kernel, digest=key)
             return None
         try:
             data = read_json(path / ENTRY_JSON, "host cache entry")
@@ -103,7 +103,7 @@ class HostCache:
             self._discard(path)
             return None
         _touch(path.parent)
-        self.log.info("host cache hit", kernel=kernel, key=key, files=len(data["files"]))
+        self.log.info("host cache hit", kernel=kernel, digest=key, files=len(data["files"]))
         return CacheEntry(path, data)
 
     # -- write -----------------------------------------------------------------
@@ -138,7 +138,7 @@ class HostCache:
         finally:
             remove_tree(tmp)
         _touch(final.parent)
-        self.log.info("stored in the host cache", kernel=kernel, key=key, files=len(files))
+        self.log.info("stored in the host cache", kernel=kernel, digest=key, files=len(files))
         self.prune(kernel)
         return final
 
@@ -147,13 +147,15 @@ class HostCache:
         shutil.copytree(str(entry.modules), str(dest))
 
     def prune(self, current_kernel: str) -> List[str]:
-        """Keep the newest ``keep`` kernels (by last use); never the current one."""
+        """Keep ``keep`` kernels: the current one and the most recently used others."""
         kernels = [d for d in self.dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
         kernels.sort(key=lambda d: d.stat().st_mtime, reverse=True)
         removed = []
-        kept = 0
+        kept = 1  # the current kernel, always kept
         for d in kernels:
-            if d.name == current_kernel or kept < self.keep:
+            if d.name == current_kernel:
+                continue
+            if kept < self.keep:
                 kept += 1
                 continue
             self._discard(d)

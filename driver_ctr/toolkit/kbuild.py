@@ -110,7 +110,8 @@ class KbuildBuilder(Builder):
         self.scratch.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copytree(str(sources.root / flavour.subdir), str(work), symlinks=True)
-            env = dict(os.environ, LC_ALL="C")
+            # ASCII messages: kbuild unexports LC_ALL, so LANG and LC_* decide.
+            env = dict(os.environ, LC_ALL="C", LANG="C", LC_CTYPE="C", LC_MESSAGES="C")
             env.pop("IGNORE_PREEMPT_RT_PRESENCE", None)  # conftest treats any non-empty value as yes
             if tree.preempt_rt and s.ignore_preempt_rt_presence:
                 env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
