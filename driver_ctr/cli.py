@@ -118,14 +118,23 @@ def _placeholder(what: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _node_command(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        from . import node_commands
+
+        return getattr(node_commands, name)(_settings_and_logging())
+
+    return run
+
+
 _NVIDIA_DRIVER_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "init": _placeholder("init (userspace install, build and load arrive with the load issue)"),
-    "build": _placeholder("build (the real kernel module build arrives with the build issue)"),
-    "load": _placeholder("load (module loading arrives with the load issue)"),
+    "init": _node_command("cmd_init"),
+    "build": _placeholder("build (a build without loading, for the fallback issue)"),
+    "load": _node_command("cmd_load"),
     "update": _placeholder("update (kernel-update hook rebuild)"),
-    "reload_nvidia_peermem": _placeholder("reload_nvidia_peermem (arrives with the load issue)"),
-    "probe_nvidia_peermem": _placeholder("probe_nvidia_peermem (arrives with the load issue)"),
-    "unload": _placeholder("unload (arrives with the load issue)"),
+    "reload_nvidia_peermem": _node_command("cmd_reload_peermem"),
+    "probe_nvidia_peermem": _node_command("cmd_probe_peermem"),
+    "unload": _node_command("cmd_unload"),
     "status": _cmd_status,
 }
 

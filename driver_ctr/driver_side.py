@@ -26,7 +26,7 @@ from typing import Any, Dict, Optional
 from . import payload
 from .fast_path import FastPath, decide_fast_path
 from .toolkit import protocol as proto
-from .toolkit.errors import BuildFailed, Cancelled, DriverCtrError, FallbackRequired, NotImplementedYet, ProtocolError
+from .toolkit.errors import BuildFailed, Cancelled, DriverCtrError, FallbackRequired, ProtocolError
 from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import CacheEntry, HostCache
 from .toolkit.log import get_logger, phase
@@ -259,4 +259,9 @@ def run_with_dtk(settings: Settings, dry_run: bool) -> int:
         get_logger(side="driver").info("dry run: stopping before loading", fast_path=handoff.fast_path is not None,
                                        generation=handoff.generation)
         return 0
-    raise NotImplementedYet("loading the verified modules (nvidia-driver load: the loading issue)")
+    from .driver_load import ModuleTree
+    from .node_commands import load_handoff
+
+    tree = None if handoff.fast_path is not None else ModuleTree(settings.paths.shared_dir / proto.MODULES_DIR,
+                                                                 settings.kernel_release())
+    return load_handoff(settings, cancel, tree)

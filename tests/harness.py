@@ -189,3 +189,30 @@ def copy_fixture_sources(dest: Path, flavours=("kernel",)) -> Path:
     for f in flavours:
         shutil.copytree(str(FIXTURE_SOURCES / "kernel"), str(dest / f))
     return dest
+
+
+def fixture_build_env(root: Path, tmp_path: Path, kernel: str, **extra: str):
+    """A DTK-like root for an installed kernel and the fixture sources; the env for both sides."""
+    import pytest
+
+    for tool in ("make", "gcc", "depmod", "modprobe"):
+        if not shutil.which(tool) and not os.path.exists("/sbin/" + tool):
+            pytest.skip("%s is not installed (scripts/test installs it)" % tool)
+    make_real_kernel_root(root, kernel)
+    src = copy_fixture_sources(tmp_path / "src", flavours=("kernel", "kernel-open"))
+    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path), **extra)
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    return src, env
+
+
+def run_both(root: Path, env: Dict[str, str], timeout: float = 180):
+    """Both sides until the driver side exits (dry run); the DTK side is then stopped."""
+    shared = shared_dir(root)
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    try:
+        d = finish(drv, timeout)
+    finally:
+        if dtk.poll() is None:
+            stop(dtk)
+    return d, finish(dtk, 10)

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from driver_ctr.toolkit.modinfo import read_modinfo
-from harness import (copy_fixture_sources, env_for, events, finish, installed_kernel, make_real_kernel_root,
-                     shared_dir, start_driver, start_dtk, stop, wait_for_file)
+from harness import (events, finish, fixture_build_env, installed_kernel, run_both, shared_dir, start_driver, start_dtk,
+                     wait_for_file)
 
 NV = "kernel/drivers/video"
 
@@ -29,36 +29,13 @@ def _k61() -> str:
     return installed_kernel(r"6\.1\.0-\d+-amd64")
 
 
-def _setup(root: Path, tmp_path: Path, kernel: str, **extra: str):
-    for tool in ("make", "gcc", "depmod", "modprobe"):
-        if not shutil.which(tool) and not os.path.exists("/sbin/" + tool):
-            pytest.skip("%s is not installed (scripts/test installs it)" % tool)
-    make_real_kernel_root(root, kernel)
-    src = copy_fixture_sources(tmp_path / "src", flavours=("kernel", "kernel-open"))
-    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path), **extra)
-    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
-    return src, env
-
-
-def _both(root: Path, env: dict, timeout: float = 180):
-    shared = shared_dir(root)
-    drv = start_driver(env)
-    dtk = start_dtk(env, shared)
-    try:
-        d = finish(drv, timeout)
-    finally:
-        if dtk.poll() is None:
-            stop(dtk)
-    return d, finish(dtk, 10)
-
-
 def _manifest(root: Path) -> dict:
     return json.loads((shared_dir(root) / "manifest.json").read_text())
 
 
 def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
-    _, env = _setup(root, tmp_path, k61)
-    d, dtk = _both(root, env)
+    _, env = fixture_build_env(root, tmp_path, k61)
+    d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     shared = shared_dir(root)
     m = _manifest(root)
@@ -97,8 +74,8 @@ def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
 
 
 def test_open_flavour_and_peermem_with_rdma(root, tmp_path, k61):
-    _, env = _setup(root, tmp_path, k61, KERNEL_MODULE_TYPE="open", GPU_DIRECT_RDMA_ENABLED="true")
-    d, dtk = _both(root, env)
+    _, env = fixture_build_env(root, tmp_path, k61, KERNEL_MODULE_TYPE="open", GPU_DIRECT_RDMA_ENABLED="true")
+    d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     det = _manifest(root)["build"]["details"]
     assert det["tree"] == "kernel-open" and det["flavour_reason"] == "KERNEL_MODULE_TYPE=open"
@@ -107,15 +84,16 @@ def test_open_flavour_and_peermem_with_rdma(root, tmp_path, k61):
 
 
 def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):
-    src, env = _setup(root, tmp_path, k61)
-    d, _ = _both(root, env)
+    src, env = fixture_build_env(root, tmp_path, k61)
+    d, _ = run_both(root, env)
     assert d.returncode == 0
     shared = shared_dir(root)
     good = (shared / "modules" / NV / "nvidia.ko").read_bytes()
     # the sources break (a driver that does not support this kernel); the flag goes
-    (src / "kernel/nvidia.c").write_text((src / "kernel/nvidia.c").read_text().replace(
-        "static int __init nvfx_init(void) { return 0; }",
-        "static int __init nvfx_init(void) { return pci_resize_resource(0, 1); }"))
+    text = (src / "kernel/nvidia.c").read_text()
+    broken = text.replace("return misc_register(&nvfx_ctl);", "return pci_resize_resource(0, 1);")
+    assert broken != text
+    (src / "kernel/nvidia.c").write_text(broken)
     (shared / "driver_built").unlink()
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
@@ -143,9 +121,9 @@ def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k
                     "-out", str(keys / "cert.pem")], check=True, capture_output=True)
     cache = root / "var/lib/driver-ctr/cache"
     cache.mkdir(parents=True)
-    _, env = _setup(root, tmp_path, k61, DRIVER_CTR_SIGNING_KEY=str(keys / "key.pem"),
+    _, env = fixture_build_env(root, tmp_path, k61, DRIVER_CTR_SIGNING_KEY=str(keys / "key.pem"),
                     DRIVER_CTR_SIGNING_CERT=str(keys / "cert.pem"))
-    d, dtk = _both(root, env)
+    d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     shared = shared_dir(root)
     det = _manifest(root)["build"]["details"]
@@ -174,8 +152,8 @@ def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k
 def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp_path, k61):
     cache = root / "var/lib/driver-ctr/cache"
     cache.mkdir(parents=True)
-    _, env = _setup(root, tmp_path, k61)
-    d, dtk = _both(root, env)
+    _, env = fixture_build_env(root, tmp_path, k61)
+    d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr
     entries = list((cache / k61).iterdir())
     assert len(entries) == 1
@@ -184,7 +162,7 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
 
     def fresh_run():
         shutil.rmtree(shared_dir(root))  # a new pod: empty shared dir
-        return _both(root, env)
+        return run_both(root, env)
 
     # hit: no build at all
     d, dtk = fresh_run()
@@ -222,8 +200,8 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
 
 def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
     krt = installed_kernel(r"6\.1\.0-\d+-rt-amd64")
-    _, env = _setup(root, tmp_path, krt)
-    d, dtk = _both(root, env)
+    _, env = fixture_build_env(root, tmp_path, krt)
+    d, dtk = run_both(root, env)
     assert d.returncode == 1
     body = json.loads((shared_dir(root) / "driver_build_failed").read_text())
     assert body["phase"] == "prepare" and "PREEMPT_RT" in body["message"]
@@ -231,7 +209,7 @@ def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
     # opted in: builds, and the vermagic says preempt_rt like the kernel's own modules
     shutil.rmtree(shared_dir(root))
     env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
-    d, dtk = _both(root, env)
+    d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     files = _manifest(root)["build"]["files"]
     nv = [f for f in files if f["path"] == NV + "/nvidia.ko"][0]

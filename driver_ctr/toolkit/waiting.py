@@ -40,6 +40,11 @@ class Cancellation:
     def set(self) -> None:
         self._event.set()
 
+    def clear(self) -> None:
+        """Forget the last signal (a shutdown that could not finish waits for the next one)."""
+        self._event.clear()
+        self.signal_name = ""
+
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()

@@ -1,0 +1,249 @@
+"""Loading a verified module tree on the node, and keeping it loaded.
+
+``load_tree`` (the order of reference §2.5, from the staged tree with
+``modprobe -d``, as KMM does):
+
+1. vermagic of every NVIDIA module against the running kernel, before any
+   insmod (a module for another kernel is refused with both strings);
+2. parameters: ``/drivers/<module>.conf`` checked against the modules'
+   declared parameters, written as ``options`` drop-ins;
+3. the firmware search path rule;
+4. ``i2c_core ipmi_msghandler ipmi_devintf`` (best effort), then nvidia,
+   nvidia-uvm, nvidia-modeset (``video`` comes in as its dependency when the
+   kernel has it as a module), nvidia-peermem with RDMA and a Mellanox
+   device. The first failure stops the sequence with its diagnosis: the
+   "Unknown symbol" errors nvidia-uvm would hit after nvidia failed are
+   never reported as a cause.
+
+``serve`` then starts the daemons, mounts the driver root, writes the state
+and readiness files and waits for SIGTERM/SIGINT; ``shutdown`` undoes it in
+reverse and refuses (keeping the container running) while the driver is in use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from . import module_params
+from .daemons import DaemonError, start_daemons, stop_daemons
+from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
+from .node_state import (PidLock, configure_firmware_path, mellanox_present, mount_rootfs, pci_devices, remove_state,
+                         set_daemons_status, unmount_rootfs, write_state)
+from .toolkit.log import get_logger
+from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
+from .toolkit.runner import Runner
+from .toolkit.settings import Settings
+from .toolkit.staging import COMPANIONS, NVIDIA_SUBDIR
+from .toolkit.waiting import Cancellation
+from .unload import DriverInUse, unload
+
+LOAD_ORDER = ("nvidia", "nvidia-uvm", "nvidia-modeset")
+PEERMEM = "nvidia-peermem"
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """A verified staged tree: the content of ``/lib/modules/<kernel>``."""
+
+    root: Path
+    kernel: str
+
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)
+    params: Dict[str, List[str]] = field(default_factory=dict)
+    firmware: str = ""
+
+
+def running_kernel_vermagic(settings: Settings, kernel: str) -> str:
+    """The vermagic of a module of the running kernel, when one is installed here."""
+    kdir = settings.paths.module_dir(kernel) / "kernel"
+    if kdir.is_dir():
+        for dirpath, dirnames, filenames in os.walk(str(kdir)):
+            dirnames.sort()
+            for n in sorted(filenames):
+                if ".ko" in n:
+                    try:
+                        return read_modinfo(Path(dirpath) / n).vermagic
+                    except Exception:  # noqa: BLE001 - any unreadable module: try no further
+                        return ""
+    return ""
+
+
+def symbol_providers(tree: ModuleTree) -> Dict[str, str]:
+    out = {}
+    f = tree.root / "modules.symbols"
+    if f.is_file():
+        for line in f.read_text(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[1].startswith("symbol:"):
+                out[parts[1][len("symbol:"):]] = parts[2]
+    return out
+
+
+class Loader:
+    def __init__(self, settings: Settings, runner: Optional[Runner] = None) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.runner = runner or Runner()
+        self.log = get_logger(side="driver")
+
+    def wanted(self) -> List[str]:
+        mods = list(LOAD_ORDER)
+        if self.settings.gpu_direct_rdma_enabled:
+            if mellanox_present(self.paths):
+                mods.append(PEERMEM)
+            else:
+                self.log.info("RDMA is on but no Mellanox device (PCI vendor 0x15b3) is present: nvidia-peermem not loaded")
+        return mods
+
+    def modinfos(self, tree: ModuleTree, mods: List[str]) -> Dict[str, ModInfo]:
+        out = {}
+        for m in mods:
+            p = tree.root / NVIDIA_SUBDIR / (m + ".ko")
+            if not p.is_file():
+                raise LoadFailed(m, "%s is not in the staged tree %s" % (p.name, tree.root),
+                                 "rebuild: the hand-off tree is incomplete")
+            out[m] = read_modinfo(p)
+        return out
+
+    def check_vermagic(self, infos: Dict[str, ModInfo], kernel: str) -> None:
+        ref = running_kernel_vermagic(self.settings, kernel) or None
+        for m, info in infos.items():
+            problem = vermagic_problem(m + ".ko", info.vermagic, kernel, ref)
+            if problem:
+                raise LoadFailed(m, "refused before insmod: %s.ko was built for another kernel: module vermagic %r, "
+                                 "running kernel %r" % (m, info.vermagic, ref or kernel),
+                                 "rebuild for the running kernel; a stale build or cache entry is never loaded")
+
+    def modprobe_base(self, tree: ModuleTree, kernel: str) -> List[str]:
+        """``modprobe -d <root>`` where ``<root>/lib/modules/<kernel>`` is the tree."""
+        base = self.paths.run_nvidia / "driver-ctr" / "modroot"
+        link = base / "lib" / "modules" / kernel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.parent / (".%s.tmp" % kernel)
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(tree.root)
+        os.replace(str(tmp), str(link))
+        return ["modprobe", "-d", str(base), "-C", str(self.paths.modprobe_d), "-S", kernel]
+
+    def load_tree(self, tree: ModuleTree) -> LoadReport:
+        kernel = self.settings.kernel_release()
+        if tree.kernel != kernel:
+            raise LoadFailed("nvidia", "the staged tree is for kernel %s, the node runs %s" % (tree.kernel, kernel),
+                             "rebuild for the running kernel")
+        mods = self.wanted()
+        infos = self.modinfos(tree, mods)
+        self.check_vermagic(infos, kernel)
+        params = module_params.read_param_files(self.paths.drivers_dir)
+        module_params.validate(params, infos)
+        params = module_params.with_defaults(params, infos)
+        module_params.write_dropins(self.paths.modprobe_d, params)
+        report = LoadReport(params={m: ["%s=%s" % (p.name, p.value) for p in ps] for m, ps in params.items() if ps})
+        report.firmware = configure_firmware_path(
+            self.paths, {p.name: p.value for p in params.get("nvidia", [])}, self.log)
+        base = self.modprobe_base(tree, kernel)
+        companions = self.runner.run(base + ["-a", *COMPANIONS], timeout=120, check=False)
+        if companions.returncode != 0:
+            self.log.warning("could not load i2c/ipmi companions (nvidia loads without them)",
+                             error=(companions.stderr or companions.stdout).strip().splitlines()[-1:])
+        facts_common = dict(kernel_release=kernel, kernel_vermagic=running_kernel_vermagic(self.settings, kernel),
+                            nouveau_loaded=(self.paths.sys / "module/nouveau").is_dir(),
+                            nvidia_pci_devices=pci_devices(self.paths, "0x10de"))
+        for m in mods:
+            klog = KernelLog().mark()
+            try:
+                res = self.runner.run(base + ["--first-time", m], timeout=600, check=False)
+                if res.returncode != 0:
+                    facts = Facts(module=m, module_vermagic=infos[m].vermagic, signed=infos[m].signed,
+                                  symbol_providers=symbol_providers(tree), **facts_common)
+                    raise diagnose(facts, (res.stderr + "\n" + res.stdout).strip(), klog.lines())
+            finally:
+                klog.close()
+            report.loaded.append(m)
+            self.log.info("loaded", module=m, version=infos[m].version)
+        return report
+
+
+def userspace_install(settings: Settings, runner: Runner, log: Any) -> bool:
+    """nvidia-installer's userspace install from the .run (reference §2.4 flags);
+    skipped, with a log line, when no installer is present (tests)."""
+    paths = settings.paths
+    run = paths.drivers_dir / ("NVIDIA-Linux-%s-%s.run" % (settings.target_arch, settings.driver_version.raw))
+    if not run.is_file():
+        log.info("no driver installer here: userspace install skipped", looked_for=str(run))
+        return False
+    argv = ["sh", str(run), "--silent", "--no-kernel-module", "--no-nouveau-check", "--no-nvidia-modprobe",
+            "--no-rpms", "--no-backup", "--no-check-for-alternate-installs", "--no-libglx-indirect",
+            "--no-install-libglvnd", "--x-prefix=/tmp/null", "--x-module-path=/tmp/null",
+            "--x-library-path=/tmp/null", "--x-sysconfig-path=/tmp/null"]
+    if settings.target_arch == "x86_64":
+        argv.append("--install-compat32-libs")
+    runner.run(argv, timeout=1800)
+    log.info("userspace driver installed", installer=str(run))
+    return True
+
+
+class Service:
+    """Hold the node: daemons, driver root, state; undo on a signal."""
+
+    def __init__(self, settings: Settings, cancel: Cancellation, runner: Optional[Runner] = None) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.cancel = cancel
+        self.runner = runner or Runner()
+        self.log = get_logger(side="driver")
+        self.lock: Optional[PidLock] = None
+
+    def acquire(self) -> None:
+        self.lock = PidLock(self.paths.pid_file).acquire()
+
+    def unload_existing(self) -> None:
+        stop_daemons(self.paths, self.log)
+        unload(self.paths.sys, self.runner, self.log)
+        unmount_rootfs(self.paths, self.runner, self.log)
+
+    def serve(self, mount: bool = True) -> None:
+        """After a load (or the fast path): daemons, driver root, state, Ready."""
+        try:
+            start_daemons(self.settings, self.runner, self.log)
+        except DaemonError:
+            raise
+        if mount:
+            mount_rootfs(self.paths, self.runner, self.log)
+        if self.settings.driver_config_digest:
+            write_state(self.paths, self.settings.driver_config_digest)
+        set_daemons_status(self.paths, "Ready")
+        self.log.info("driver ready: waiting for a signal")
+
+    def wait_for_signal(self) -> int:
+        """Block until SIGTERM/SIGINT; then shut down. While the driver is in use,
+        say so once and keep running (reference semantics)."""
+        told = False
+        while True:
+            while not self.cancel.cancelled:
+                self.cancel.sleep(0.5)
+            self.log.info("caught signal", signal=self.cancel.signal_name)
+            try:
+                self.shutdown()
+                return 0
+            except DriverInUse as exc:
+                if not told:
+                    self.log.warning("driver in use: not unloading, keeping the container running", reason=str(exc))
+                    told = True
+                self.cancel.clear()
+
+    def shutdown(self) -> None:
+        stop_daemons(self.paths, self.log)
+        unload(self.paths.sys, self.runner, self.log)
+        unmount_rootfs(self.paths, self.runner, self.log)
+        remove_state(self.paths)
+        if self.lock is not None:
+            self.lock.release(remove=True)
+        self.log.info("shut down: modules unloaded, driver root unmounted, pid and state removed")

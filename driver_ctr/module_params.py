@@ -1,0 +1,156 @@
+"""Module parameters: ``/drivers/<module>.conf`` -> ``options <module> ...`` drop-ins.
+
+Each ``.conf`` line holds one or more ``name=value`` words (the reference
+takes lines verbatim). Every parameter is checked against what the built
+module declares (``parm``/``parmtype`` of its ``.modinfo``) and its type; an
+unknown or malformed one is an error naming the file, the line and the
+module's known parameters. ``NVreg_CoherentGPUMemoryMode=driver`` is added to
+nvidia only when the module declares it (the reference adds it always).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from .toolkit.errors import DriverCtrError
+from .toolkit.fsio import atomic_write_text
+from .toolkit.modinfo import ModInfo
+
+MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-peermem")
+CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
+
+_INT = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
+_UINT = re.compile(r"^\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
+_BOUNDS = {"byte": (0, 255), "short": (-(1 << 15), (1 << 15) - 1), "ushort": (0, (1 << 16) - 1),
+           "int": (-(1 << 31), (1 << 31) - 1), "uint": (0, (1 << 32) - 1),
+           "long": (-(1 << 63), (1 << 63) - 1), "ulong": (0, (1 << 64) - 1), "ullong": (0, (1 << 64) - 1),
+           "hexint": (0, (1 << 32) - 1)}
+_BOOL = {"y", "Y", "n", "N", "1", "0", "true", "false", "on", "off"}
+
+
+class ParameterError(DriverCtrError):
+    """A parameter file names a parameter the module does not declare, or a bad value."""
+
+
+@dataclass(frozen=True)
+class Param:
+    module: str
+    name: str
+    value: str
+    source: str  # "file:line"
+
+
+def check_value(typ: str, value: str) -> Optional[str]:
+    """Why ``value`` is not a valid ``typ`` (None when it is)."""
+    if typ.startswith("array of "):
+        elem = typ[len("array of "):]
+        for v in value.split(","):
+            why = check_value(elem, v)
+            if why:
+                return why
+        return None
+    if typ in ("charp", "string", ""):
+        return None
+    if typ in ("bool", "invbool"):
+        return None if value in _BOOL else "expected a boolean (Y/N/1/0/true/false/on/off)"
+    if typ in _BOUNDS:
+        pattern = _INT if typ in ("int", "long", "short") else _UINT
+        if typ == "hexint":
+            pattern = _UINT
+        if not pattern.match(value):
+            return "expected an integer (%s)" % typ
+        n = int(value, 0)
+        lo, hi = _BOUNDS[typ]
+        if not lo <= n <= hi:
+            return "out of range for %s (%d..%d)" % (typ, lo, hi)
+        return None
+    return None  # a type this code does not know: the kernel decides
+
+
+def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = MODULES) -> Dict[str, List[Param]]:
+    out: Dict[str, List[Param]] = {}
+    for mod in modules:
+        f = drivers_dir / (mod + ".conf")
+        if not f.is_file():
+            continue
+        params: List[Param] = []
+        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+            text = line.split("#", 1)[0].strip()
+            if not text:
+                continue
+            try:
+                words = shlex.split(text)
+            except ValueError as exc:
+                raise ParameterError("%s:%d: cannot parse %r: %s" % (f, n, line, exc)) from None
+            for w in words:
+                name, eq, value = w.partition("=")
+                if not eq or not name:
+                    raise ParameterError("%s:%d: %r is not name=value" % (f, n, w))
+                params.append(Param(mod, name, value, "%s:%d" % (f, n)))
+        out[mod] = params
+    return out
+
+
+def validate(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo]) -> None:
+    problems = []
+    for mod, ps in params.items():
+        info = infos.get(mod)
+        if info is None:
+            if ps:
+                problems.append("%s: parameters for %s, which is not built or loaded here" % (ps[0].source, mod))
+            continue
+        known = info.parameters
+        for p in ps:
+            if p.name not in known:
+                problems.append("%s: %s has no parameter %r (known: %s)" % (
+                    p.source, mod, p.name, ", ".join(sorted(known)) or "none"))
+                continue
+            why = check_value(known[p.name], p.value)
+            if why:
+                problems.append("%s: %s=%r: %s" % (p.source, p.name, p.value, why))
+    if problems:
+        raise ParameterError("invalid module parameters:\n" + "\n".join("  - " + x for x in problems))
+
+
+def with_defaults(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo]) -> Dict[str, List[Param]]:
+    out = {m: list(ps) for m, ps in params.items()}
+    nvidia = infos.get("nvidia")
+    if nvidia is not None and CDMM[0] in nvidia.parameters:
+        ps = out.setdefault("nvidia", [])
+        if not any(p.name == CDMM[0] for p in ps):
+            ps.insert(0, Param("nvidia", CDMM[0], CDMM[1], "driver-ctr default"))
+    return out
+
+
+def option_lines(params: Mapping[str, List[Param]]) -> Dict[str, str]:
+    """Module -> the text of its drop-in."""
+    out = {}
+    for mod, ps in params.items():
+        if ps:
+            words = " ".join("%s=%s" % (p.name, shlex.quote(p.value) if " " in p.value else p.value) for p in ps)
+            out[mod] = "# written by driver-ctr from %s\noptions %s %s\n" % (
+                ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})), mod.replace("-", "_"), words)
+    return out
+
+
+def write_dropins(modprobe_d: Path, params: Mapping[str, List[Param]]) -> List[Path]:
+    """``<modprobe.d>/<module>.conf`` for each module with parameters; stale ones removed."""
+    modprobe_d.mkdir(parents=True, exist_ok=True)
+    texts = option_lines(params)
+    written = []
+    for mod in MODULES:
+        f = modprobe_d / (mod + ".conf")
+        if mod in texts:
+            atomic_write_text(f, texts[mod])
+            written.append(f)
+        elif f.is_file() and f.read_text(errors="replace").startswith("# written by driver-ctr"):
+            f.unlink()
+    return written
+
+
+def has_param(params: Mapping[str, List[Param]], module: str, name: str, value: str) -> bool:
+    return any(p.name == name and p.value == value for p in params.get(module, []))

@@ -1,0 +1,216 @@
+"""``nvidia-driver init | load | unload | reload_nvidia_peermem | probe_nvidia_peermem``
+and the load step of ``nv-ctr-run-with-dtk``.
+
+Where the modules come from, in order: the shared dir's build for exactly
+these inputs (verified), the host cache (verified), and for ``init`` a build
+in this container when the node kernel's build tree is here. Anything else
+is an error that says which of them was missing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .driver_load import Loader, ModuleTree, Service, userspace_install
+from .fast_path import decide_fast_path
+from .node_state import set_daemons_status
+from .toolkit import protocol as proto
+from .toolkit.builders import BuildRequest
+from .toolkit.errors import Cancelled, DriverCtrError, FallbackRequired, ProtocolError
+from .toolkit.fsio import remove_tree
+from .toolkit.host_cache import HostCache
+from .toolkit.kbuild import KbuildBuilder
+from .toolkit.kernel_tree import open_kernel_tree
+from .toolkit.log import get_logger, phase
+from .toolkit.runner import Runner
+from .toolkit.settings import Settings
+from .toolkit.signing import signing_fingerprint
+from .toolkit.waiting import Cancellation
+from .unload import unload
+
+
+class NoBuild(DriverCtrError):
+    pass
+
+
+def shared_dir_tree(settings: Settings) -> Optional[ModuleTree]:
+    shared = proto.SharedDir(settings.paths.shared_dir)
+    kernel = settings.kernel_release()
+    try:
+        m = shared.read_manifest()
+        if m is None or m.get("build") is None or not shared.has(proto.BUILT):
+            return None
+        proto.verify_build(shared, proto.build_inputs(settings, kernel), m["generation"])
+    except ProtocolError as exc:
+        get_logger(side="driver").info("the shared dir holds no usable build", reason=str(exc).splitlines()[0])
+        return None
+    return ModuleTree(shared.path / proto.MODULES_DIR, kernel)
+
+
+def cache_tree(settings: Settings) -> Optional[ModuleTree]:
+    cache = HostCache.from_settings(settings)
+    if cache is None:
+        return None
+    kernel = settings.kernel_release()
+    entry = cache.lookup(proto.build_inputs(settings, kernel), signing_fingerprint(settings))
+    return ModuleTree(entry.modules, kernel) if entry is not None else None
+
+
+def local_build(settings: Settings, cancel: Cancellation) -> ModuleTree:
+    """Build in this container (the node kernel's tree is here), store in the
+    host cache when mounted, and return the tree."""
+    log = get_logger(side="driver")
+    kernel = settings.kernel_release()
+    open_kernel_tree(settings.paths, kernel)  # a clear error when there is no tree
+    work = Path(tempfile.mkdtemp(prefix="driver-ctr-local-"))
+    staging = work / "modules"
+    staging.mkdir()
+    inputs = proto.build_inputs(settings, kernel)
+    with phase(log, "local build", kernel=kernel):
+        result = KbuildBuilder().build(BuildRequest(settings, kernel, work, staging, work / "build.log", cancel=cancel))
+    files = proto.describe_tree(staging)
+    cache = HostCache.from_settings(settings)
+    if cache is not None:
+        cache.store(inputs, (result.details or {}).get("signing_fingerprint", ""), staging,
+                    {"files": files, "details": result.details or {}})
+        entry = cache.lookup(inputs, (result.details or {}).get("signing_fingerprint", ""))
+        if entry is not None:
+            remove_tree(work)
+            return ModuleTree(entry.modules, kernel)
+    return ModuleTree(staging, kernel)
+
+
+def find_tree(settings: Settings, cancel: Cancellation, allow_build: bool) -> ModuleTree:
+    for source in (shared_dir_tree, cache_tree):
+        tree = source(settings)
+        if tree is not None:
+            get_logger(side="driver").info("modules found", source=source.__name__, tree=str(tree.root))
+            return tree
+    if allow_build:
+        try:
+            return local_build(settings, cancel)
+        except DriverCtrError as exc:
+            if "no kernel build tree" in str(exc):
+                raise FallbackRequired("no build for kernel %s and no kernel build tree in this container: "
+                                       "the entitlement-based fallback (not implemented yet) would install it"
+                                       % settings.kernel_release(), [str(exc)]) from None
+            raise
+    raise NoBuild("no verified build for kernel %s: none in the shared dir %s for these inputs, none in the host "
+                  "cache; run nvidia-driver init or the DTK flow (ocp_dtk_entrypoint nv-ctr-run-with-dtk)"
+                  % (settings.kernel_release(), settings.paths.shared_dir))
+
+
+def _serve_tree(settings: Settings, cancel: Cancellation, service: Service, tree: ModuleTree) -> int:
+    service.unload_existing()
+    report = Loader(settings, service.runner).load_tree(tree)
+    get_logger(side="driver").info("NVIDIA modules loaded", modules=report.loaded, params=report.params,
+                                   firmware=report.firmware)
+    service.serve()
+    return service.wait_for_signal()
+
+
+def _guarded(settings: Settings, cancel: Cancellation, service: Service, body) -> int:  # type: ignore[no-untyped-def]
+    """Run ``body``; any failure before the wait undoes what was done (reference: trap _shutdown EXIT)."""
+    try:
+        return body()
+    except Cancelled:
+        service.shutdown()
+        return 0
+    except BaseException:
+        try:
+            service.shutdown()
+        except DriverCtrError as exc:
+            get_logger(side="driver").warning("cleanup after the failure was incomplete", reason=str(exc))
+        raise
+
+
+def cmd_load(settings: Settings) -> int:
+    cancel = Cancellation().install()
+    service = Service(settings, cancel)
+    service.acquire()
+    return _guarded(settings, cancel, service,
+                    lambda: _serve_tree(settings, cancel, service, find_tree(settings, cancel, allow_build=False)))
+
+
+def load_handoff(settings: Settings, cancel: Cancellation, tree: Optional[ModuleTree]) -> int:
+    """nv-ctr-run-with-dtk after the hand-off (``tree`` None: the fast path)."""
+    service = Service(settings, cancel)
+    set_daemons_status(settings.paths, "NotReady")
+    service.acquire()
+
+    def body() -> int:
+        userspace_install(settings, service.runner, service.log)
+        if tree is None:
+            service.serve()
+            return service.wait_for_signal()
+        return _serve_tree(settings, cancel, service, tree)
+
+    return _guarded(settings, cancel, service, body)
+
+
+def cmd_init(settings: Settings) -> int:
+    cancel = Cancellation().install()
+    set_daemons_status(settings.paths, "NotReady")
+    service = Service(settings, cancel)
+    service.acquire()
+
+    def body() -> int:
+        fp = decide_fast_path(settings)
+        userspace_install(settings, service.runner, service.log)
+        if fp.applies:
+            service.log.info("fast path: the driver is loaded with this configuration", **fp.facts)
+            service.serve()
+            return service.wait_for_signal()
+        service.log.info("fast path not taken", reason=fp.reason)
+        return _serve_tree(settings, cancel, service, find_tree(settings, cancel, allow_build=True))
+
+    return _guarded(settings, cancel, service, body)
+
+
+def cmd_unload(settings: Settings) -> int:
+    unload(settings.paths.sys, Runner(), get_logger(side="driver"))
+    return 0
+
+
+def _peermem_ready(settings: Settings) -> bool:
+    paths = settings.paths
+    ctr_ready = (paths.validations_dir / ".driver-ctr-ready").is_file()
+    if settings.use_host_mofed:
+        return ctr_ready and (paths.sys / "module/mlx5_core").is_dir()
+    return ctr_ready and paths.host("/run/mellanox/drivers/.driver-ready").is_file()
+
+
+def cmd_reload_peermem(settings: Settings) -> int:
+    """Wait for MOFED and the driver, load nvidia-peermem in the driver root, wait for a signal."""
+    from .toolkit.waiting import wait_until
+
+    cancel = Cancellation().install()  # before any wait (the reference's trap came too late)
+    log = get_logger(side="driver")
+    try:
+        wait_until(lambda: True if _peermem_ready(settings) else None, directory=settings.paths.validations_dir,
+                   what="the MOFED driver and the NVIDIA driver container to be ready", timeout_s=float("inf"),
+                   cancel=cancel, recheck_s=10.0, progress_s=300, log=log)
+        if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
+            log.info("nvidia-peermem module already loaded, skipping modprobe")
+        else:
+            Runner().run(["chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem"], timeout=300)
+            log.info("successfully loaded nvidia-peermem module, now waiting for signal")
+        while not cancel.cancelled:
+            cancel.sleep(0.5)
+    except Cancelled:
+        pass
+    return 0
+
+
+def cmd_probe_peermem(settings: Settings) -> int:
+    sysmod = settings.paths.sys / "module"
+    log = get_logger(side="driver")
+    if not (sysmod / "mlx5_core").is_dir():
+        log.info("MOFED drivers are not ready, skipping probe to avoid container restarts...")
+        return 0
+    if not (sysmod / "nvidia_peermem").is_dir():
+        log.error("nvidia-peermem module is not loaded")
+        return 1
+    return 0

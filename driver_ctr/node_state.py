@@ -1,0 +1,167 @@
+"""What the driver container leaves on the node, and takes back on shutdown.
+
+- ``/run/nvidia/nvidia-driver.pid``: locked (flock) *before* it is truncated,
+  so a second instance cannot wipe the first one's PID; the reference's
+  message on a second instance.
+- ``/run/nvidia/nvidia-driver.state``: the config digest, one line, atomic.
+- ``/run/nvidia/validations/.driver-daemons-status``: NotReady -> Ready.
+- ``/run/nvidia/driver``: an rbind of the container root (``/sys`` made
+  runbindable and private first), relabelled for containers when the host
+  enforces SELinux (detected through ``/proc/1`` as the reference does).
+- the firmware search path (reference §2.5).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import IO, Any, List, Mapping, Optional
+
+from .toolkit.errors import CommandFailed, DriverCtrError
+from .toolkit.fsio import atomic_write_text
+from .toolkit.paths import HostPaths
+from .toolkit.runner import Runner
+
+SECOND_INSTANCE = "An instance of the NVIDIA driver is already running, aborting"
+DAEMONS_STATUS = ".driver-daemons-status"
+FIRMWARE_DIR = "/run/nvidia/driver/lib/firmware"
+
+
+class AlreadyRunning(DriverCtrError):
+    pass
+
+
+class PidLock:
+    """Exclusive ownership of the pid file for the life of the process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: Optional[IO[str]] = None
+
+    def acquire(self) -> "PidLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(str(self.path), "a+")  # no truncation before the lock is ours
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise AlreadyRunning(SECOND_INSTANCE) from None
+        f.seek(0)
+        f.truncate()
+        f.write("%d\n" % os.getpid())
+        f.flush()
+        self.file = f
+        return self
+
+    def release(self, remove: bool = True) -> None:
+        if self.file is None:
+            return
+        if remove:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        self.file.close()
+        self.file = None
+
+
+def write_state(paths: HostPaths, digest: str) -> None:
+    atomic_write_text(paths.state_file, digest + "\n")
+
+
+def remove_state(paths: HostPaths) -> None:
+    try:
+        paths.state_file.unlink()
+    except OSError:
+        pass
+
+
+def set_daemons_status(paths: HostPaths, status: str) -> None:
+    atomic_write_text(paths.validations_dir / DAEMONS_STATUS, status + "\n")
+
+
+def configure_firmware_path(paths: HostPaths, nvidia_params: Mapping[str, str], log: Any) -> str:
+    """The reference rule: set the firmware search path only when it is empty,
+    skip when GSP firmware is off. Returns what was done."""
+    if nvidia_params.get("NVreg_EnableGpuFirmware") == "0":
+        log.info("GSP firmware disabled (NVreg_EnableGpuFirmware=0): firmware search path left alone")
+        return "skipped"
+    p = paths.firmware_search_path
+    try:
+        current = p.read_text().strip()
+    except OSError:
+        current = None
+    if current:
+        log.warning("a firmware search path is already configured; retaining the current configuration",
+                    path=str(p), value=current)
+        return "retained"
+    try:
+        p.write_text(FIRMWARE_DIR)
+    except OSError as exc:
+        log.warning("failed to configure the firmware search path", path=str(p), reason=exc.strerror)
+        return "failed"
+    log.info("firmware search path set", value=FIRMWARE_DIR)
+    return "set"
+
+
+def host_selinux_enabled(paths: HostPaths) -> bool:
+    """Reference §2.9: /proc/1/mounts lists selinuxfs and /proc/1/root/sys/fs/selinux/enforce exists."""
+    try:
+        mounts = (paths.proc / "1" / "mounts").read_text()
+    except OSError:
+        return False
+    return "selinuxfs" in mounts and (paths.proc / "1/root/sys/fs/selinux/enforce").exists()
+
+
+def mounted(target: Path, proc: Path = Path("/proc")) -> bool:
+    try:
+        return any(line.split()[1] == str(target) for line in (proc / "self/mounts").read_text().splitlines())
+    except OSError:
+        return False
+
+
+def mount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
+    target = paths.driver_root
+    if mounted(target):
+        log.info("driver root already mounted", target=str(target))
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for argv in (["mount", "--make-runbindable", "/sys"], ["mount", "--make-private", "/sys"],
+                 ["mount", "--rbind", "/", str(target)]):
+        runner.run(argv, timeout=60)
+    if host_selinux_enabled(paths):
+        runner.run(["chcon", "-R", "-t", "container_file_t", str(target / "dev")], timeout=300)
+        log.info("SELinux: relabelled the driver root's /dev for containers")
+    log.info("driver root mounted", target=str(target))
+
+
+def unmount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
+    target = paths.driver_root
+    if not mounted(target):
+        return
+    try:
+        runner.run(["umount", "-l", "-R", str(target)], timeout=60)
+        log.info("driver root unmounted", target=str(target))
+    except CommandFailed as exc:
+        log.warning("could not unmount the driver root", target=str(target), reason=str(exc).splitlines()[0])
+
+
+def mellanox_present(paths: HostPaths) -> bool:
+    """A Mellanox PCI device (vendor 0x15b3) on the node."""
+    return bool(pci_devices(paths, "0x15b3"))
+
+
+def pci_devices(paths: HostPaths, vendor: str) -> List[str]:
+    base = paths.sys / "bus/pci/devices"
+    out = []
+    try:
+        for d in sorted(base.iterdir()):
+            try:
+                if (d / "vendor").read_text().strip().lower() == vendor:
+                    out.append(d.name)
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return out
