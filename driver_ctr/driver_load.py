@@ -246,4 +246,4 @@ class Service:
         remove_state(self.paths)
         if self.lock is not None:
             self.lock.release(remove=True)
-        self.log.info("shut down: modules unloaded, driver root unmounted, pid and state removed")
+        self.log.info("shut down: no NVIDIA module left loaded, driver root unmounted, pid and state removed")

@@ -78,7 +78,7 @@ def test_status_json(cli_env, root):
 
 def test_placeholders_fail_clearly(cli_env):
     """Commands whose capability comes later say so and exit 1: never a silent success."""
-    for argv in (["nvidia-driver", "update"], ["nvidia-driver", "reload_nvidia_peermem"]):
+    for argv in (["nvidia-driver", "update"], ["nvidia-driver", "build"]):
         r = run(argv, cli_env)
         assert r.returncode == 1, argv
         assert "not implemented yet" in r.stderr

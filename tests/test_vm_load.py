@@ -198,9 +198,10 @@ def test_real_535_nvidia_reaches_init_and_reports_no_device(tmp_path):
     root.mkdir()
     d, dtk, shared, m = _build(root, tmp_path, k, "proprietary")
     assert d.returncode == 0, d.stderr[-3000:]
-    r = vm.boot(k, _guest_env(k, shared) + SIMPLE_LOAD, tmp_path / "out", VM_CACHE)
+    r = vm.boot(k, _guest_env(k, shared, KERNEL_MODULE_TYPE="proprietary") + SIMPLE_LOAD, tmp_path / "out", VM_CACHE)
     assert r.rc == 0, r.console[-3000:]
     err = _read(r.out, "load.err")
+    print("VM cycle: %.1f s" % r.seconds)
     assert _read(r.out, "load.rc").strip() == "1", err[-3000:]
     assert "could not load nvidia: No such device (ENODEV)" in err, err[-3000:]
     assert "no NVIDIA GPU is visible to the kernel" in err

@@ -1,0 +1,62 @@
+"""nvidia-driver load / unload / probe_nvidia_peermem as processes on a temporary root
+(no kernel: what is decided before any modprobe)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO
+from harness import RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, run_both, shared_dir
+
+
+def nvd(env, *args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "driver_ctr", "nvidia-driver", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_load_without_any_build_says_where_it_looked(root):
+    env = env_for(root)
+    shared_dir(root)
+    r = nvd(env, "load")
+    assert r.returncode == 1
+    assert "no verified build for kernel %s" % RHEL_KERNEL in r.stderr and "host cache" in r.stderr
+    assert not (root / "run/nvidia/nvidia-driver.pid").exists()  # released on the way out
+
+
+def test_load_refuses_a_bad_parameter_before_any_modprobe(root, tmp_path):
+    make_dtk_image(root)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)))
+    d, _ = run_both(root, env)
+    assert d.returncode == 0, d.stderr
+    (root / "drivers").mkdir(exist_ok=True)
+    (root / "drivers/nvidia.conf").write_text("NVreg_Test=1\nNVreg_NoSuch=2\n")
+    r = nvd(env, "load")
+    assert r.returncode == 1
+    assert "%s:2: nvidia has no parameter 'NVreg_NoSuch' (known: NVreg_Test)" % (root / "drivers/nvidia.conf") \
+        in r.stderr
+    # stopped before any modprobe: no drop-in, no modprobe root for the tree
+    assert not (root / "etc/modprobe.d/nvidia.conf").exists()
+    assert not (root / "run/nvidia/driver-ctr/modroot").exists()
+
+
+def test_unload_with_nothing_loaded_and_peermem_probe(root):
+    env = env_for(root)
+    assert nvd(env, "unload").returncode == 0
+    r = nvd(env, "probe_nvidia_peermem")
+    assert r.returncode == 0 and "MOFED drivers are not ready" in r.stderr
+    (root / "sys/module/mlx5_core").mkdir(parents=True)
+    r = nvd(env, "probe_nvidia_peermem")
+    assert r.returncode == 1 and "nvidia-peermem module is not loaded" in r.stderr
+    (root / "sys/module/nvidia_peermem").mkdir(parents=True)
+    assert nvd(env, "probe_nvidia_peermem").returncode == 0
+
+
+def test_unload_refuses_when_in_use(root):
+    for name, ref in (("nvidia", "1"), ("nvidia_uvm", "0")):
+        d = root / "sys/module" / name
+        (d / "holders").mkdir(parents=True)
+        (d / "refcnt").write_text(ref + "\n")
+    r = nvd(env_for(root), "unload")
+    assert r.returncode == 1
+    assert "driver is in use" in r.stderr and "nvidia has 1 reference(s) besides its dependent modules" in r.stderr

@@ -1,0 +1,242 @@
+"""The parts of loading that need no kernel: parameters, diagnoses, refcount
+arithmetic, the pid lock, the firmware rule, daemons' pid checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from driver_ctr import module_params as mp
+from driver_ctr.daemons import DAEMONS, configure_fabric_manager, nvlink5_present, nvswitch_present, stop_daemons
+from driver_ctr.load_diagnosis import Facts, diagnose
+from driver_ctr.node_state import (SECOND_INSTANCE, AlreadyRunning, PidLock, configure_firmware_path,
+                                   host_selinux_enabled)
+from driver_ctr.toolkit.log import get_logger
+from driver_ctr.toolkit.modinfo import ModInfo
+from driver_ctr.toolkit.paths import HostPaths
+from driver_ctr.unload import ModuleState, in_use_reasons, loaded_nvidia_modules
+
+LOG = get_logger(test=True)
+
+
+def _info(**parms: str) -> ModInfo:
+    return ModInfo(path="nvidia.ko", fields={"parmtype": tuple("%s:%s" % kv for kv in parms.items())})
+
+
+# -- parameters --------------------------------------------------------------------
+
+
+def test_parameters_checked_against_the_module(tmp_path):
+    d = tmp_path / "drivers"
+    d.mkdir()
+    (d / "nvidia.conf").write_text("# comment\nNVreg_EnableGpuFirmware=0 NVreg_RegistryDwords=\"a=1;b=2\"\n\n"
+                                   "NVreg_Temp=-3\n")
+    infos = {"nvidia": _info(NVreg_EnableGpuFirmware="uint", NVreg_RegistryDwords="charp", NVreg_Temp="int",
+                             NVreg_CoherentGPUMemoryMode="charp")}
+    params = mp.read_param_files(d)
+    mp.validate(params, infos)
+    full = mp.with_defaults(params, infos)
+    assert [p.name for p in full["nvidia"]][0] == "NVreg_CoherentGPUMemoryMode"
+    text = mp.option_lines(full)["nvidia"]
+    assert text.splitlines()[1] == ("options nvidia NVreg_CoherentGPUMemoryMode=driver NVreg_EnableGpuFirmware=0 "
+                                    "NVreg_RegistryDwords=a=1;b=2 NVreg_Temp=-3")
+    # without the parameter declared, CDMM is not added
+    assert "CoherentGPUMemoryMode" not in mp.option_lines(mp.with_defaults(params, {"nvidia": _info(
+        NVreg_EnableGpuFirmware="uint", NVreg_RegistryDwords="charp", NVreg_Temp="int")}))["nvidia"]
+
+
+@pytest.mark.parametrize("line,typ,needle", [
+    ("NVreg_Bogus=1", "uint", "nvidia has no parameter 'NVreg_Bogus' (known: NVreg_X)"),
+    ("NVreg_X=abc", "uint", "NVreg_X='abc': expected an integer (uint)"),
+    ("NVreg_X=-1", "uint", "expected an integer (uint)"),
+    ("NVreg_X=4294967296", "uint", "out of range for uint"),
+    ("NVreg_X=maybe", "bool", "expected a boolean"),
+    ("NVreg_X=1,x,3", "array of int", "expected an integer (int)"),
+    ("justaword", "uint", "'justaword' is not name=value"),
+])
+def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):
+    d = tmp_path / "drivers"
+    d.mkdir()
+    (d / "nvidia.conf").write_text("NVreg_X=1\n" + line + "\n")
+    with pytest.raises(mp.ParameterError) as e:
+        mp.validate(mp.read_param_files(d), {"nvidia": _info(NVreg_X=typ)})
+    msg = str(e.value)
+    assert needle in msg
+    if "=" in line:
+        assert "%s:2" % (d / "nvidia.conf") in msg
+
+
+def test_dropins_written_and_stale_ones_removed(tmp_path):
+    d = tmp_path / "modprobe.d"
+    params = {"nvidia": [mp.Param("nvidia", "NVreg_X", "1", "f:1")], "nvidia-uvm": []}
+    written = mp.write_dropins(d, params)
+    assert written == [d / "nvidia.conf"]
+    (d / "nvidia-uvm.conf").write_text("# written by driver-ctr from x\noptions nvidia_uvm a=1\n")
+    (d / "nvidia-modeset.conf").write_text("options nvidia_modeset mine=1\n")  # the admin's own: kept
+    mp.write_dropins(d, params)
+    assert not (d / "nvidia-uvm.conf").exists() and (d / "nvidia-modeset.conf").exists()
+
+
+# -- diagnoses -------------------------------------------------------------------------
+
+
+def test_enodev_with_and_without_nouveau():
+    log = ["NVRM: No NVIDIA GPU found."]
+    e = diagnose(Facts("nvidia"), "modprobe: ERROR: could not insert 'nvidia': No such device", log)
+    assert "No such device (ENODEV): no NVIDIA GPU is visible" in str(e) and "NVRM: No NVIDIA GPU found." in str(e)
+    e = diagnose(Facts("nvidia", nouveau_loaded=True), "could not insert 'nvidia': No such device", log)
+    assert "nouveau" in e.cause and "blacklist" in e.next_step
+
+
+def test_enoexec_shows_both_vermagic_strings():
+    e = diagnose(Facts("nvidia", module_vermagic="6.12.95+deb12-amd64 SMP preempt mod_unload modversions ",
+                       kernel_vermagic="6.1.0-56-amd64 SMP preempt mod_unload modversions "),
+                 "could not insert 'nvidia': Exec format error", [])
+    assert "6.12.95+deb12-amd64 SMP" in str(e) and "6.1.0-56-amd64 SMP" in str(e)
+
+
+def test_unknown_symbol_names_symbols_and_the_missing_module():
+    log = ["nvidia_uvm: Unknown symbol nvUvmInterfaceSessionCreate (err -2)",
+           "nvidia_uvm: Unknown symbol nvUvmInterfaceDeviceCreate (err -2)"]
+    e = diagnose(Facts("nvidia-uvm", symbol_providers={"nvUvmInterfaceSessionCreate": "nvidia"}),
+                 "could not insert 'nvidia_uvm': Unknown symbol in module, or unknown parameter (see dmesg)", log)
+    assert "Unknown symbols nvUvmInterfaceDeviceCreate, nvUvmInterfaceSessionCreate" in e.cause
+    assert "provided by nvidia, which is not loaded" in e.cause
+
+
+def test_key_rejected_and_eexist():
+    e = diagnose(Facts("nvidia", signed=True), "could not insert 'nvidia': Key was rejected by service", [])
+    assert "signed with a key the kernel does not trust" in e.cause and "mokutil" in e.next_step
+    e = diagnose(Facts("nvidia"), "could not insert 'nvidia': File exists", [])
+    assert "already loaded" in e.cause and "unload" in e.next_step
+
+
+# -- unload arithmetic -------------------------------------------------------------------
+
+
+def test_in_use_reasons():
+    mods = {"nvidia_modeset": ModuleState("nvidia_modeset", 0), "nvidia_uvm": ModuleState("nvidia_uvm", 0),
+            "nvidia": ModuleState("nvidia", 2, ("nvidia_modeset", "nvidia_uvm"))}
+    assert in_use_reasons(mods) == []
+    mods["nvidia"] = ModuleState("nvidia", 3, ("nvidia_modeset", "nvidia_uvm"))
+    assert in_use_reasons(mods) == ["nvidia has 1 reference(s) besides its dependent modules"]
+    mods["nvidia"] = ModuleState("nvidia", 3, ("nvidia_modeset", "nvidia_uvm", "i915_fake"))
+    assert in_use_reasons(mods) == ["nvidia is used by module(s) i915_fake"]
+    mods["nvidia_uvm"] = ModuleState("nvidia_uvm", 1)
+    assert "nvidia_uvm has 1 reference(s)" in in_use_reasons(mods)[0]
+
+
+def test_loaded_modules_read_from_sysfs(tmp_path):
+    for name, ref, holders in (("nvidia", "1", ["nvidia_uvm"]), ("nvidia_uvm", "0", [])):
+        d = tmp_path / "module" / name
+        (d / "holders").mkdir(parents=True)
+        (d / "refcnt").write_text(ref + "\n")
+        for h in holders:
+            (d / "holders" / h).touch()
+    (tmp_path / "module/nvidia_drm").mkdir()  # built in: no refcnt
+    mods = loaded_nvidia_modules(tmp_path)
+    assert list(mods) == ["nvidia_uvm", "nvidia"] and mods["nvidia"].holders == ("nvidia_uvm",)
+
+
+# -- node state ---------------------------------------------------------------------------
+
+
+def test_second_instance_aborts_and_does_not_wipe_the_pid(tmp_path):
+    pid_file = tmp_path / "run/nvidia/nvidia-driver.pid"
+    code = ("import sys,time; sys.path.insert(0, %r); from driver_ctr.node_state import PidLock; "
+            "lock = PidLock(__import__('pathlib').Path(%r)).acquire(); print('locked', flush=True); time.sleep(30)"
+            % (str(Path(__file__).resolve().parent.parent), str(pid_file)))
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(AlreadyRunning) as e:
+            PidLock(pid_file).acquire()
+        assert str(e.value) == SECOND_INSTANCE
+        assert pid_file.read_text().strip() == str(holder.pid)  # not truncated by the loser
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = PidLock(pid_file).acquire()
+    assert pid_file.read_text().strip() == str(os.getpid())
+    lock.release()
+    assert not pid_file.exists()
+
+
+def test_firmware_rule(tmp_path):
+    paths = HostPaths(root=str(tmp_path))
+    fw = paths.firmware_search_path
+    fw.parent.mkdir(parents=True)
+    fw.write_text("\n")
+    assert configure_firmware_path(paths, {"NVreg_EnableGpuFirmware": "0"}, LOG) == "skipped"
+    assert fw.read_text() == "\n"
+    assert configure_firmware_path(paths, {}, LOG) == "set"
+    assert fw.read_text() == "/run/nvidia/driver/lib/firmware"
+    fw.write_text("/lib/firmware/custom\n")
+    assert configure_firmware_path(paths, {}, LOG) == "retained"
+    assert fw.read_text() == "/lib/firmware/custom\n"
+
+
+def test_selinux_detection_through_proc_1(tmp_path):
+    paths = HostPaths(root=str(tmp_path))
+    (tmp_path / "proc/1").mkdir(parents=True)
+    (tmp_path / "proc/1/mounts").write_text("sysfs /sys sysfs rw 0 0\n")
+    assert not host_selinux_enabled(paths)
+    (tmp_path / "proc/1/mounts").write_text("selinuxfs /sys/fs/selinux selinuxfs rw 0 0\n")
+    assert not host_selinux_enabled(paths)
+    (tmp_path / "proc/1/root/sys/fs/selinux").mkdir(parents=True)
+    (tmp_path / "proc/1/root/sys/fs/selinux/enforce").write_text("1")
+    assert host_selinux_enabled(paths)
+
+
+# -- daemons ---------------------------------------------------------------------------
+
+
+def test_fabric_manager_config_without_a_shell(tmp_path):
+    cfg = tmp_path / "fabricmanager.cfg"
+    cfg.write_text("LOG_LEVEL=4\nFABRIC_MODE=0\n# FABRIC_MODE=2\n")
+    changed = configure_fabric_manager(cfg, (("FABRIC_MODE", "1"), ("LOG_FILE_NAME", "/var/log/a&b|c;$(x)")))
+    assert changed == ["FABRIC_MODE", "LOG_FILE_NAME"]
+    assert cfg.read_text() == "LOG_LEVEL=4\nFABRIC_MODE=1\n# FABRIC_MODE=2\nLOG_FILE_NAME=/var/log/a&b|c;$(x)\n"
+
+
+def test_nvswitch_and_nvlink5_detection(tmp_path):
+    paths = HostPaths(root=str(tmp_path))
+    assert not nvswitch_present(paths) and not nvlink5_present(paths)
+    (tmp_path / "proc/driver/nvidia-nvswitch/devices").mkdir(parents=True)
+    assert not nvswitch_present(paths)
+    (tmp_path / "proc/driver/nvidia-nvswitch/devices/0000:05:00.0").touch()
+    assert nvswitch_present(paths)
+    vpd = tmp_path / "sys/class/infiniband/mlx5_0/device/vpd"
+    vpd.parent.mkdir(parents=True)
+    vpd.write_bytes(b"\x82\x10PN SW_MNG stuff")
+    assert nvlink5_present(paths)
+
+
+def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
+    paths = HostPaths(root=str(tmp_path))
+    persistenced = DAEMONS[0]
+    pf = paths.host(persistenced.pid_file)
+    pf.parent.mkdir(parents=True)
+    unrelated = subprocess.Popen(["sleep", "30"])
+    fake = tmp_path / "nvidia-persistenced"
+    shutil.copy("/bin/sleep", str(fake))
+    ours = subprocess.Popen([str(fake), "30"])
+    try:
+        pf.write_text("%d\n" % unrelated.pid)
+        stop_daemons(paths, LOG)
+        time.sleep(0.2)
+        assert unrelated.poll() is None  # still running: not ours
+        pf.write_text("%d\n" % ours.pid)
+        stop_daemons(paths, LOG)
+        assert ours.wait(timeout=5) is not None
+    finally:
+        for p in (unrelated, ours):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
