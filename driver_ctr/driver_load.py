@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 from . import module_params
 from .daemons import DaemonError, start_daemons, stop_daemons
 from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
-from .node_state import (PidLock, configure_firmware_path, mellanox_present, mount_rootfs, pci_devices, remove_state,
+from .node_state import (PidLock, clear_daemons_status, configure_firmware_path, mellanox_present, mount_rootfs, pci_devices, remove_state,
                          set_daemons_status, unmount_rootfs, write_state)
 from .toolkit.log import get_logger
 from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
@@ -244,6 +244,7 @@ class Service:
         unload(self.paths.sys, self.runner, self.log)
         unmount_rootfs(self.paths, self.runner, self.log)
         remove_state(self.paths)
+        clear_daemons_status(self.paths)
         if self.lock is not None:
             self.lock.release(remove=True)
         self.log.info("shut down: no NVIDIA module left loaded, driver root unmounted, pid and state removed")

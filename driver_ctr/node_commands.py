@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from .daemons import stop_daemons
 from .driver_load import Loader, ModuleTree, Service, userspace_install
 from .fast_path import decide_fast_path
 from .node_state import set_daemons_status
@@ -68,8 +69,13 @@ def local_build(settings: Settings, cancel: Cancellation) -> ModuleTree:
     staging = work / "modules"
     staging.mkdir()
     inputs = proto.build_inputs(settings, kernel)
-    with phase(log, "local build", kernel=kernel):
-        result = KbuildBuilder().build(BuildRequest(settings, kernel, work, staging, work / "build.log", cancel=cancel))
+    try:
+        with phase(log, "local build", kernel=kernel):
+            result = KbuildBuilder().build(BuildRequest(settings, kernel, work, staging, work / "build.log",
+                                                        cancel=cancel))
+    except BaseException:
+        remove_tree(work)
+        raise
     files = proto.describe_tree(staging)
     cache = HostCache.from_settings(settings)
     if cache is not None:
@@ -170,7 +176,10 @@ def cmd_init(settings: Settings) -> int:
 
 
 def cmd_unload(settings: Settings) -> int:
-    unload(settings.paths.sys, Runner(), get_logger(side="driver"))
+    """Stop the daemons (they hold the devices open), then unload; refuse when in use."""
+    log = get_logger(side="driver")
+    stop_daemons(settings.paths, log)
+    unload(settings.paths.sys, Runner(), log)
     return 0
 
 

@@ -81,6 +81,14 @@ def set_daemons_status(paths: HostPaths, status: str) -> None:
     atomic_write_text(paths.validations_dir / DAEMONS_STATUS, status + "\n")
 
 
+def clear_daemons_status(paths: HostPaths) -> None:
+    """Nothing is ready any more (what the pod's preStop hook also does)."""
+    try:
+        (paths.validations_dir / DAEMONS_STATUS).unlink()
+    except OSError:
+        pass
+
+
 def configure_firmware_path(paths: HostPaths, nvidia_params: Mapping[str, str], log: Any) -> str:
     """The reference rule: set the firmware search path only when it is empty,
     skip when GSP firmware is off. Returns what was done."""

@@ -72,7 +72,7 @@ printf 'NVreg_Test=5\n' > /drivers/nvidia.conf
 py() { python -m driver_ctr "$@"; }
 python -m driver_ctr nvidia-driver load > $O/load.out 2> $O/load.err &
 LOADER=$!
-i=0; while [ $i -lt 600 ]; do grep -qs Ready /run/nvidia/validations/.driver-daemons-status && break; sleep 0.2; i=$((i+1)); done
+i=0; while [ $i -lt 600 ]; do grep -qsx Ready /run/nvidia/validations/.driver-daemons-status && break; sleep 0.2; i=$((i+1)); done
 cat /run/nvidia/validations/.driver-daemons-status > $O/status 2>&1
 cat /run/nvidia/nvidia-driver.state > $O/state 2>&1
 cat /run/nvidia/nvidia-driver.pid > $O/pidfile 2>&1; echo $LOADER > $O/loader_pid
@@ -94,6 +94,7 @@ kill $HOLDER; wait $HOLDER 2>/dev/null
 kill -TERM $LOADER; wait $LOADER; echo $? > $O/load.rc
 cat /proc/modules > $O/modules_after
 ls /run/nvidia > $O/run_nvidia_after 2>&1
+cat /run/nvidia/validations/.driver-daemons-status > $O/status_after 2>/dev/null
 grep -q " /run/nvidia/driver " /proc/mounts && echo mounted > $O/rootfs_after
 # a module built for another kernel is refused before any insmod
 python - > $O/wrong.out 2> $O/wrong.err <<'EOF'
@@ -110,6 +111,13 @@ except LoadFailed as exc:
     print(exc)
 EOF
 cat /proc/modules > $O/modules_after_wrong
+# the DTK flow's own load step: the hand-off is complete, nv-ctr-run-with-dtk verifies and loads it
+python -m driver_ctr ocp_dtk_entrypoint nv-ctr-run-with-dtk > $O/dtk.out 2> $O/dtk.err &
+RUNNER=$!
+i=0; while [ $i -lt 600 ]; do grep -qsx Ready /run/nvidia/validations/.driver-daemons-status && break; sleep 0.2; i=$((i+1)); done
+cat /proc/modules > $O/modules_dtk
+kill -TERM $RUNNER; wait $RUNNER; echo $? > $O/dtk.rc
+cat /proc/modules > $O/modules_dtk_after
 """
 
 
@@ -158,6 +166,7 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     assert not re.search(r"^nvidia", after, re.M), after
     assert "nvidia-driver.pid" not in _read(out, "run_nvidia_after")
     assert "nvidia-driver.state" not in _read(out, "run_nvidia_after")
+    assert _read(out, "status_after") == ""  # not Ready any more
     assert _read(out, "rootfs_after") == ""
     # the 6.12 module was refused before insmod, with both vermagic strings
     wrong_msg = _read(out, "wrong.out")
@@ -165,6 +174,11 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     assert "'%s SMP preempt mod_unload modversions '" % k612 in wrong_msg
     assert "'%s SMP preempt mod_unload modversions '" % k in wrong_msg
     assert not re.search(r"^nvidia", _read(out, "modules_after_wrong"), re.M)
+    # nv-ctr-run-with-dtk loads the verified hand-off, serves, and unloads on SIGTERM
+    assert re.search(r"^nvidia_modeset ", _read(out, "modules_dtk"), re.M), _read(out, "dtk.err")[-3000:]
+    assert "hand-off verified" in _read(out, "dtk.err")
+    assert _read(out, "dtk.rc").strip() == "0"
+    assert not re.search(r"^nvidia", _read(out, "modules_dtk_after"), re.M)
 
 
 SIMPLE_LOAD = r"""
