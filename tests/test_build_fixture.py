@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -214,3 +215,34 @@ def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
     files = _manifest(root)["build"]["files"]
     nv = [f for f in files if f["path"] == NV + "/nvidia.ko"][0]
     assert " preempt_rt " in nv["vermagic"] and nv["vermagic"].startswith(krt + " ")
+
+
+def test_compiler_differing_from_the_kernels_is_logged_with_both_versions(root, tmp_path, k61):
+    """The kernel tree says it was built with another gcc: the build goes on, and says so."""
+    real_build = Path(os.path.realpath("/lib/modules/%s/build" % k61))
+    tree = root / "usr/src/cc-tree"
+    tree.parent.mkdir(parents=True)
+    shutil.copytree(str(real_build), str(tree), symlinks=True)
+    for link in ("scripts", "tools"):
+        target = os.path.realpath(str(real_build / link))
+        (tree / link).unlink()
+        (tree / link).symlink_to(target)
+    cfg = (tree / ".config").read_text()
+    (tree / ".config").write_text(re.sub(r'^CONFIG_CC_VERSION_TEXT=.*$',
+                                         'CONFIG_CC_VERSION_TEXT="gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3)"',
+                                         cfg, flags=re.M))
+    mod = root / "lib/modules" / k61
+    mod.mkdir(parents=True)
+    for entry in os.listdir("/lib/modules/%s" % k61):
+        if entry not in ("build",):
+            (mod / entry).symlink_to(os.path.join("/lib/modules", k61, entry))
+    (mod / "build").symlink_to("/usr/src/cc-tree")
+    _, env = fixture_build_env(root, tmp_path, k61)
+    d, dtk = run_both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    here = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
+    log = (shared_dir(root) / "build.log").read_text()
+    assert "compiler %s differs from the kernel's 11.4.1 (gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3))" % here in log
+    warn = [e for e in events(dtk.stderr) if e["event"] == "compiler differs from the kernel's"]
+    assert warn and warn[0]["kernel_compiler"] == "11.4.1" and warn[0]["compiler"] == here
+    assert _manifest(root)["build"]["details"]["kernel_compiler"].startswith("gcc (GCC) 11.4.1")

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import REPO
 from harness import RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, run_both, shared_dir
@@ -60,3 +62,30 @@ def test_unload_refuses_when_in_use(root):
     r = nvd(env_for(root), "unload")
     assert r.returncode == 1
     assert "driver is in use" in r.stderr and "nvidia has 1 reference(s) besides its dependent modules" in r.stderr
+
+
+def test_reload_peermem_waits_and_stops_promptly_on_sigterm(root):
+    """The signal handler is installed before the wait (the reference's came after its sleep)."""
+    env = env_for(root)
+    p = subprocess.Popen([sys.executable, "-m", "driver_ctr", "nvidia-driver", "reload_nvidia_peermem"], env=env,
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    assert p.poll() is None  # MOFED not ready: waiting
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 0 and time.monotonic() - t0 < 2.0, err
+
+
+def test_peermem_is_loaded_only_with_rdma_and_a_mellanox_device(root):
+    from driver_ctr.driver_load import Loader
+    from driver_ctr.toolkit.settings import Settings
+
+    env = env_for(root, GPU_DIRECT_RDMA_ENABLED="true")
+    assert Loader(Settings.from_env(env)).wanted() == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    dev = root / "sys/bus/pci/devices/0000:3b:00.0"
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text("0x15b3\n")
+    assert Loader(Settings.from_env(env)).wanted()[-1] == "nvidia-peermem"
+    env["GPU_DIRECT_RDMA_ENABLED"] = "false"
+    assert "nvidia-peermem" not in Loader(Settings.from_env(env)).wanted()

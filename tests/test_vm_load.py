@@ -82,6 +82,13 @@ cat /sys/module/nvidia/parameters/NVreg_CoherentGPUMemoryMode > $O/cdmm 2>&1
 cat /proc/modules > $O/modules_loaded
 grep -q " /run/nvidia/driver " /proc/mounts && echo mounted > $O/rootfs
 py nvidia-driver load > $O/second.out 2> $O/second.err; echo $? > $O/second.rc
+# a restart with the driver loaded (the container was killed): init takes the fast path, no unload
+kill -KILL $LOADER; wait $LOADER 2>/dev/null
+grep nvidia /proc/modules | sort > $O/fast_before
+python -m driver_ctr nvidia-driver init > $O/init.out 2> $O/init.err &
+LOADER=$!
+i=0; while [ $i -lt 600 ]; do grep -qs "driver ready: waiting for a signal" $O/init.err && break; sleep 0.2; i=$((i+1)); done
+grep nvidia /proc/modules | sort > $O/fast_after
 # a process holds /dev/nvidiactl: unload refuses and names it
 sleep 600 < /dev/nvidiactl &
 HOLDER=$!
@@ -152,13 +159,20 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     # a second instance aborts with the reference's message
     assert _read(out, "second.rc").strip() == "1"
     assert "An instance of the NVIDIA driver is already running, aborting" in _read(out, "second.err")
+    # the killed container's successor took the fast path: same modules, same load addresses, nothing unloaded
+    init_ev = _events(_read(out, "init.err"))
+    assert any(e["event"].startswith("fast path: the driver is loaded with this configuration") for e in init_ev), \
+        _read(out, "init.err")[-2000:]
+    until_ready = init_ev[:[e["event"] for e in init_ev].index("driver ready: waiting for a signal")]
+    assert not any(e["event"] in ("unloaded NVIDIA modules", "loaded") for e in until_ready)
+    assert _read(out, "fast_before") and _read(out, "fast_before") == _read(out, "fast_after")
     # in use: refused, the holder named, nothing unloaded; SIGTERM keeps the container running
     assert _read(out, "busy.rc").strip() == "1"
     busy = _read(out, "busy.err")
     assert "driver is in use" in busy and "(sleep) has /dev/nvidiactl open" in busy
     assert _read(out, "alive_after_term").strip() == "alive"
     assert re.search(r"^nvidia ", _read(out, "modules_in_use"), re.M)
-    in_use_logs = [e for e in _events(_read(out, "load.err")) if e["event"].startswith("driver in use")]
+    in_use_logs = [e for e in _events(_read(out, "init.err")) if e["event"].startswith("driver in use")]
     assert len(in_use_logs) == 1
     # holder gone, second SIGTERM: everything unloaded, unmounted, pid and state removed
     assert _read(out, "load.rc").strip() == "0"
