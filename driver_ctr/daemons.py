@@ -110,8 +110,9 @@ def stop_daemons(paths: HostPaths, log: Any, timeout_s: float = 5.0) -> None:
         log.info("stopped", daemon=d.program, pid=pid)
 
 
-def start_daemons(settings: Any, runner: Runner, log: Any) -> List[str]:
-    """Start what this node needs; returns the names started."""
+def start_daemons(settings: Any, runner: Runner, log: Any, cancel: Any = None) -> List[str]:
+    """Start what this node needs; returns the names started. On NVLink5 systems
+    first wait (cancellable) for mlx5_core and ib_umad, as the reference does."""
     paths = settings.paths
     started = []
     if shutil.which("nvidia-persistenced"):
@@ -119,13 +120,20 @@ def start_daemons(settings: Any, runner: Runner, log: Any) -> List[str]:
         started.append("nvidia-persistenced")
     else:
         log.info("nvidia-persistenced is not installed here: not started")
-    fm_needed = nvlink5_present(paths) or nvswitch_present(paths)
+    nvlink5 = nvlink5_present(paths)
+    if nvlink5 and cancel is not None:
+        from .toolkit.waiting import wait_until
+
+        wait_until(lambda: True if all((paths.sys / "module" / m).is_dir() for m in ("mlx5_core", "ib_umad")) else None,
+                   directory=paths.sys / "module", what="the mlx5_core and ib_umad kernel modules to be loaded",
+                   timeout_s=float("inf"), cancel=cancel, recheck_s=10.0, progress_s=60, log=log)
+    fm_needed = nvlink5 or nvswitch_present(paths)
     if fm_needed:
         cfg = paths.host(FM_CONFIG)
         changed = configure_fabric_manager(cfg, settings.nvfm_config)
         if changed:
             log.info("fabric manager configured", fields=changed)
-        if nvlink5_present(paths):
+        if nvlink5:
             argv = ["/usr/bin/nvidia-fabricmanager-start.sh", "--mode", "start", "--fm-config-file", str(cfg),
                     "--fm-pid-file", "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
                     "--nvlsm-config-file", "/usr/share/nvidia/nvlsm/nvlsm.conf",
@@ -137,4 +145,6 @@ def start_daemons(settings: Any, runner: Runner, log: Any) -> List[str]:
         except CommandFailed as exc:
             raise DaemonError("the fabric manager did not start: %s" % str(exc).splitlines()[0]) from None
         started.append("fabric-manager")
+        if nvlink5 and dict(settings.nvfm_config).get("FABRIC_MODE") == "1":
+            runner.run(["nvidia-smi", "-r"], timeout=600)  # reference 88a0ec2: reset after FM start in mode 1
     return started

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import module_params
-from .daemons import DaemonError, start_daemons, stop_daemons
+from .daemons import start_daemons, stop_daemons
 from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
 from .node_state import (PidLock, clear_daemons_status, configure_firmware_path, mellanox_present, mount_rootfs, pci_devices, remove_state,
                          set_daemons_status, unmount_rootfs, write_state)
@@ -211,10 +211,7 @@ class Service:
 
     def serve(self, mount: bool = True) -> None:
         """After a load (or the fast path): daemons, driver root, state, Ready."""
-        try:
-            start_daemons(self.settings, self.runner, self.log)
-        except DaemonError:
-            raise
+        start_daemons(self.settings, self.runner, self.log, self.cancel)
         if mount:
             mount_rootfs(self.paths, self.runner, self.log)
         if self.settings.driver_config_digest:

@@ -240,3 +240,55 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path):
+    from driver_ctr.driver_load import userspace_install
+    from driver_ctr.toolkit.runner import Runner
+    from driver_ctr.toolkit.settings import Settings
+
+    env = {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "DRIVER_CTR_ROOT": str(tmp_path),
+           "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64"}
+    s = Settings.from_env(env)
+    assert userspace_install(s, Runner(), LOG) is False  # no .run: skipped
+    drivers = tmp_path / "drivers"
+    drivers.mkdir()
+    args_file = tmp_path / "args"
+    (drivers / "NVIDIA-Linux-x86_64-535.261.03.run").write_text('printf "%%s\\n" "$@" > %s\n' % args_file)
+    assert userspace_install(s, Runner(), LOG) is True
+    args = args_file.read_text().split()
+    for flag in ("--silent", "--no-kernel-module", "--install-compat32-libs", "--no-nouveau-check",
+                 "--no-nvidia-modprobe", "--no-rpms", "--no-backup", "--no-check-for-alternate-installs",
+                 "--no-libglx-indirect", "--no-install-libglvnd", "--x-prefix=/tmp/null"):
+        assert flag in args, flag
+
+
+def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(tmp_path):
+    import threading
+
+    from driver_ctr.daemons import start_daemons
+    from driver_ctr.toolkit.runner import FakeRunner
+    from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    if shutil.which("nvidia-persistenced"):
+        pytest.skip("a real nvidia-persistenced is installed here")
+    env = {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "DRIVER_CTR_ROOT": str(tmp_path),
+           "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64", "NVFM_CONFIG_FABRIC_MODE": "1"}
+    s = Settings.from_env(env)
+    vpd = tmp_path / "sys/class/infiniband/mlx5_0/device/vpd"
+    vpd.parent.mkdir(parents=True)
+    vpd.write_bytes(b"..SW_MNG..")
+    cfg = tmp_path / "usr/share/nvidia/nvswitch/fabricmanager.cfg"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("FABRIC_MODE=0\n")
+    (tmp_path / "sys/module/mlx5_core").mkdir(parents=True)
+    runner = FakeRunner()
+    runner.expect(("/usr/bin/nvidia-fabricmanager-start.sh", "--mode", "start"))
+    runner.expect(("nvidia-smi", "-r"))
+    threading.Timer(0.5, lambda: (tmp_path / "sys/module/ib_umad").mkdir()).start()
+    started = start_daemons(s, runner, LOG, Cancellation())
+    assert started == ["fabric-manager"]
+    assert [c[0] for c in runner.calls] == ["/usr/bin/nvidia-fabricmanager-start.sh", "nvidia-smi"]
+    assert str(cfg) in runner.calls[0]
+    assert cfg.read_text() == "FABRIC_MODE=1\n"
