@@ -9,7 +9,6 @@ becomes one clear message on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence
 

@@ -23,7 +23,6 @@ reverse and refuses (keeping the container running) while the driver is in use.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -31,8 +30,11 @@ from typing import Any, Dict, List, Optional
 from . import module_params
 from .daemons import start_daemons, stop_daemons
 from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
-from .node_state import (PidLock, clear_daemons_status, configure_firmware_path, mellanox_present, mount_rootfs, pci_devices, remove_state,
+from .node_state import (PidLock, clear_daemons_status, configure_firmware_path, mellanox_present, mount_rootfs,
+                         pci_devices, remove_state,
                          set_daemons_status, unmount_rootfs, write_state)
+from .toolkit.errors import ProtocolError
+from .toolkit.kernel_tree import first_module
 from .toolkit.log import get_logger
 from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
 from .toolkit.runner import Runner
@@ -62,17 +64,13 @@ class LoadReport:
 
 def running_kernel_vermagic(settings: Settings, kernel: str) -> str:
     """The vermagic of a module of the running kernel, when one is installed here."""
-    kdir = settings.paths.module_dir(kernel) / "kernel"
-    if kdir.is_dir():
-        for dirpath, dirnames, filenames in os.walk(str(kdir)):
-            dirnames.sort()
-            for n in sorted(filenames):
-                if ".ko" in n:
-                    try:
-                        return read_modinfo(Path(dirpath) / n).vermagic
-                    except Exception:  # noqa: BLE001 - any unreadable module: try no further
-                        return ""
-    return ""
+    ref = first_module(settings.paths.module_dir(kernel))
+    if ref is None:
+        return ""
+    try:
+        return read_modinfo(ref).vermagic
+    except ProtocolError:
+        return ""
 
 
 def symbol_providers(tree: ModuleTree) -> Dict[str, str]:

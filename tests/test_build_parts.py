@@ -4,10 +4,6 @@ configuration, sources and flavour, error extraction, the cancellable runner."""
 from __future__ import annotations
 
 import os
-import signal
-import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +14,7 @@ import pytest
 from driver_ctr.toolkit.errors import BuildFailed, Cancelled, CommandFailed
 from driver_ctr.toolkit.jobs import MEMORY_PER_JOB, plan_jobs
 from driver_ctr.toolkit.kbuild import first_error
-from driver_ctr.toolkit.kernel_tree import KernelTree, compiler_version, open_kernel_tree, parse_config
+from driver_ctr.toolkit.kernel_tree import compiler_version, open_kernel_tree, parse_config
 from driver_ctr.toolkit.paths import HostPaths
 from driver_ctr.toolkit.runner import FakeRunner, Runner
 from driver_ctr.toolkit.sources import EXTRACTED_MARKER, extract_run, locate_sources, resolve_flavour

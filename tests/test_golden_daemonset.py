@@ -4,7 +4,6 @@ every command and argument parses, every environment variable validates."""
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import pytest
 import yaml

@@ -4,15 +4,12 @@ temporary shared directory, with re-rooted host paths."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from harness import (RHEL_KERNEL, env_for, events, finish, make_dtk_image, make_fixture_module,
-                     make_fixture_modules, shared_dir, start_driver, start_dtk, stop, wait_for_file)
+from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_module, make_fixture_modules,
+                     shared_dir, start_driver, start_dtk, stop, wait_for_file)
 
 RT_KERNEL = "5.14.0-427.18.1.el9_4.x86_64+rt"
 K64 = "5.14.0-284.11.1.el9_2.aarch64+64k"

@@ -7,7 +7,6 @@ commands run in the guest as root, with the real /sys, /dev, /proc, modprobe.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -18,7 +17,7 @@ import pytest
 
 import vm
 from conftest import REPO
-from harness import fixture_build_env, installed_kernel, run_both, shared_dir
+from harness import events, fixture_build_env, installed_kernel, run_both, shared_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -52,16 +51,6 @@ def _guest_env(kernel: str, shared: Path, **extra: str) -> str:
     }
     env.update(extra)
     return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
-
-
-def _events(text: str) -> list:
-    out = []
-    for line in text.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 LOAD_UNLOAD = r"""
@@ -160,7 +149,7 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     assert _read(out, "second.rc").strip() == "1"
     assert "An instance of the NVIDIA driver is already running, aborting" in _read(out, "second.err")
     # the killed container's successor took the fast path: same modules, same load addresses, nothing unloaded
-    init_ev = _events(_read(out, "init.err"))
+    init_ev = events(_read(out, "init.err"))
     assert any(e["event"].startswith("fast path: the driver is loaded with this configuration") for e in init_ev), \
         _read(out, "init.err")[-2000:]
     until_ready = init_ev[:[e["event"] for e in init_ev].index("driver ready: waiting for a signal")]
@@ -172,7 +161,7 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     assert "driver is in use" in busy and "(sleep) has /dev/nvidiactl open" in busy
     assert _read(out, "alive_after_term").strip() == "alive"
     assert re.search(r"^nvidia ", _read(out, "modules_in_use"), re.M)
-    in_use_logs = [e for e in _events(_read(out, "init.err")) if e["event"].startswith("driver in use")]
+    in_use_logs = [e for e in events(_read(out, "init.err")) if e["event"].startswith("driver in use")]
     assert len(in_use_logs) == 1
     # holder gone, second SIGTERM: everything unloaded, unmounted, pid and state removed
     assert _read(out, "load.rc").strip() == "0"
@@ -235,4 +224,4 @@ def test_real_535_nvidia_reaches_init_and_reports_no_device(tmp_path):
     assert "no NVIDIA GPU is visible to the kernel" in err
     assert "NVRM" in err  # the kernel log lines of the attempt are shown
     assert "Unknown symbol" not in err
-    assert "nvidia-uvm" not in [e.get("module") for e in _events(err) if e["event"] == "loaded"]
+    assert "nvidia-uvm" not in [e.get("module") for e in events(err) if e["event"] == "loaded"]

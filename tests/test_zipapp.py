@@ -7,13 +7,10 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-import pytest
 
 from conftest import REPO, need_tool
 from driver_ctr import payload

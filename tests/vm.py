@@ -15,11 +15,9 @@ returns its exit status, its output and the kernel log.
 from __future__ import annotations
 
 import gzip
-import io
 import lzma
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile

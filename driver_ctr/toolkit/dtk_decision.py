@@ -10,10 +10,8 @@ semantics, flavours matched to their own packages, and the build tree checked.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import InvalidValue

@@ -17,7 +17,6 @@ then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 

@@ -48,6 +48,19 @@ def compiler_version(text: str) -> str:
     return m.group(1) if m else ""
 
 
+def first_module(module_dir: Path) -> Optional[Path]:
+    """The first module (in sorted order) under ``<module_dir>/kernel``, or None."""
+    kdir = module_dir / "kernel"
+    if not kdir.is_dir():
+        return None
+    for dirpath, dirnames, filenames in os.walk(str(kdir)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
+                return Path(dirpath) / name
+    return None
+
+
 @dataclass(frozen=True)
 class KernelTree:
     release: str
@@ -102,15 +115,7 @@ class KernelTree:
 
     def reference_module(self) -> Optional[Path]:
         """One module of this kernel, if its modules are installed."""
-        kdir = self.module_dir / "kernel"
-        if not kdir.is_dir():
-            return None
-        for dirpath, dirnames, filenames in os.walk(str(kdir)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
-                    return Path(dirpath) / name
-        return None
+        return first_module(self.module_dir)
 
     def reference_vermagic(self) -> Optional[str]:
         """The vermagic every module of this kernel carries: from a module of
