@@ -118,10 +118,17 @@ def _placeholder(what: str) -> Callable[[argparse.Namespace], int]:
 
 
 def _node_command(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
+    def run(args: argparse.Namespace) -> int:
+        import dataclasses
+
         from . import node_commands
 
-        return getattr(node_commands, name)(_settings_and_logging())
+        settings = _settings_and_logging()
+        if getattr(args, "max_threads", None):  # -m wins over DRIVER_CTR_MAX_THREADS
+            settings = dataclasses.replace(settings, max_threads=args.max_threads)
+        if getattr(args, "accept_license", False):
+            return getattr(node_commands, name)(settings, accept_license=True)
+        return getattr(node_commands, name)(settings)
 
     return run
 

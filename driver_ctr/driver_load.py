@@ -169,7 +169,7 @@ class Loader:
         return report
 
 
-def userspace_install(settings: Settings, runner: Runner, log: Any) -> bool:
+def userspace_install(settings: Settings, runner: Runner, log: Any, accept_license: bool = False) -> bool:
     """nvidia-installer's userspace install from the .run (reference §2.4 flags);
     skipped, with a log line, when no installer is present (tests)."""
     paths = settings.paths
@@ -183,6 +183,8 @@ def userspace_install(settings: Settings, runner: Runner, log: Any) -> bool:
             "--x-library-path=/tmp/null", "--x-sysconfig-path=/tmp/null"]
     if settings.target_arch == "x86_64":
         argv.append("--install-compat32-libs")
+    if accept_license:
+        argv.append("--accept-license")
     runner.run(argv, timeout=1800)
     log.info("userspace driver installed", installer=str(run))
     return True

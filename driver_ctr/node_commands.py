@@ -156,7 +156,7 @@ def load_handoff(settings: Settings, cancel: Cancellation, tree: Optional[Module
     return _guarded(settings, cancel, service, body)
 
 
-def cmd_init(settings: Settings) -> int:
+def cmd_init(settings: Settings, accept_license: bool = False) -> int:
     cancel = Cancellation().install()
     set_daemons_status(settings.paths, "NotReady")
     service = Service(settings, cancel)
@@ -164,7 +164,7 @@ def cmd_init(settings: Settings) -> int:
 
     def body() -> int:
         fp = decide_fast_path(settings)
-        userspace_install(settings, service.runner, service.log)
+        userspace_install(settings, service.runner, service.log, accept_license=accept_license)
         if fp.applies:
             service.log.info("fast path: the driver is loaded with this configuration", **fp.facts)
             service.serve()

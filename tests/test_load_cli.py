@@ -89,3 +89,21 @@ def test_peermem_is_loaded_only_with_rdma_and_a_mellanox_device(root):
     assert Loader(Settings.from_env(env)).wanted()[-1] == "nvidia-peermem"
     env["GPU_DIRECT_RDMA_ENABLED"] = "false"
     assert "nvidia-peermem" not in Loader(Settings.from_env(env)).wanted()
+
+
+def test_init_builds_here_with_the_m_bound_then_reports_the_kernel_refusing_modules(root, tmp_path):
+    """No shared-dir build, no cache: init builds in this container (the node's kernel tree is
+    here) with -m 1, then loading fails on this host, whose kernel cannot load modules."""
+    from harness import events, fixture_build_env, installed_kernel
+
+    k = installed_kernel(r"6\.1\.0-\d+-amd64")
+    _, env = fixture_build_env(root, tmp_path, k)
+    shared_dir(root)
+    r = nvd(env, "init", "-m", "1", timeout=300)
+    assert r.returncode == 1
+    ev = events(r.stderr)
+    building = [e for e in ev if e["event"] == "building"]
+    assert building and building[0]["jobs"] == 1 and building[0]["job_limits"]["max_threads"] == 1
+    assert "could not load nvidia: the kernel refused module loading" in r.stderr, r.stderr[-2000:]
+    assert not (root / "run/nvidia/nvidia-driver.pid").exists()
+    assert (root / "run/nvidia/validations/.driver-daemons-status").exists() is False

@@ -261,6 +261,9 @@ def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path)
                  "--no-nvidia-modprobe", "--no-rpms", "--no-backup", "--no-check-for-alternate-installs",
                  "--no-libglx-indirect", "--no-install-libglvnd", "--x-prefix=/tmp/null"):
         assert flag in args, flag
+    assert "--accept-license" not in args
+    userspace_install(s, Runner(), LOG, accept_license=True)
+    assert "--accept-license" in args_file.read_text().split()
 
 
 def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(tmp_path):
