@@ -72,9 +72,11 @@ class DriverSide:
         if not self.shared.path.is_dir():
             raise ProtocolError(self.shared.path, "the shared directory is not mounted (a directory is expected)")
         if self.cache is not None and not self._prepared_for_inputs():
-            entry = self.cache.lookup(self.inputs, signing_fingerprint(s))
+            entry = self.cache.lookup(self.inputs, signing_fingerprint(s), verify=False)
             if entry is not None:
-                return self.from_cache(entry)
+                handoff = self.from_cache(entry)
+                if handoff is not None:
+                    return handoff
         generation = self.prepare()
         preload_modinfo()
         self.wait_started(generation)
@@ -94,7 +96,10 @@ class DriverSide:
         except ProtocolError:
             return False
 
-    def from_cache(self, entry: CacheEntry) -> Handoff:
+    def from_cache(self, entry: CacheEntry) -> Optional[Handoff]:
+        """Hand over a cache entry as a new generation's build; the copy in the
+        shared dir is verified (the one read of every file). A corrupt entry is
+        discarded, its generation moved aside, and None returned: the DTK builds."""
         sh = self.shared
         gen = self._next_generation()
         with phase(self.log, "restore from host cache", generation=gen, entry=str(entry.path)):
@@ -109,9 +114,14 @@ class DriverSide:
             sh.write_manifest({"protocol": proto.PROTOCOL_VERSION, "generation": gen, "inputs": self.inputs,
                                "build": {"builder": "host-cache", "components": ["nvidia"], "dtk_kernels": {},
                                          "finished_at": proto.now(), "details": details, "files": entry.files}})
+            try:
+                manifest = proto.verify_build(sh, self.inputs, gen)
+            except ProtocolError as exc:
+                self.cache.discard(entry, str(exc))
+                sh.move_aside(gen)
+                return None
             sh.write_flag(proto.BUILT, generation=gen, files=len(entry.files), source="host-cache")
             sh.write_flag(proto.DIR_PREPARED, generation=gen)
-            manifest = proto.verify_build(sh, self.inputs, gen)
         self.log.info("hand-off verified from the host cache: no build needed", generation=gen, kernel=self.kernel)
         return Handoff(fast_path=None, manifest=manifest, generation=gen, from_cache=True)
 

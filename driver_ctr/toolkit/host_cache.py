@@ -84,8 +84,13 @@ class HostCache:
         """An entry exists (unverified: use :meth:`lookup` before using one)."""
         return (self.entry_dir(inputs["kernel_release"], cache_key(inputs, signing_fingerprint)) / ENTRY_JSON).is_file()
 
-    def lookup(self, inputs: Mapping[str, Any], signing_fingerprint: str) -> Optional[CacheEntry]:
-        """A verified entry for these inputs, or None (a corrupt one is discarded)."""
+    def lookup(self, inputs: Mapping[str, Any], signing_fingerprint: str, verify: bool = True) -> Optional[CacheEntry]:
+        """The entry for these inputs, or None; a corrupt one is discarded.
+
+        ``verify=False`` checks only ``entry.json``: for a caller that copies
+        the tree and verifies the copy (and calls :meth:`discard` when that
+        fails), so each file is read once.
+        """
         kernel = inputs["kernel_release"]
         key = cache_key(inputs, signing_fingerprint)
         path = self.entry_dir(kernel, key)
@@ -97,14 +102,18 @@ class HostCache:
             if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key \
                     or data.get("inputs") != dict(inputs) or not isinstance(data.get("files"), list):
                 raise DriverCtrError("%s: not an entry for these inputs" % (path / ENTRY_JSON))
-            verify_files(path / MODULES, data["files"], kernel)
+            if verify:
+                verify_files(path / MODULES, data["files"], kernel)
         except DriverCtrError as exc:
-            self.log.warning("host cache entry is corrupt: discarded, never loaded", entry=str(path), reason=str(exc))
-            self._discard(path)
+            self.discard(CacheEntry(path, {}), str(exc))
             return None
         _touch(path.parent)
         self.log.info("host cache hit", kernel=kernel, digest=key, files=len(data["files"]))
         return CacheEntry(path, data)
+
+    def discard(self, entry: CacheEntry, reason: str) -> None:
+        self.log.warning("host cache entry is corrupt: discarded, never loaded", entry=str(entry.path), reason=reason)
+        self._discard(entry.path)
 
     # -- write -----------------------------------------------------------------
 
