@@ -136,6 +136,7 @@ def cmd_load(settings: Settings) -> int:
     cancel = Cancellation().install()
     service = Service(settings, cancel)
     service.acquire()
+    set_daemons_status(settings.paths, "NotReady")  # the reference's load never did: a stale Ready stayed
     return _guarded(settings, cancel, service,
                     lambda: _serve_tree(settings, cancel, service, find_tree(settings, cancel, allow_build=False)))
 

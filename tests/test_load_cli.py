@@ -28,6 +28,8 @@ def test_load_without_any_build_says_where_it_looked(root):
 
 def test_load_refuses_a_bad_parameter_before_any_modprobe(root, tmp_path):
     make_dtk_image(root)
+    (root / "run/nvidia/validations").mkdir(parents=True)
+    (root / "run/nvidia/validations/.driver-daemons-status").write_text("Ready\n")  # stale, from a killed pod
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)))
     d, _ = run_both(root, env)
     assert d.returncode == 0, d.stderr
@@ -40,6 +42,7 @@ def test_load_refuses_a_bad_parameter_before_any_modprobe(root, tmp_path):
     # stopped before any modprobe: no drop-in, no modprobe root for the tree
     assert not (root / "etc/modprobe.d/nvidia.conf").exists()
     assert not (root / "run/nvidia/driver-ctr/modroot").exists()
+    assert not (root / "run/nvidia/validations/.driver-daemons-status").exists()  # NotReady, then cleared
 
 
 def test_unload_with_nothing_loaded_and_peermem_probe(root):
