@@ -110,8 +110,8 @@ class Loader:
             out[m] = read_modinfo(p)
         return out
 
-    def check_vermagic(self, infos: Dict[str, ModInfo], kernel: str) -> None:
-        ref = running_kernel_vermagic(self.settings, kernel) or None
+    def check_vermagic(self, infos: Dict[str, ModInfo], kernel: str, kernel_vermagic: str) -> None:
+        ref = kernel_vermagic or None
         for m, info in infos.items():
             problem = vermagic_problem(m + ".ko", info.vermagic, kernel, ref)
             if problem:
@@ -138,7 +138,8 @@ class Loader:
                              "rebuild for the running kernel")
         mods = self.wanted()
         infos = self.modinfos(tree, mods)
-        self.check_vermagic(infos, kernel)
+        kernel_vermagic = running_kernel_vermagic(self.settings, kernel)
+        self.check_vermagic(infos, kernel, kernel_vermagic)
         params = module_params.read_param_files(self.paths.drivers_dir)
         module_params.validate(params, infos)
         params = module_params.with_defaults(params, infos)
@@ -151,7 +152,7 @@ class Loader:
         if companions.returncode != 0:
             self.log.warning("could not load i2c/ipmi companions (nvidia loads without them)",
                              error=(companions.stderr or companions.stdout).strip().splitlines()[-1:])
-        facts_common = dict(kernel_release=kernel, kernel_vermagic=running_kernel_vermagic(self.settings, kernel),
+        facts_common = dict(kernel_release=kernel, kernel_vermagic=kernel_vermagic,
                             nouveau_loaded=(self.paths.sys / "module/nouveau").is_dir(),
                             nvidia_pci_devices=pci_devices(self.paths, "0x10de"))
         for m in mods:
