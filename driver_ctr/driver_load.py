@@ -210,11 +210,10 @@ class Service:
         unload(self.paths.sys, self.runner, self.log)
         unmount_rootfs(self.paths, self.runner, self.log)
 
-    def serve(self, mount: bool = True) -> None:
+    def serve(self) -> None:
         """After a load (or the fast path): daemons, driver root, state, Ready."""
         start_daemons(self.settings, self.runner, self.log, self.cancel)
-        if mount:
-            mount_rootfs(self.paths, self.runner, self.log)
+        mount_rootfs(self.paths, self.runner, self.log)
         if self.settings.driver_config_digest:
             write_state(self.paths, self.settings.driver_config_digest)
         set_daemons_status(self.paths, "Ready")
@@ -238,9 +237,7 @@ class Service:
                 self.cancel.clear()
 
     def shutdown(self) -> None:
-        stop_daemons(self.paths, self.log)
-        unload(self.paths.sys, self.runner, self.log)
-        unmount_rootfs(self.paths, self.runner, self.log)
+        self.unload_existing()
         remove_state(self.paths)
         clear_daemons_status(self.paths)
         if self.lock is not None:

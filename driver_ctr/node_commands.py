@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .daemons import stop_daemons
 from .driver_load import Loader, ModuleTree, Service, userspace_install
@@ -19,11 +19,11 @@ from .fast_path import decide_fast_path
 from .node_state import set_daemons_status
 from .toolkit import protocol as proto
 from .toolkit.builders import BuildRequest
-from .toolkit.errors import Cancelled, DriverCtrError, FallbackRequired, ProtocolError
+from .toolkit.errors import Cancelled, DriverCtrError, FallbackRequired, NoKernelTree, ProtocolError
 from .toolkit.fsio import remove_tree
+from .toolkit.host_cache import MODULES as CACHE_MODULES
 from .toolkit.host_cache import HostCache
 from .toolkit.kbuild import KbuildBuilder
-from .toolkit.kernel_tree import open_kernel_tree
 from .toolkit.log import get_logger, phase
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -64,11 +64,9 @@ def local_build(settings: Settings, cancel: Cancellation) -> ModuleTree:
     host cache when mounted, and return the tree."""
     log = get_logger(side="driver")
     kernel = settings.kernel_release()
-    open_kernel_tree(settings.paths, kernel)  # a clear error when there is no tree
     work = Path(tempfile.mkdtemp(prefix="driver-ctr-local-"))
     staging = work / "modules"
     staging.mkdir()
-    inputs = proto.build_inputs(settings, kernel)
     try:
         with phase(log, "local build", kernel=kernel):
             result = KbuildBuilder().build(BuildRequest(settings, kernel, work, staging, work / "build.log",
@@ -76,16 +74,14 @@ def local_build(settings: Settings, cancel: Cancellation) -> ModuleTree:
     except BaseException:
         remove_tree(work)
         raise
-    files = proto.describe_tree(staging)
     cache = HostCache.from_settings(settings)
-    if cache is not None:
-        cache.store(inputs, (result.details or {}).get("signing_fingerprint", ""), staging,
-                    {"files": files, "details": result.details or {}})
-        entry = cache.lookup(inputs, (result.details or {}).get("signing_fingerprint", ""))
-        if entry is not None:
-            remove_tree(work)
-            return ModuleTree(entry.modules, kernel)
-    return ModuleTree(staging, kernel)
+    if cache is None:
+        return ModuleTree(staging, kernel)
+    details = result.details or {}
+    entry = cache.store(proto.build_inputs(settings, kernel), details.get("signing_fingerprint", ""), staging,
+                        {"files": proto.describe_tree(staging), "details": details})
+    remove_tree(work)
+    return ModuleTree(entry / CACHE_MODULES, kernel)
 
 
 def find_tree(settings: Settings, cancel: Cancellation, allow_build: bool) -> ModuleTree:
@@ -97,30 +93,32 @@ def find_tree(settings: Settings, cancel: Cancellation, allow_build: bool) -> Mo
     if allow_build:
         try:
             return local_build(settings, cancel)
-        except DriverCtrError as exc:
-            if "no kernel build tree" in str(exc):
-                raise FallbackRequired("no build for kernel %s and no kernel build tree in this container: "
-                                       "the entitlement-based fallback (not implemented yet) would install it"
-                                       % settings.kernel_release(), [str(exc)]) from None
-            raise
+        except NoKernelTree as exc:
+            raise FallbackRequired("no build for kernel %s and no kernel build tree in this container: "
+                                   "the entitlement-based fallback (not implemented yet) would install it"
+                                   % settings.kernel_release(), [exc.message]) from None
     raise NoBuild("no verified build for kernel %s: none in the shared dir %s for these inputs, none in the host "
                   "cache; run nvidia-driver init or the DTK flow (ocp_dtk_entrypoint nv-ctr-run-with-dtk)"
                   % (settings.kernel_release(), settings.paths.shared_dir))
 
 
-def _serve_tree(settings: Settings, cancel: Cancellation, service: Service, tree: ModuleTree) -> int:
+def _load_and_serve(service: Service, tree: ModuleTree) -> int:
     service.unload_existing()
-    report = Loader(settings, service.runner).load_tree(tree)
-    get_logger(side="driver").info("NVIDIA modules loaded", modules=report.loaded, params=report.params,
-                                   firmware=report.firmware)
+    report = Loader(service.settings, service.runner).load_tree(tree)
+    service.log.info("NVIDIA modules loaded", modules=report.loaded, params=report.params, firmware=report.firmware)
     service.serve()
     return service.wait_for_signal()
 
 
-def _guarded(settings: Settings, cancel: Cancellation, service: Service, body) -> int:  # type: ignore[no-untyped-def]
-    """Run ``body``; any failure before the wait undoes what was done (reference: trap _shutdown EXIT)."""
+def _run_service(settings: Settings, cancel: Cancellation, body: Callable[[Service], int]) -> int:
+    """Take the pid lock, say NotReady, run ``body``; any failure before the wait
+    undoes what was done (reference: trap _shutdown EXIT). NotReady comes after
+    the lock, so a second instance never overwrites the first one's Ready."""
+    service = Service(settings, cancel)
+    service.acquire()
+    set_daemons_status(settings.paths, "NotReady")
     try:
-        return body()
+        return body(service)
     except Cancelled:
         service.shutdown()
         return 0
@@ -128,42 +126,34 @@ def _guarded(settings: Settings, cancel: Cancellation, service: Service, body) -
         try:
             service.shutdown()
         except DriverCtrError as exc:
-            get_logger(side="driver").warning("cleanup after the failure was incomplete", reason=str(exc))
+            service.log.warning("cleanup after the failure was incomplete", reason=str(exc))
         raise
 
 
 def cmd_load(settings: Settings) -> int:
+    """The reference's load never said NotReady: a stale Ready of a killed pod stayed."""
     cancel = Cancellation().install()
-    service = Service(settings, cancel)
-    service.acquire()
-    set_daemons_status(settings.paths, "NotReady")  # the reference's load never did: a stale Ready stayed
-    return _guarded(settings, cancel, service,
-                    lambda: _serve_tree(settings, cancel, service, find_tree(settings, cancel, allow_build=False)))
+    return _run_service(settings, cancel,
+                        lambda service: _load_and_serve(service, find_tree(settings, cancel, allow_build=False)))
 
 
 def load_handoff(settings: Settings, cancel: Cancellation, tree: Optional[ModuleTree]) -> int:
     """nv-ctr-run-with-dtk after the hand-off (``tree`` None: the fast path)."""
-    service = Service(settings, cancel)
-    set_daemons_status(settings.paths, "NotReady")
-    service.acquire()
 
-    def body() -> int:
+    def body(service: Service) -> int:
         userspace_install(settings, service.runner, service.log)
         if tree is None:
             service.serve()
             return service.wait_for_signal()
-        return _serve_tree(settings, cancel, service, tree)
+        return _load_and_serve(service, tree)
 
-    return _guarded(settings, cancel, service, body)
+    return _run_service(settings, cancel, body)
 
 
 def cmd_init(settings: Settings, accept_license: bool = False) -> int:
     cancel = Cancellation().install()
-    set_daemons_status(settings.paths, "NotReady")
-    service = Service(settings, cancel)
-    service.acquire()
 
-    def body() -> int:
+    def body(service: Service) -> int:
         fp = decide_fast_path(settings)
         userspace_install(settings, service.runner, service.log, accept_license=accept_license)
         if fp.applies:
@@ -171,9 +161,9 @@ def cmd_init(settings: Settings, accept_license: bool = False) -> int:
             service.serve()
             return service.wait_for_signal()
         service.log.info("fast path not taken", reason=fp.reason)
-        return _serve_tree(settings, cancel, service, find_tree(settings, cancel, allow_build=True))
+        return _load_and_serve(service, find_tree(settings, cancel, allow_build=True))
 
-    return _guarded(settings, cancel, service, body)
+    return _run_service(settings, cancel, body)
 
 
 def cmd_unload(settings: Settings) -> int:

@@ -110,3 +110,22 @@ def test_init_builds_here_with_the_m_bound_then_reports_the_kernel_refusing_modu
     assert "could not load nvidia: the kernel refused module loading" in r.stderr, r.stderr[-2000:]
     assert not (root / "run/nvidia/nvidia-driver.pid").exists()
     assert (root / "run/nvidia/validations/.driver-daemons-status").exists() is False
+
+
+def test_a_second_instance_leaves_the_first_ones_ready_status_alone(root):
+    """init/load take the pid lock before they say NotReady."""
+    from driver_ctr.node_state import PidLock
+    from driver_ctr.toolkit.settings import Settings
+
+    env = env_for(root)
+    status = root / "run/nvidia/validations/.driver-daemons-status"
+    status.parent.mkdir(parents=True)
+    status.write_text("Ready\n")
+    lock = PidLock(Settings.from_env(env).paths.pid_file).acquire()  # the running instance
+    try:
+        for cmd in ("init", "load"):
+            r = nvd(env, cmd)
+            assert r.returncode == 1 and "An instance of the NVIDIA driver is already running, aborting" in r.stderr
+            assert status.read_text() == "Ready\n", cmd
+    finally:
+        lock.release()

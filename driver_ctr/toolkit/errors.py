@@ -102,6 +102,13 @@ class BuildFailed(DriverCtrError):
         super().__init__(text)
 
 
+class NoKernelTree(BuildFailed):
+    """The target kernel's build tree is not here (install kernel-devel / headers)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("prepare", message)
+
+
 class HandoffTimeout(DriverCtrError):
     """A wait of the two-container protocol passed its deadline."""
 

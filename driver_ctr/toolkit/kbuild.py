@@ -131,8 +131,9 @@ class KbuildBuilder(Builder):
             if missing:
                 raise BuildFailed("compile", "make succeeded but did not produce %s" % ", ".join(missing))
             reference = tree.reference_vermagic()
-            for p in built:
-                problem = vermagic_problem(p.name, read_modinfo(p).vermagic, kernel, reference)
+            infos = {p: read_modinfo(p) for p in built}
+            for p, info in infos.items():
+                problem = vermagic_problem(p.name, info.vermagic, kernel, reference)
                 if problem:
                     raise BuildFailed("verify", problem)
             fingerprint = ""
@@ -141,7 +142,7 @@ class KbuildBuilder(Builder):
                 sign_modules(built, tree.sign_file(), s.signing_hash, Path(s.signing_key), Path(s.signing_cert),
                              self.runner, logf)
                 self._note(logf, "signed %d modules (%s, certificate sha256 %s)" % (len(built), s.signing_hash, fingerprint))
-            staged = stage_modules(built, tree.module_dir, kernel, req.staging_dir, self.runner,
+            staged = stage_modules(infos, tree.module_dir, kernel, req.staging_dir, self.runner,
                                    symvers=tree.sysout / "Module.symvers", log_file=logf)
         finally:
             remove_tree(work)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-from .errors import BuildFailed, CommandFailed
+from .errors import BuildFailed, CommandFailed, NoKernelTree
 from .modinfo import read_modinfo
 from .paths import HostPaths
 from .runner import Runner
@@ -142,8 +142,8 @@ def open_kernel_tree(paths: HostPaths, release: str, build_tree: Optional[Path] 
     build = module_dir / "build"
     sysout = Path(build_tree) if build_tree else paths.follow(build)
     if not sysout.is_dir():
-        raise BuildFailed("prepare", "no kernel build tree for %s: %s does not resolve to a directory (install "
-                          "kernel-devel-%s, or linux-headers-%s on Debian/Ubuntu)" % (release, build, release, release))
+        raise NoKernelTree("no kernel build tree for %s: %s does not resolve to a directory (install "
+                           "kernel-devel-%s, or linux-headers-%s on Debian/Ubuntu)" % (release, build, release, release))
     source = module_dir / "source"
     syssrc = paths.follow(source) if (source.exists() or source.is_symlink()) else sysout
     for tree, what in ((sysout, "build"), (syssrc, "source")):

@@ -67,6 +67,15 @@ class ModInfo:
         return out
 
 
+def has_signature(path: Path) -> bool:
+    """Whether an (uncompressed) module ends with the signature trailer: reads only its tail."""
+    with open(str(path), "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - len(SIGNATURE_TRAILER)))
+        return f.read() == SIGNATURE_TRAILER
+
+
 def preload() -> None:
     """Import pyelftools now (the driver side calls this before waiting, so the
     first verification after driver_built does not pay the import)."""

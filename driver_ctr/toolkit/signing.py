@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import BuildFailed, CommandFailed
-from .modinfo import read_modinfo
+from .modinfo import has_signature
 from .runner import Runner
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
@@ -52,5 +52,5 @@ def sign_modules(modules: Sequence[Path], sign_file: Optional[Path], hash_algo: 
                        stdout_file=log_file)  # type: ignore[arg-type]
         except CommandFailed as exc:
             raise BuildFailed("sign", "sign-file failed for %s: %s" % (m.name, str(exc).splitlines()[0])) from None
-        if not read_modinfo(m).signed:
+        if not has_signature(m):
             raise BuildFailed("sign", "%s carries no signature after sign-file" % m.name)

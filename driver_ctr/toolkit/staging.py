@@ -20,11 +20,11 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, IO, List, Optional, Sequence, Set, Tuple
+from typing import IO, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import BuildFailed, CommandFailed
 from .fsio import remove_tree
-from .modinfo import read_modinfo
+from .modinfo import ModInfo
 from .runner import Runner
 
 NVIDIA_SUBDIR = "kernel/drivers/video"
@@ -104,11 +104,13 @@ class StageResult:
     warnings: Tuple[str, ...] = ()
 
 
-def stage_modules(built: Sequence[Path], module_dir: Path, release: str, staging: Path, runner: Runner,
+def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release: str, staging: Path, runner: Runner,
                   symvers: Optional[Path] = None, log_file: Optional[IO[bytes]] = None) -> StageResult:
-    """Fill the empty directory ``staging`` with the hand-off tree."""
+    """Fill the empty directory ``staging`` with the hand-off tree; ``built_infos``
+    maps each built module to its modinfo (read once by the builder)."""
     kernel = KernelModules.read(module_dir)
-    infos = {module_name(p.name): read_modinfo(p) for p in built}
+    built = list(built_infos)
+    infos = {module_name(p.name): i for p, i in built_infos.items()}
     closure = dependency_closure({n: i.depends for n, i in infos.items()}, kernel, release)
     companions = [c for c in COMPANIONS if c in kernel.paths and c not in closure]
     for c in list(companions):
