@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import psutil
 
@@ -107,7 +107,7 @@ def in_use_reasons(mods: Dict[str, ModuleState]) -> List[str]:
     return reasons
 
 
-def unload(sys_dir: Path, runner: Runner, log: object) -> List[str]:
+def unload(sys_dir: Path, runner: Runner, log: Any) -> List[str]:
     """Remove the loaded NVIDIA modules; raise DriverInUse (naming holders) without forcing."""
     mods = loaded_nvidia_modules(sys_dir)
     if not mods:
@@ -126,5 +126,5 @@ def unload(sys_dir: Path, runner: Runner, log: object) -> List[str]:
         still = loaded_nvidia_modules(sys_dir)
         raise DriverInUse("Could not unload NVIDIA driver kernel modules: %s (still loaded: %s)"
                           % (str(exc).splitlines()[0], ", ".join(still) or "none")) from None
-    getattr(log, "info")("unloaded NVIDIA modules", modules=names)
+    log.info("unloaded NVIDIA modules", modules=names)
     return names
