@@ -2,19 +2,23 @@
 ``ocp_dtk_entrypoint``, with the same commands and options.
 
 Usage errors print the usage on stderr and exit 1, as the reference does.
-Settings are validated before any command runs; a :class:`DriverCtrError`
-becomes one clear message on stderr and exit status 1.
+Each command's arguments become its typed options (``commands/options.py``);
+the table below maps the command to the function that imports only that
+command's module. Settings are validated before any command runs; an error
+class maps to an exit status (:data:`EXIT_STATUS`), a :class:`DriverCtrError`
+with one clear message on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from . import __version__
 from .toolkit import log as logmod
-from .toolkit.errors import DriverCtrError, NotImplementedYet
+from .commands import options as opts
+from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.settings import Settings
 
 
@@ -87,101 +91,124 @@ def build_ocp_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------
+# -- typed options, then one explicit table per program -------------------------
 
 
-def _settings_and_logging(env: Optional[Dict[str, str]] = None) -> Settings:
-    settings = Settings.from_env(env)
-    logmod.configure(logmod.choose_format(settings.log_format or None, sys.stdout))
+def _settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, validated once; logging configured from them."""
+    settings = Settings.from_env()
+    logmod.configure(logmod.choose_format(settings.log_format or None, sys.stdout), level=settings.log_level)
     return settings
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect, render_text
-    import json
+def _init(args: argparse.Namespace) -> int:
+    from .commands import init
 
-    settings = _settings_and_logging()
-    info = collect(settings)
-    if args.json:
-        sys.stdout.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    else:
-        sys.stdout.write(render_text(info))
-    return 0
+    return init.run(_settings(args), opts.InitOptions(accept_license=args.accept_license, max_threads=args.max_threads))
 
 
-def _placeholder(what: str) -> Callable[[argparse.Namespace], int]:
-    def run(_args: argparse.Namespace) -> int:
-        _settings_and_logging()
-        raise NotImplementedYet(what)
+def _build(args: argparse.Namespace) -> int:
+    from .commands import build
 
-    return run
-
-
-def _node_command(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        import dataclasses
-
-        from . import node_commands
-
-        settings = _settings_and_logging()
-        if getattr(args, "max_threads", None):  # -m wins over DRIVER_CTR_MAX_THREADS
-            settings = dataclasses.replace(settings, max_threads=args.max_threads)
-        if getattr(args, "accept_license", False):
-            return getattr(node_commands, name)(settings, accept_license=True)
-        return getattr(node_commands, name)(settings)
-
-    return run
+    return build.build(_settings(args), opts.BuildOptions(accept_license=args.accept_license, tag=args.tag,
+                                                          max_threads=args.max_threads))
 
 
-_NVIDIA_DRIVER_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "init": _node_command("cmd_init"),
-    "build": _placeholder("build (a build without loading, for the fallback issue)"),
-    "load": _node_command("cmd_load"),
-    "update": _placeholder("update (kernel-update hook rebuild)"),
-    "reload_nvidia_peermem": _node_command("cmd_reload_peermem"),
-    "probe_nvidia_peermem": _node_command("cmd_probe_peermem"),
-    "unload": _node_command("cmd_unload"),
-    "status": _cmd_status,
-}
+def _update(args: argparse.Namespace) -> int:
+    from .commands import build
+
+    return build.update(_settings(args), opts.UpdateOptions(kernel=args.kernel, sign=args.sign, tag=args.tag,
+                                                            max_threads=args.max_threads))
 
 
-def _cmd_run_with_dtk(args: argparse.Namespace) -> int:
-    from .driver_side import run_with_dtk
+def _load(args: argparse.Namespace) -> int:
+    from .commands import load
 
-    return run_with_dtk(_settings_and_logging(), dry_run=args.dry_run)
+    return load.run(_settings(args), opts.NoOptions())
 
 
-def _cmd_dtk_build(args: argparse.Namespace) -> int:
+def _unload(args: argparse.Namespace) -> int:
+    from .commands import unload
+
+    return unload.run(_settings(args), opts.NoOptions())
+
+
+def _reload_peermem(args: argparse.Namespace) -> int:
+    from .commands import peermem
+
+    return peermem.reload(_settings(args), opts.NoOptions())
+
+
+def _probe_peermem(args: argparse.Namespace) -> int:
+    from .commands import peermem
+
+    return peermem.probe(_settings(args), opts.NoOptions())
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .commands import status
+
+    return status.run(_settings(args), opts.StatusOptions(json=args.json))
+
+
+def _run_with_dtk(args: argparse.Namespace) -> int:
+    from .commands import run_with_dtk
+
+    return run_with_dtk.run(_settings(args), opts.RunWithDtkOptions(dry_run=args.dry_run))
+
+
+def _dtk_build(args: argparse.Namespace) -> int:
     """The DTK side, run from the installed package (the pod runs the zipapp)."""
     from .toolkit.dtk_main import main
 
     return main(["dtk-build-driver"])
 
 
-_OCP_COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
-    "nv-ctr-run-with-dtk": _cmd_run_with_dtk,
-    "dtk-build-driver": _cmd_dtk_build,
+Command = Callable[[argparse.Namespace], int]
+
+NVIDIA_DRIVER_COMMANDS: Dict[str, Command] = {
+    "init": _init,
+    "build": _build,
+    "load": _load,
+    "update": _update,
+    "reload_nvidia_peermem": _reload_peermem,
+    "probe_nvidia_peermem": _probe_peermem,
+    "unload": _unload,
+    "status": _status,
 }
 
+OCP_COMMANDS: Dict[str, Command] = {
+    "nv-ctr-run-with-dtk": _run_with_dtk,
+    "dtk-build-driver": _dtk_build,
+}
 
-def _dispatch(parser: argparse.ArgumentParser, table: Dict[str, Callable[[argparse.Namespace], int]],
-              argv: Optional[Sequence[str]]) -> int:
+# Error class -> exit status, first match wins. A stop by SIGTERM is a clean
+# exit; every error a user can act on is 1 (the reference's status); anything
+# else is a bug and shows its traceback.
+EXIT_STATUS: Tuple[Tuple[Type[BaseException], int], ...] = (
+    (Cancelled, 0),
+    (DriverCtrError, 1),
+    (KeyboardInterrupt, 130),
+)
+
+
+def _dispatch(parser: argparse.ArgumentParser, table: Dict[str, Command], argv: Optional[Sequence[str]]) -> int:
     args = parser.parse_args(argv)
     try:
         return table[args.command](args)
-    except DriverCtrError as exc:
-        sys.stderr.write("%s: %s\n" % (parser.prog, exc))
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except tuple(cls for cls, _ in EXIT_STATUS) as exc:
+        status = next(code for cls, code in EXIT_STATUS if isinstance(exc, cls))
+        if isinstance(exc, DriverCtrError) and status != 0:
+            sys.stderr.write("%s: %s\n" % (parser.prog, exc))
+        return status
 
 
 def nvidia_driver_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _dispatch(build_nvidia_driver_parser(), _NVIDIA_DRIVER_COMMANDS, argv)
+    return _dispatch(build_nvidia_driver_parser(), NVIDIA_DRIVER_COMMANDS, argv)
 
 
 def ocp_dtk_entrypoint_main(argv: Optional[Sequence[str]] = None) -> int:
-    return _dispatch(build_ocp_parser(), _OCP_COMMANDS, argv)
+    return _dispatch(build_ocp_parser(), OCP_COMMANDS, argv)
 
 
 PROGRAMS = {"nvidia-driver": nvidia_driver_main, "ocp_dtk_entrypoint": ocp_dtk_entrypoint_main}
@@ -196,6 +223,6 @@ def module_main(argv: Optional[List[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PROGRAMS:
         return PROGRAMS[args[0]](args[1:])
-    if args and args[0] in _OCP_COMMANDS:
+    if args and args[0] in OCP_COMMANDS:
         return ocp_dtk_entrypoint_main(args)
     return nvidia_driver_main(args)

@@ -143,7 +143,7 @@ def start_daemons(settings: Any, runner: Runner, log: Any, cancel: Any = None) -
         try:
             runner.run(argv, timeout=300)
         except CommandFailed as exc:
-            raise DaemonError("the fabric manager did not start: %s" % str(exc).splitlines()[0]) from None
+            raise DaemonError("the fabric manager did not start: %s" % exc.summary) from None
         started.append("fabric-manager")
         if nvlink5 and dict(settings.nvfm_config).get("FABRIC_MODE") == "1":
             runner.run(["nvidia-smi", "-r"], timeout=600)  # reference 88a0ec2: reset after FM start in mode 1

@@ -25,35 +25,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from . import module_params
-from .daemons import start_daemons, stop_daemons
 from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
-from .node_state import (PidLock, clear_daemons_status, configure_firmware_path, mellanox_present, mount_rootfs,
-                         pci_devices, remove_state,
-                         set_daemons_status, unmount_rootfs, write_state)
+from .node_state import configure_firmware_path, mellanox_present, pci_devices
+from .toolkit import nvidia_modules as nv
 from .toolkit.errors import ProtocolError
 from .toolkit.kernel_tree import first_module
 from .toolkit.log import get_logger
 from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
-from .toolkit.staging import COMPANIONS, NVIDIA_SUBDIR
-from .toolkit.waiting import Cancellation
-from .unload import DriverInUse, unload
 
-LOAD_ORDER = ("nvidia", "nvidia-uvm", "nvidia-modeset")
-PEERMEM = "nvidia-peermem"
-
-
-@dataclass(frozen=True)
-class ModuleTree:
-    """A verified staged tree: the content of ``/lib/modules/<kernel>``."""
-
-    root: Path
-    kernel: str
-
+if TYPE_CHECKING:
+    from .module_trees import ModuleTree
 
 @dataclass
 class LoadReport:
@@ -73,7 +59,7 @@ def running_kernel_vermagic(settings: Settings, kernel: str) -> str:
         return ""
 
 
-def symbol_providers(tree: ModuleTree) -> Dict[str, str]:
+def symbol_providers(tree: "ModuleTree") -> Dict[str, str]:
     out = {}
     f = tree.root / "modules.symbols"
     if f.is_file():
@@ -92,18 +78,18 @@ class Loader:
         self.log = get_logger(side="driver")
 
     def wanted(self) -> List[str]:
-        mods = list(LOAD_ORDER)
+        mods = list(nv.BASE)
         if self.settings.gpu_direct_rdma_enabled:
             if mellanox_present(self.paths):
-                mods.append(PEERMEM)
+                mods.append(nv.PEERMEM)
             else:
                 self.log.info("RDMA is on but no Mellanox device (PCI vendor 0x15b3) is present: nvidia-peermem not loaded")
         return mods
 
-    def modinfos(self, tree: ModuleTree, mods: List[str]) -> Dict[str, ModInfo]:
+    def modinfos(self, tree: "ModuleTree", mods: List[str]) -> Dict[str, ModInfo]:
         out = {}
         for m in mods:
-            p = tree.root / NVIDIA_SUBDIR / (m + ".ko")
+            p = tree.root / nv.staged_path(m)
             if not p.is_file():
                 raise LoadFailed(m, "%s is not in the staged tree %s" % (p.name, tree.root),
                                  "rebuild: the hand-off tree is incomplete")
@@ -113,13 +99,13 @@ class Loader:
     def check_vermagic(self, infos: Dict[str, ModInfo], kernel: str, kernel_vermagic: str) -> None:
         ref = kernel_vermagic or None
         for m, info in infos.items():
-            problem = vermagic_problem(m + ".ko", info.vermagic, kernel, ref)
+            problem = vermagic_problem(nv.ko_file(m), info.vermagic, kernel, ref)
             if problem:
                 raise LoadFailed(m, "refused before insmod: %s.ko was built for another kernel: module vermagic %r, "
                                  "running kernel %r" % (m, info.vermagic, ref or kernel),
                                  "rebuild for the running kernel; a stale build or cache entry is never loaded")
 
-    def modprobe_base(self, tree: ModuleTree, kernel: str) -> List[str]:
+    def modprobe_base(self, tree: "ModuleTree", kernel: str) -> List[str]:
         """``modprobe -d <root>`` where ``<root>/lib/modules/<kernel>`` is the tree."""
         base = self.paths.run_nvidia / "driver-ctr" / "modroot"
         link = base / "lib" / "modules" / kernel
@@ -131,8 +117,9 @@ class Loader:
         os.replace(str(tmp), str(link))
         return ["modprobe", "-d", str(base), "-C", str(self.paths.modprobe_d), "-S", kernel]
 
-    def load_tree(self, tree: ModuleTree) -> LoadReport:
-        kernel = self.settings.kernel_release()
+    def load_tree(self, tree: "ModuleTree") -> LoadReport:
+        """Load ``tree`` on the running kernel (a tree built for another kernel is refused)."""
+        kernel = self.settings.running_kernel()
         if tree.kernel != kernel:
             raise LoadFailed("nvidia", "the staged tree is for kernel %s, the node runs %s" % (tree.kernel, kernel),
                              "rebuild for the running kernel")
@@ -148,7 +135,7 @@ class Loader:
         report.firmware = configure_firmware_path(
             self.paths, {p.name: p.value for p in params.get("nvidia", [])}, self.log)
         base = self.modprobe_base(tree, kernel)
-        companions = self.runner.run(base + ["-a", *COMPANIONS], timeout=120, check=False)
+        companions = self.runner.run(base + ["-a", *nv.COMPANIONS], timeout=120, check=False)
         if companions.returncode != 0:
             self.log.warning("could not load i2c/ipmi companions (nvidia loads without them)",
                              error=(companions.stderr or companions.stdout).strip().splitlines()[-1:])
@@ -168,78 +155,3 @@ class Loader:
             report.loaded.append(m)
             self.log.info("loaded", module=m, version=infos[m].version)
         return report
-
-
-def userspace_install(settings: Settings, runner: Runner, log: Any, accept_license: bool = False) -> bool:
-    """nvidia-installer's userspace install from the .run (reference §2.4 flags);
-    skipped, with a log line, when no installer is present (tests)."""
-    paths = settings.paths
-    run = paths.drivers_dir / ("NVIDIA-Linux-%s-%s.run" % (settings.target_arch, settings.driver_version.raw))
-    if not run.is_file():
-        log.info("no driver installer here: userspace install skipped", looked_for=str(run))
-        return False
-    argv = ["sh", str(run), "--silent", "--no-kernel-module", "--no-nouveau-check", "--no-nvidia-modprobe",
-            "--no-rpms", "--no-backup", "--no-check-for-alternate-installs", "--no-libglx-indirect",
-            "--no-install-libglvnd", "--x-prefix=/tmp/null", "--x-module-path=/tmp/null",
-            "--x-library-path=/tmp/null", "--x-sysconfig-path=/tmp/null"]
-    if settings.target_arch == "x86_64":
-        argv.append("--install-compat32-libs")
-    if accept_license:
-        argv.append("--accept-license")
-    runner.run(argv, timeout=1800)
-    log.info("userspace driver installed", installer=str(run))
-    return True
-
-
-class Service:
-    """Hold the node: daemons, driver root, state; undo on a signal."""
-
-    def __init__(self, settings: Settings, cancel: Cancellation, runner: Optional[Runner] = None) -> None:
-        self.settings = settings
-        self.paths = settings.paths
-        self.cancel = cancel
-        self.runner = runner or Runner()
-        self.log = get_logger(side="driver")
-        self.lock: Optional[PidLock] = None
-
-    def acquire(self) -> None:
-        self.lock = PidLock(self.paths.pid_file).acquire()
-
-    def unload_existing(self) -> None:
-        stop_daemons(self.paths, self.log)
-        unload(self.paths.sys, self.runner, self.log)
-        unmount_rootfs(self.paths, self.runner, self.log)
-
-    def serve(self) -> None:
-        """After a load (or the fast path): daemons, driver root, state, Ready."""
-        start_daemons(self.settings, self.runner, self.log, self.cancel)
-        mount_rootfs(self.paths, self.runner, self.log)
-        if self.settings.driver_config_digest:
-            write_state(self.paths, self.settings.driver_config_digest)
-        set_daemons_status(self.paths, "Ready")
-        self.log.info("driver ready: waiting for a signal")
-
-    def wait_for_signal(self) -> int:
-        """Block until SIGTERM/SIGINT; then shut down. While the driver is in use,
-        say so once and keep running (reference semantics)."""
-        told = False
-        while True:
-            while not self.cancel.cancelled:
-                self.cancel.sleep(0.5)
-            self.log.info("caught signal", signal=self.cancel.signal_name)
-            try:
-                self.shutdown()
-                return 0
-            except DriverInUse as exc:
-                if not told:
-                    self.log.warning("driver in use: not unloading, keeping the container running", reason=str(exc))
-                    told = True
-                self.cancel.clear()
-
-    def shutdown(self) -> None:
-        self.unload_existing()
-        remove_state(self.paths)
-        clear_daemons_status(self.paths)
-        if self.lock is not None:
-            self.lock.release(remove=True)
-        self.log.info("shut down: no NVIDIA module left loaded, driver root unmounted, pid and state removed")

@@ -19,8 +19,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from .toolkit.errors import DriverCtrError
 from .toolkit.fsio import atomic_write_text
 from .toolkit.modinfo import ModInfo
+from .toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
 
-MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-peermem")
 CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
 
 _INT = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
@@ -71,10 +71,10 @@ def check_value(typ: str, value: str) -> Optional[str]:
     return None  # a type this code does not know: the kernel decides
 
 
-def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = MODULES) -> Dict[str, List[Param]]:
+def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MODULES) -> Dict[str, List[Param]]:
     out: Dict[str, List[Param]] = {}
     for mod in modules:
-        f = drivers_dir / (mod + ".conf")
+        f = drivers_dir / parameter_file(mod)
         if not f.is_file():
             continue
         params: List[Param] = []
@@ -133,7 +133,7 @@ def option_lines(params: Mapping[str, List[Param]]) -> Dict[str, str]:
         if ps:
             words = " ".join("%s=%s" % (p.name, shlex.quote(p.value) if " " in p.value else p.value) for p in ps)
             out[mod] = "# written by driver-ctr from %s\noptions %s %s\n" % (
-                ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})), mod.replace("-", "_"), words)
+                ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})), normalize(mod), words)
     return out
 
 
@@ -142,8 +142,8 @@ def write_dropins(modprobe_d: Path, params: Mapping[str, List[Param]]) -> List[P
     modprobe_d.mkdir(parents=True, exist_ok=True)
     texts = option_lines(params)
     written = []
-    for mod in MODULES:
-        f = modprobe_d / (mod + ".conf")
+    for mod in PARAMETER_MODULES:
+        f = modprobe_d / parameter_file(mod)
         if mod in texts:
             atomic_write_text(f, texts[mod])
             written.append(f)

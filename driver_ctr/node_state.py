@@ -122,7 +122,7 @@ def host_selinux_enabled(paths: HostPaths) -> bool:
     return "selinuxfs" in mounts and (paths.proc / "1/root/sys/fs/selinux/enforce").exists()
 
 
-def mounted(target: Path, proc: Path = Path("/proc")) -> bool:
+def mounted(target: Path, proc: Path) -> bool:
     try:
         return any(line.split()[1] == str(target) for line in (proc / "self/mounts").read_text().splitlines())
     except OSError:
@@ -131,7 +131,7 @@ def mounted(target: Path, proc: Path = Path("/proc")) -> bool:
 
 def mount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
     target = paths.driver_root
-    if mounted(target):
+    if mounted(target, paths.proc):
         log.info("driver root already mounted", target=str(target))
         return
     target.mkdir(parents=True, exist_ok=True)
@@ -146,13 +146,13 @@ def mount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
 
 def unmount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
     target = paths.driver_root
-    if not mounted(target):
+    if not mounted(target, paths.proc):
         return
     try:
         runner.run(["umount", "-l", "-R", str(target)], timeout=60)
         log.info("driver root unmounted", target=str(target))
     except CommandFailed as exc:
-        log.warning("could not unmount the driver root", target=str(target), reason=str(exc).splitlines()[0])
+        log.warning("could not unmount the driver root", target=str(target), reason=exc.summary)
 
 
 def mellanox_present(paths: HostPaths) -> bool:

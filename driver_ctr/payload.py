@@ -13,7 +13,7 @@ import importlib
 import io
 import zipfile
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 from .toolkit import protocol as proto
 from .toolkit.fsio import atomic_write_bytes, atomic_write_text
@@ -50,7 +50,7 @@ done
 reason="no Python >= 3.9 in the Driver Toolkit image to run driver-ctr; tried:$tried"
 echo "ocp_dtk_entrypoint: $reason" >&2
 tmp="$dir/.@BROKEN@.$$"
-printf '{"verdict": "broken", "reasons": ["%s"], "likely_cause": "DTK image without a usable Python"}\n' "$reason" > "$tmp" \
+printf '{"generation": null, "verdict": "broken", "reasons": ["%s"], "likely_cause": "DTK image without a usable Python"}\n' "$reason" > "$tmp" \
   && mv -f "$tmp" "$dir/@BROKEN@"
 trap 'exit 0' TERM INT
 while :; do sleep 1 & wait $!; done
@@ -75,12 +75,17 @@ def _package_files(name: str) -> Iterator[Tuple[Path, str]]:
         yield path, path.name
 
 
+def toolkit_files(toolkit: Path) -> List[Path]:
+    """Every source file of the toolkit, subpackages included (sorted: the zip is deterministic)."""
+    return sorted(f for f in toolkit.rglob("*.py") if "__pycache__" not in f.parts)
+
+
 def zipapp_bytes() -> bytes:
     """The zipapp, deterministic (fixed timestamps) so equal code gives equal bytes."""
     here = Path(__file__).resolve().parent
     entries = [(here / "__init__.py", "driver_ctr/__init__.py")]
-    for f in sorted((here / "toolkit").glob("*.py")):
-        entries.append((f, "driver_ctr/toolkit/" + f.name))
+    for f in toolkit_files(here / "toolkit"):
+        entries.append((f, "driver_ctr/toolkit/" + f.relative_to(here / "toolkit").as_posix()))
     for name in VENDORED:
         entries.extend(_package_files(name))
     buf = io.BytesIO()

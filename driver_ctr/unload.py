@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import psutil
 
 from .toolkit.errors import CommandFailed, DriverCtrError
+from .toolkit.log import Logger
+from .toolkit.nvidia_modules import UNLOAD_ORDER
+from .toolkit.paths import HostPaths
 from .toolkit.runner import Runner
 
-UNLOAD_ORDER = ("nvidia_peermem", "gdrdrv", "nvidia_fs", "nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia")
 DEVICE_PREFIXES = ("/dev/nvidia", "/dev/dri/")
 
 
@@ -44,7 +46,7 @@ class Holder:
         return "pid %d (%s) has %s open" % (self.pid, self.name, ", ".join(self.devices))
 
 
-def module_state(sys_dir: Path, name: str) -> "ModuleState | None":
+def module_state(sys_dir: Path, name: str) -> Optional[ModuleState]:
     d = sys_dir / "module" / name
     try:
         refcnt = int((d / "refcnt").read_text().strip())
@@ -66,7 +68,7 @@ def loaded_nvidia_modules(sys_dir: Path) -> Dict[str, ModuleState]:
     return out
 
 
-def device_holders(proc_dir: Path = Path("/proc")) -> List[Holder]:
+def device_holders(proc_dir: Path) -> List[Holder]:
     """Processes with an NVIDIA device open (read from /proc/<pid>/fd)."""
     out = []
     for p in psutil.process_iter(["pid", "name"]):
@@ -107,14 +109,15 @@ def in_use_reasons(mods: Dict[str, ModuleState]) -> List[str]:
     return reasons
 
 
-def unload(sys_dir: Path, runner: Runner, log: Any) -> List[str]:
+def unload(paths: HostPaths, runner: Runner, log: Logger) -> List[str]:
     """Remove the loaded NVIDIA modules; raise DriverInUse (naming holders) without forcing."""
+    sys_dir = paths.sys
     mods = loaded_nvidia_modules(sys_dir)
     if not mods:
         return []
     reasons = in_use_reasons(mods)
     if reasons:
-        holders = device_holders()
+        holders = device_holders(paths.proc)
         lines = ["Could not unload NVIDIA driver kernel modules, driver is in use"]
         lines += ["  - %s" % r for r in reasons]
         lines += ["  - %s" % h for h in holders] or ["  - no process has /dev/nvidia* open (a kernel user holds it)"]
@@ -125,6 +128,6 @@ def unload(sys_dir: Path, runner: Runner, log: Any) -> List[str]:
     except CommandFailed as exc:
         still = loaded_nvidia_modules(sys_dir)
         raise DriverInUse("Could not unload NVIDIA driver kernel modules: %s (still loaded: %s)"
-                          % (str(exc).splitlines()[0], ", ".join(still) or "none")) from None
+                          % (exc.summary, ", ".join(still) or "none")) from None
     log.info("unloaded NVIDIA modules", modules=names)
     return names

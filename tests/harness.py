@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from conftest import BASE_ENV, REPO
 
 RHEL_KERNEL = "5.14.0-427.13.1.el9_4.x86_64"
+FIXTURE_BUILDER = REPO / "tests" / "fixture_builder.py"
 VERMAGIC_FLAGS = "SMP preempt mod_unload modversions "
 
 _C = """
@@ -82,11 +83,16 @@ def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, st
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env.update(DRIVER_CTR_ROOT=str(root), DRIVER_CTR_KERNEL_RELEASE=kernel, DRIVER_CTR_LOG_FORMAT="json",
                PYTHONPATH=str(REPO), DRIVER_CONFIG_DIGEST="3522141578")
+    fixture = extra.pop("DRIVER_CTR_FIXTURE_MODULES", None)
+    if fixture is not None:
+        # The DTK side stages these prepared modules instead of compiling (tests/fixture_builder.py).
+        env.update(DRIVER_CTR_BUILDER="%s:FixtureBuilder" % FIXTURE_BUILDER, DRIVER_CTR_SOURCE_DIR=fixture)
     env.update(extra)
     return env
 
 
-def shared_dir(root: Path) -> Path:
+def make_shared_dir(root: Path) -> Path:
+    """Create (as the pod's emptyDir volume would be) and return the shared dir under ``root``."""
     d = root / "mnt/shared-nvidia-driver-toolkit"
     d.mkdir(parents=True, exist_ok=True)
     return d
@@ -207,7 +213,7 @@ def fixture_build_env(root: Path, tmp_path: Path, kernel: str, **extra: str):
 
 def run_both(root: Path, env: Dict[str, str], timeout: float = 180):
     """Both sides until the driver side exits (dry run); the DTK side is then stopped."""
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
     try:

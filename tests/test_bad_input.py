@@ -8,7 +8,7 @@ import pytest
 
 from driver_ctr.toolkit import protocol as proto
 from driver_ctr.toolkit.errors import ProtocolError
-from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, shared_dir, start_driver,
+from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, make_shared_dir, start_driver,
                      start_dtk, stop)
 
 
@@ -18,7 +18,7 @@ def _built(root, tmp_path):
     make_dtk_image(root)
     mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv, dtk = start_driver(env), start_dtk(env, shared)
     assert finish(drv).returncode == 0
     stop(dtk)
@@ -29,7 +29,7 @@ def test_malformed_release_json_is_named_and_signals_fallback(root, tmp_path):
     make_dtk_image(root)
     (root / "etc/driver-toolkit-release.json").write_text('{"KERNEL_VERSION": ')
     env = env_for(root)
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv, dtk = start_driver(env), start_dtk(env, shared)
     d = finish(drv)
     stop(dtk)
@@ -41,7 +41,7 @@ def test_malformed_release_json_is_named_and_signals_fallback(root, tmp_path):
 def test_malformed_settings_json_fails_both_sides_by_name(root, tmp_path):
     make_dtk_image(root)
     env = env_for(root, DRIVER_CTR_START_TIMEOUT="30")
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     from harness import wait_for_file
     wait_for_file(shared / "dir_prepared")
@@ -93,16 +93,25 @@ def test_flag_that_is_a_directory_is_named(built):
     assert "driver_built: is a directory where a regular file is expected" in d.stderr
 
 
-def test_atomic_write_leaves_old_or_new(tmp_path):
-    from driver_ctr.toolkit.fsio import atomic_write_json, read_json
+def test_atomic_write_leaves_old_or_new(tmp_path, monkeypatch):
+    """A write that fails after the temp file was written (here: the rename)
+    leaves the old complete file and no temp file."""
+    import os
+
+    from driver_ctr.toolkit import fsio
+
     p = tmp_path / "x.json"
-    atomic_write_json(p, {"a": 1})
-    class Boom(Exception):
-        pass
-    class Bad:
-        def __repr__(self):
-            raise Boom()
-    with pytest.raises(TypeError):
-        atomic_write_json(p, {"a": Bad()})
-    assert read_json(p, "x") == {"a": 1}
+    fsio.atomic_write_json(p, {"a": 1})
+
+    def failing_replace(src, dst):
+        assert os.path.getsize(src) > 0  # the new content was written, then the rename fails
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsio.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        fsio.atomic_write_json(p, {"a": 2})
+    monkeypatch.undo()
+    assert fsio.read_json(p, "x") == {"a": 1}
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+    fsio.atomic_write_json(p, {"a": 2})
+    assert fsio.read_json(p, "x") == {"a": 2}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from driver_ctr.toolkit.modinfo import read_modinfo
-from harness import (events, finish, fixture_build_env, installed_kernel, run_both, shared_dir, start_driver, start_dtk,
+from harness import (events, finish, fixture_build_env, installed_kernel, run_both, make_shared_dir, start_driver, start_dtk,
                      wait_for_file)
 
 NV = "kernel/drivers/video"
@@ -31,14 +31,14 @@ def _k61() -> str:
 
 
 def _manifest(root: Path) -> dict:
-    return json.loads((shared_dir(root) / "manifest.json").read_text())
+    return json.loads((make_shared_dir(root) / "manifest.json").read_text())
 
 
 def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
     _, env = fixture_build_env(root, tmp_path, k61)
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     m = _manifest(root)
     det = m["build"]["details"]
     assert m["build"]["builder"] == "kbuild"
@@ -81,14 +81,14 @@ def test_open_flavour_and_peermem_with_rdma(root, tmp_path, k61):
     det = _manifest(root)["build"]["details"]
     assert det["tree"] == "kernel-open" and det["flavour_reason"] == "KERNEL_MODULE_TYPE=open"
     assert det["modules"][-1] == "nvidia-peermem"
-    assert (shared_dir(root) / "modules" / NV / "nvidia-peermem.ko").is_file()
+    assert (make_shared_dir(root) / "modules" / NV / "nvidia-peermem.ko").is_file()
 
 
 def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):
     src, env = fixture_build_env(root, tmp_path, k61)
     d, _ = run_both(root, env)
     assert d.returncode == 0
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     good = (shared / "modules" / NV / "nvidia.ko").read_bytes()
     # the sources break (a driver that does not support this kernel); the flag goes
     text = (src / "kernel/nvidia.c").read_text()
@@ -126,7 +126,7 @@ def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k
                     DRIVER_CTR_SIGNING_CERT=str(keys / "cert.pem"))
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     det = _manifest(root)["build"]["details"]
     assert det["signed"] and len(det["signing_fingerprint"]) == 64
     for name in ("nvidia", "nvidia-uvm", "nvidia-modeset"):
@@ -162,14 +162,14 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
     assert json.loads((entry / "entry.json").read_text())["inputs"]["kernel_release"] == k61
 
     def fresh_run():
-        shutil.rmtree(shared_dir(root))  # a new pod: empty shared dir
+        shutil.rmtree(make_shared_dir(root))  # a new pod: empty shared dir
         return run_both(root, env)
 
     # hit: no build at all
     d, dtk = fresh_run()
     assert d.returncode == 0
     assert "host cache hit" in d.stderr and _manifest(root)["build"]["builder"] == "host-cache"
-    assert not (shared_dir(root) / "driver_build_started").exists()
+    assert not (make_shared_dir(root) / "driver_build_started").exists()
     # a flipped byte: discarded with a warning, the DTK rebuilds, the cache is refilled
     ko = entry / "modules" / NV / "nvidia.ko"
     raw = bytearray(ko.read_bytes())
@@ -183,12 +183,12 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
     assert _manifest(root)["build"]["builder"] == "kbuild"
     assert (entry / "entry.json").is_file()  # stored again by the rebuild
     # a module for another kernel planted, with the entry rewritten to list it: still refused
-    other = read_modinfo(shared_dir(root) / "modules" / NV / "nvidia.ko")
+    other = read_modinfo(make_shared_dir(root) / "modules" / NV / "nvidia.ko")
     data = json.loads((entry / "entry.json").read_text())
     planted = entry / "modules" / NV / "nvidia-uvm.ko"
     planted.write_bytes(planted.read_bytes().replace(k61.encode(), ("9" * len(k61)).encode()))
     import hashlib
-    for f in data["files"]:
+    for f in data["build"]["files"]:
         if f["path"].endswith("nvidia-uvm.ko"):
             f["sha256"] = hashlib.sha256(planted.read_bytes()).hexdigest()
     (entry / "entry.json").write_text(json.dumps(data))
@@ -204,11 +204,11 @@ def test_preempt_rt_kernel_needs_the_opt_in(root, tmp_path):
     _, env = fixture_build_env(root, tmp_path, krt)
     d, dtk = run_both(root, env)
     assert d.returncode == 1
-    body = json.loads((shared_dir(root) / "driver_build_failed").read_text())
+    body = json.loads((make_shared_dir(root) / "driver_build_failed").read_text())
     assert body["phase"] == "prepare" and "PREEMPT_RT" in body["message"]
     assert "IGNORE_PREEMPT_RT_PRESENCE=1" in body["message"] and krt in body["message"]
     # opted in: builds, and the vermagic says preempt_rt like the kernel's own modules
-    shutil.rmtree(shared_dir(root))
+    shutil.rmtree(make_shared_dir(root))
     env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
@@ -241,7 +241,7 @@ def test_compiler_differing_from_the_kernels_is_logged_with_both_versions(root, 
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     here = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True).stdout.strip()
-    log = (shared_dir(root) / "build.log").read_text()
+    log = (make_shared_dir(root) / "build.log").read_text()
     assert "compiler %s differs from the kernel's 11.4.1 (gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3))" % here in log
     warn = [e for e in events(dtk.stderr) if e["event"] == "compiler differs from the kernel's"]
     assert warn and warn[0]["kernel_compiler"] == "11.4.1" and warn[0]["compiler"] == here

@@ -16,8 +16,10 @@ from driver_ctr.toolkit.jobs import MEMORY_PER_JOB, plan_jobs
 from driver_ctr.toolkit.kbuild import first_error
 from driver_ctr.toolkit.kernel_tree import compiler_version, open_kernel_tree, parse_config
 from driver_ctr.toolkit.paths import HostPaths
-from driver_ctr.toolkit.runner import FakeRunner, Runner
-from driver_ctr.toolkit.sources import EXTRACTED_MARKER, extract_run, locate_sources, resolve_flavour
+from driver_ctr.toolkit.runner import Runner
+from fakes import FakeRunner
+from driver_ctr.toolkit.builders import find_source
+from driver_ctr.toolkit.sources import EXTRACTED_MARKER, extract_run, open_sources, resolve_flavour
 from driver_ctr.toolkit.waiting import Cancellation
 from harness import installed_kernels
 
@@ -144,7 +146,9 @@ def _run_file(d: Path, recommend: str = "open", extra: str = "") -> Path:
 def test_run_file_is_extracted_once_and_reused(tmp_path):
     run = _run_file(tmp_path / "drivers")
     scratch = tmp_path / "scratch"
-    src = locate_sources("", [tmp_path / "nothing", tmp_path / "drivers"], "x86_64", "535.261.03", scratch, Runner())
+    found = find_source("", [tmp_path / "nothing", tmp_path / "drivers"], "x86_64", "535.261.03")
+    assert found == run
+    src = open_sources(found, scratch, Runner())
     assert src.root == scratch / "NVIDIA-Linux-x86_64-535.261.03"
     assert src.flavours() == ("open", "proprietary") and src.installer is not None
     assert (src.root / EXTRACTED_MARKER).is_file()
@@ -173,12 +177,12 @@ def test_crash_mid_extraction_leaves_nothing_trusted(tmp_path):
 
 def test_no_sources_names_where_it_looked(tmp_path):
     with pytest.raises(BuildFailed) as e:
-        locate_sources("", [tmp_path / "a", tmp_path / "b"], "x86_64", "535.261.03", tmp_path / "s", Runner())
+        find_source("", [tmp_path / "a", tmp_path / "b"], "x86_64", "535.261.03")
     msg = str(e.value)
     assert "NVIDIA-Linux-x86_64-535.261.03.run" in msg and str(tmp_path / "a") in msg and "DRIVER_CTR_SOURCE_DIR" in msg
     (tmp_path / "empty").mkdir()
     with pytest.raises(BuildFailed) as e:
-        locate_sources(str(tmp_path / "empty"), [], "x86_64", "535.261.03", tmp_path / "s", Runner())
+        open_sources(find_source(str(tmp_path / "empty"), [], "x86_64", "535.261.03"), tmp_path / "s", Runner())
     assert "kernel-open/" in str(e.value) and str(tmp_path / "empty") in str(e.value)
 
 
@@ -196,7 +200,7 @@ def test_flavour_rules(tmp_path):
     only_kernel = tmp_path / "only"
     (only_kernel / "kernel").mkdir(parents=True)
     (only_kernel / "kernel/Makefile").write_text("")
-    s2 = locate_sources(str(only_kernel), [], "x86_64", "535.261.03", tmp_path / "s", Runner())
+    s2 = open_sources(only_kernel, tmp_path / "s", Runner())
     with pytest.raises(BuildFailed) as e:
         resolve_flavour("open", 535, s2, Runner())
     assert "KERNEL_MODULE_TYPE=open" in str(e.value) and "has no kernel-open/" in str(e.value)
@@ -242,4 +246,4 @@ def test_cancellable_run_times_out_and_captures_output(tmp_path):
         Runner().run(["sh", "-c", "sleep 30"], cancel=Cancellation(), timeout=0.6)
     assert "timed out" in str(e.value)
     r = Runner().run(["sh", "-c", "echo hi; echo err >&2; exit 3"], cancel=Cancellation(), check=False)
-    assert r.returncode == 3 and "hi" in r.stdout and "err" in r.stdout
+    assert r.returncode == 3 and r.stdout == "hi\n" and r.stderr == "err\n"  # both kept, not merged

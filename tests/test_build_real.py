@@ -27,7 +27,7 @@ import pytest
 
 from conftest import REPO
 from driver_ctr.toolkit.modinfo import read_modinfo
-from harness import env_for, events, finish, installed_kernel, make_real_kernel_root, shared_dir, start_driver, \
+from harness import env_for, events, finish, installed_kernel, make_real_kernel_root, make_shared_dir, start_driver, \
     start_dtk, stop, wait_for_file
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,8 @@ NVIDIA_VERSION = "535.261.03"
 SOURCES = Path(os.environ.get("DRIVER_CTR_TEST_CACHE", "/var/cache/driver-ctr-test")) / ("nvidia-" + NVIDIA_VERSION)
 NV = "kernel/drivers/video"
 # The code that decides what is built and staged: a change to it rebuilds.
-BUILD_CODE = ("kbuild.py", "staging.py", "sources.py", "kernel_tree.py", "signing.py", "jobs.py", "modinfo.py")
+BUILD_CODE = ("kbuild.py", "staging.py", "sources.py", "kernel_tree.py", "signing.py", "jobs.py", "modinfo.py",
+              "builders.py", "nvidia_modules.py", "protocol.py", "host_cache.py")
 
 
 
@@ -82,7 +83,7 @@ def _build(root: Path, tmp_path: Path, kernel: str, flavour: str, cache: bool = 
         link = root / "var/lib/driver-ctr/cache"
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(_artefact_cache(kernel, flavour))
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     t0 = time.monotonic()
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
@@ -140,7 +141,7 @@ def test_open_535_fails_for_6_1_with_the_compiler_error(root, tmp_path):
     make_real_kernel_root(root, k)
     env = env_for(root, k, DRIVER_CTR_SOURCE_DIR=str(_sources()), KERNEL_MODULE_TYPE="open", TMPDIR=str(tmp_path))
     env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
     wait_for_file(shared / "driver_build_failed", timeout=1500)

@@ -1,4 +1,4 @@
-"""The gpu-operator's own rendered DaemonSet (shared/reference/data) works with our CLI:
+"""The gpu-operator's own rendered DaemonSet (tests/data, Apache-2.0) works with our CLI:
 every command and argument parses, every environment variable validates."""
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from conftest import REPO
 from driver_ctr.cli import build_nvidia_driver_parser, build_ocp_parser
 from driver_ctr.toolkit.settings import Settings
 
-GOLDEN = REPO.parent / "shared/reference/data/gpu-operator-golden-driver-openshift-drivertoolkit.yaml"
+GOLDEN = REPO / "tests/data/gpu-operator-golden-driver-openshift-drivertoolkit.yaml"
 # What the driver image itself sets (ENV in the Containerfile).
 IMAGE_ENV = {"DRIVER_VERSION": "525.85.03", "TARGETARCH": "amd64", "DRIVER_TYPE": "passthrough"}
 
 
 def _containers():
-    if not GOLDEN.exists():
-        pytest.skip("the reference data is not beside this checkout: %s" % GOLDEN)
     docs = [d for d in yaml.safe_load_all(GOLDEN.read_text()) if d]
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
     return {c["name"]: c for c in ds["spec"]["template"]["spec"]["containers"]}

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 
 from driver_ctr.toolkit.host_cache import HostCache, cache_key
-from driver_ctr.toolkit.protocol import describe_tree
+from driver_ctr.toolkit.protocol import BuildInputs, BuildRecord, describe_tree
 from harness import make_fixture_modules
 
 NV = "kernel/drivers/video"
 
 
-def _inputs(kernel: str, **over) -> dict:
+def _inputs(kernel: str, **over) -> BuildInputs:
     d = {"kernel_release": kernel, "driver_version": "535.261.03", "kernel_module_type": "auto",
          "driver_config_digest": "3522141578", "gpu_direct_rdma_enabled": False, "gds_enabled": False,
          "gdrcopy_enabled": False, "target_arch": "x86_64"}
     d.update(over)
-    return d
+    return BuildInputs(**d)
 
 
 def _tree(tmp: Path, kernel: str) -> Path:
@@ -33,7 +33,9 @@ def _tree(tmp: Path, kernel: str) -> Path:
 
 def _store(cache: HostCache, tmp: Path, kernel: str, fp: str = "") -> Path:
     t = _tree(tmp, kernel)
-    return cache.store(_inputs(kernel), fp, t, {"files": describe_tree(t), "details": {"flavour": "proprietary"}})
+    build = BuildRecord(builder="kbuild", files=describe_tree(t),
+                        details={"flavour": "proprietary", "signing_fingerprint": fp})
+    return cache.store(_inputs(kernel), build, t).path
 
 
 def test_key_covers_every_input_and_the_signing_fingerprint():
@@ -53,13 +55,13 @@ def test_store_then_lookup_round_trip(tmp_path):
     assert path.parent.name == k and (path / "entry.json").is_file()
     assert not list((tmp_path / "cache").glob(".tmp-*"))
     e = cache.lookup(_inputs(k), "")
-    assert e is not None and e.data["details"] == {"flavour": "proprietary"}
-    assert sorted(f["path"] for f in e.files) == sorted(f["path"] for f in describe_tree(path / "modules"))
+    assert e is not None and e.record.build.details == {"flavour": "proprietary", "signing_fingerprint": ""}
+    assert sorted(f.path for f in e.files) == sorted(f.path for f in describe_tree(path / "modules"))
     assert cache.lookup(_inputs(k), "other-fingerprint") is None  # signed with another key: a miss
     assert cache.lookup(_inputs(k, driver_version="550.54.14"), "") is None
     dest = tmp_path / "restored"
     cache.restore(e, dest)
-    assert describe_tree(dest) == e.files
+    assert list(describe_tree(dest)) == e.files
 
 
 def test_entry_for_other_inputs_is_discarded(tmp_path):

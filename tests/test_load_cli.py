@@ -9,7 +9,7 @@ import sys
 import time
 
 from conftest import REPO
-from harness import RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, run_both, shared_dir
+from harness import RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, run_both, make_shared_dir
 
 
 def nvd(env, *args, timeout=60):
@@ -19,7 +19,7 @@ def nvd(env, *args, timeout=60):
 
 def test_load_without_any_build_says_where_it_looked(root):
     env = env_for(root)
-    shared_dir(root)
+    make_shared_dir(root)
     r = nvd(env, "load")
     assert r.returncode == 1
     assert "no verified build for kernel %s" % RHEL_KERNEL in r.stderr and "host cache" in r.stderr
@@ -101,7 +101,7 @@ def test_init_builds_here_with_the_m_bound_then_reports_the_kernel_refusing_modu
 
     k = installed_kernel(r"6\.1\.0-\d+-amd64")
     _, env = fixture_build_env(root, tmp_path, k)
-    shared_dir(root)
+    make_shared_dir(root)
     r = nvd(env, "init", "-m", "1", timeout=300)
     assert r.returncode == 1
     ev = events(r.stderr)

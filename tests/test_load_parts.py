@@ -243,7 +243,7 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
 
 
 def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path):
-    from driver_ctr.driver_load import userspace_install
+    from driver_ctr.userspace import userspace_install
     from driver_ctr.toolkit.runner import Runner
     from driver_ctr.toolkit.settings import Settings
 
@@ -270,7 +270,7 @@ def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(t
     import threading
 
     from driver_ctr.daemons import start_daemons
-    from driver_ctr.toolkit.runner import FakeRunner
+    from fakes import FakeRunner
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_module, make_fixture_modules,
-                     shared_dir, start_driver, start_dtk, stop, wait_for_file)
+                     make_shared_dir, start_driver, start_dtk, stop, wait_for_file)
 
 RT_KERNEL = "5.14.0-427.18.1.el9_4.x86_64+rt"
 K64 = "5.14.0-284.11.1.el9_2.aarch64+64k"
@@ -21,7 +21,7 @@ def _fixture_mods(tmp_path):
 
 
 def _run_both(root, env, dtk_env=None, timeout=60):
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     dtk = start_dtk(dtk_env or env, shared)
     try:
@@ -36,7 +36,7 @@ def test_happy_path(root, fixture_mods):
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     d, dtk, t_stop = _run_both(root, env)
     assert d.returncode == 0, d.stderr
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     for f in ("dir_prepared", "driver_build_started", "driver_built", "manifest.json", "settings.json",
               "ocp_dtk_entrypoint", "driver-ctr-toolkit.pyz"):
         assert (shared / f).is_file(), f
@@ -57,11 +57,11 @@ def test_restart_of_driver_side_reuses_the_build(root, fixture_mods):
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     d, _, _ = _run_both(root, env)
     assert d.returncode == 0, d.stderr
-    built_before = (shared_dir(root) / "driver_built").stat().st_mtime_ns
+    built_before = (make_shared_dir(root) / "driver_built").stat().st_mtime_ns
     d2 = finish(start_driver(env))
     assert d2.returncode == 0, d2.stderr
     assert "already prepared for these inputs" in d2.stderr
-    assert (shared_dir(root) / "driver_built").stat().st_mtime_ns == built_before
+    assert (make_shared_dir(root) / "driver_built").stat().st_mtime_ns == built_before
 
 
 @pytest.mark.parametrize("case", ["older-dtk", "newer-dtk", "no-build-tree", "rt-without-rt-package", "64k-mismatch"])
@@ -89,12 +89,12 @@ def test_broken_dtk_signals_fallback_with_both_versions(root, case, tmp_path):
     d, _, _ = _run_both(root, env)
     assert d.returncode == 1
     assert "falling back" in d.stderr and "not implemented yet" in d.stderr
-    body = json.loads((shared_dir(root) / "driver_toolkit_broken").read_text())
+    body = json.loads((make_shared_dir(root) / "driver_toolkit_broken").read_text())
     text = json.dumps(body) + d.stderr
     for w in want:
         assert w in text, (w, text)
     assert body["node_kernel"] == kernel and body["rhcos_version"] == "416.94.202407030122-0"
-    assert not (shared_dir(root) / "driver_build_started").exists()
+    assert not (make_shared_dir(root) / "driver_build_started").exists()
 
 
 def test_rt_kernel_matched_to_its_own_package(root, tmp_path):
@@ -113,7 +113,7 @@ def test_rhcos_image_missing(root, fixture_mods):
     assert d.returncode == 1 and "image tag missing" in d.stderr and "9.6.20250523-0" in d.stderr
     # DTK side, as the pod runs it, once the shared dir exists (payload from a normal prepare)
     from driver_ctr import payload
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     payload.install(shared)
     (shared / "dir_prepared").write_text("")
     dtk = start_dtk(env, shared)
@@ -130,7 +130,7 @@ def test_build_failure_reaches_the_driver_side_fast(root, fixture_mods):
         "  CC [M]  nvidia/nv-pci.o\n"
         "nvidia/nv-pci.c:123:5: error: too few arguments to function 'pci_resize_resource'\n")
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
     wait_for_file(shared / "driver_build_failed")
@@ -153,7 +153,7 @@ def test_failed_build_does_not_replace_a_good_one(root, fixture_mods):
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     d, _, _ = _run_both(root, env)
     assert d.returncode == 0
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     good = (shared / "modules/kernel/drivers/video/nvidia.ko").read_bytes()
     (shared / "driver_built").unlink()  # someone deletes the flag: the DTK rebuilds
     (fixture_mods / "FAIL").write_text("error: out of memory\n")
@@ -175,7 +175,7 @@ def test_stale_build_for_another_kernel_is_never_used(root, fixture_mods, tmp_pa
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     d, _, _ = _run_both(root, env)
     assert d.returncode == 0, d.stderr
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     m = json.loads((shared / "manifest.json").read_text())
     assert m["generation"] == 2 and m["inputs"]["kernel_release"] == RHEL_KERNEL
     assert all(f["vermagic"].startswith(RHEL_KERNEL) for f in m["build"]["files"])
@@ -190,7 +190,7 @@ def test_stale_modules_planted_under_a_matching_manifest_are_refused(root, fixtu
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     d, _, _ = _run_both(root, env)
     assert d.returncode == 0
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     wrong = make_fixture_module(tmp_path / "wrong", "nvidia", "5.14.0-1.el9.x86_64")
     target = shared / "modules/kernel/drivers/video/nvidia.ko"
     target.write_bytes(wrong.read_bytes())
@@ -213,7 +213,7 @@ def test_sigkill_and_restart_converges(root, fixture_mods, victim, step):
     make_dtk_image(root)
     (fixture_mods / "DELAY").write_text("1.5")
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     dtk = start_dtk(env, shared)
     flag = {"prepared": "dir_prepared", "started": "driver_build_started", "built": "driver_built"}[step]
@@ -238,8 +238,9 @@ def test_sigkill_and_restart_converges(root, fixture_mods, victim, step):
 def test_sigterm_while_waiting_ends_driver_side_within_2s(root):
     make_dtk_image(root)
     env = env_for(root)
+    shared = make_shared_dir(root)  # the pod's volume exists before the container starts
     drv = start_driver(env)
-    wait_for_file(shared_dir(root) / "dir_prepared")
+    wait_for_file(shared / "dir_prepared")
     time.sleep(0.3)
     assert stop(drv) < 2.0
     assert drv.returncode == 0
@@ -248,7 +249,7 @@ def test_sigterm_while_waiting_ends_driver_side_within_2s(root):
 def test_start_deadline(root):
     """No DTK container at all: the driver side gives up at its deadline with a clear message."""
     env = env_for(root, DRIVER_CTR_START_TIMEOUT="1")
-    shared_dir(root)
+    make_shared_dir(root)
     d = finish(start_driver(env), 30)
     assert d.returncode == 1
     assert "timed out after 1 s waiting for the openshift-driver-toolkit-ctr container to start" in d.stderr
@@ -264,7 +265,7 @@ def test_fast_path(root):
     d = finish(start_driver(env_for(root)))
     assert d.returncode == 0, d.stderr
     assert "fast path" in d.stderr
-    assert not (shared_dir(root) / "dir_prepared").exists()
+    assert not (root / "mnt/shared-nvidia-driver-toolkit" / "dir_prepared").exists()
 
 
 def test_unmounted_shared_dir_is_named(root):

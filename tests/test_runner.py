@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from driver_ctr.toolkit.errors import CommandFailed
-from driver_ctr.toolkit.runner import FakeRunner, Runner
+from driver_ctr.toolkit.runner import Runner
+from fakes import FakeRunner
 
 
 def test_success_and_output():
@@ -37,3 +38,31 @@ def test_fake_runner_refuses_unexpected_commands():
     with pytest.raises(AssertionError):
         fake.run(["rmmod", "nvidia"])
     assert fake.calls == [("modprobe", "-n", "nvidia"), ("rmmod", "nvidia")]
+
+
+def test_cancellable_run_keeps_both_streams_and_takes_input():
+    """One behaviour with or without cancellation: stderr is not merged into stdout."""
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    for cancel in (None, Cancellation()):
+        r = Runner().run(["sh", "-c", "cat; echo err >&2"], input_bytes=b"in\n", cancel=cancel)
+        assert (r.stdout, r.stderr) == ("in\n", "err\n"), cancel
+
+
+def test_nothing_starts_after_a_cancellation(tmp_path):
+    from driver_ctr.toolkit.errors import Cancelled
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    cancel = Cancellation()
+    cancel.set()
+    marker = tmp_path / "ran"
+    with pytest.raises(Cancelled):
+        Runner().run(["touch", str(marker)], cancel=cancel)
+    assert not marker.exists()
+
+
+def test_wrapped_failure_summary_keeps_the_last_stderr_line():
+    with pytest.raises(CommandFailed) as exc:
+        Runner().run(["sh", "-c", "echo 'depmod: ERROR: bad index' >&2; exit 1"])
+    assert exc.value.summary.endswith("depmod: ERROR: bad index")
+    assert "exited with status 1" in exc.value.summary

@@ -111,9 +111,9 @@ def test_root_reroots_every_host_path(base_env):
         assert path.as_posix().startswith("/tmp/r/"), path
 
 
-def test_kernel_release_override(base_env):
+def test_running_kernel_override(base_env):
     s = Settings.from_env(dict(base_env, DRIVER_CTR_KERNEL_RELEASE="5.14.0-427.13.1.el9_4.x86_64"))
-    assert s.kernel_release() == "5.14.0-427.13.1.el9_4.x86_64"
+    assert s.running_kernel() == "5.14.0-427.13.1.el9_4.x86_64"
 
 
 def test_shared_subset_is_allow_listed(base_env):

@@ -14,7 +14,7 @@ import zipfile
 
 from conftest import REPO, need_tool
 from driver_ctr import payload
-from harness import RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, shared_dir, start_driver
+from harness import RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, make_shared_dir, start_driver
 
 TOOLKIT = REPO / "driver_ctr/toolkit"
 VENDORED_TOP = {"structlog", "elftools", "inotify_simple"}
@@ -38,14 +38,17 @@ def test_toolkit_imports_only_stdlib_itself_and_vendored():
     """The dependency direction is a test: the toolkit never imports the driver side,
     psutil or requests."""
     stdlib = set(sys.stdlib_module_names)
-    for f in TOOLKIT.glob("*.py"):
+    files = payload.toolkit_files(TOOLKIT)
+    assert TOOLKIT / "dtk_side.py" in files and len(files) > 20
+    for f in files:
         tree = ast.parse(f.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    assert node.level == 1, "%s: relative import leaves the toolkit" % f.name
+                    depth = len(f.relative_to(TOOLKIT).parts)  # 1 for toolkit/x.py, 2 for toolkit/sub/x.py
+                    assert node.level <= depth, "%s: relative import leaves the toolkit" % f
                     continue
                 mods = [node.module]
             else:
@@ -80,7 +83,7 @@ def test_zipapp_runs_from_shared_dir_with_only_the_chosen_interpreter(root, tmp_
         p = need_tool(tool)
         (bindir / tool).symlink_to(p)
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
-    shared = shared_dir(root)
+    shared = make_shared_dir(root)
     drv = start_driver(env)
     from harness import wait_for_file
     wait_for_file(shared / "dir_prepared")
@@ -111,6 +114,24 @@ def test_launcher_without_python_signals_broken(tmp_path):
     assert stop(p) < 2.0
     body = json.loads((shared / "driver_toolkit_broken").read_text())
     assert "no Python >= 3.9" in body["reasons"][0]
+    # the driver side's typed reader accepts what the shell launcher wrote
+    from driver_ctr.toolkit import protocol as proto
+    flag = proto.SharedDir(shared).read_flag(proto.Broken)
+    assert flag is not None and flag.generation is None and "no Python >= 3.9" in flag.reasons[0]
+    assert flag.likely_cause == "DTK image without a usable Python"
+
+
+def test_toolkit_subpackages_are_in_the_zipapp(tmp_path, monkeypatch):
+    """A module in a toolkit subpackage reaches the zip (the walk is recursive)."""
+    fake = tmp_path / "driver_ctr"
+    (fake / "toolkit" / "sub").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "toolkit" / "__init__.py").write_text("")
+    (fake / "toolkit" / "sub" / "__init__.py").write_text("")
+    (fake / "toolkit" / "sub" / "planted.py").write_text("X = 1\n")
+    monkeypatch.setattr(payload, "__file__", str(fake / "payload.py"))
+    names = _zip().namelist()
+    assert "driver_ctr/toolkit/sub/planted.py" in names and "driver_ctr/toolkit/sub/__init__.py" in names
 
 
 def test_zipapp_is_deterministic():

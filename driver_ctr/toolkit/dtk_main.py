@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Mapping, NoReturn, Optional
 
 from . import log as logmod
+from .log import first_line
 from . import protocol as proto
 from .dtk_side import DtkSide
 from .errors import DriverCtrError, InvalidValue
@@ -42,10 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     env = dict(os.environ)
     try:
         fmt = logmod.choose_format(env.get("DRIVER_CTR_LOG_FORMAT") or None, sys.stdout)
+        logmod.configure(fmt, level=(env.get("DRIVER_CTR_LOG_LEVEL") or "info").strip().lower())
     except InvalidValue as exc:
         sys.stderr.write("ocp_dtk_entrypoint: %s\n" % exc)
         return 1
-    logmod.configure(fmt)
     cancel = Cancellation().install()
     shared = shared_dir_from_env(env)
     if not shared.is_dir():
@@ -59,15 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
-def _signal_failure(shared: Path, exc: Exception) -> None:
+def _signal_failure(shared: Path, exc: DriverCtrError) -> None:
     """Tell the driver side, so it fails fast instead of waiting for its deadline."""
     sd = proto.SharedDir(shared)
     try:
-        m = sd.read_manifest()
-        gen = m["generation"] if m else None
-    except DriverCtrError:
-        gen = None
-    try:
-        sd.write_flag(proto.BUILD_FAILED, generation=gen, phase="protocol", message=str(exc).splitlines()[0], log_tail="")
+        sd.write_flag(proto.Failed(generation=sd.generation(), phase="protocol", message=first_line(exc)))
     except (OSError, DriverCtrError):
         pass

@@ -6,9 +6,11 @@
 3. Decide whether this DTK can build for the node kernel; if not, write
    ``driver_toolkit_broken`` with the reasons and idle.
 4. A complete build with the same inputs and generation is reused.
-5. Otherwise write ``driver_build_started``, build into a staging directory,
-   check every module's vermagic, swap it in as ``modules/``, write the
-   manifest, then ``driver_built`` (then the side-module flags).
+5. Otherwise write ``driver_build_started`` (before any log line or heavy
+   import: the driver side is waiting for it), build into a staging
+   directory, check every module's vermagic, swap it in as ``modules/``,
+   write the manifest, store it in the host cache, then ``driver_built``
+   (then the side-module flags).
 6. Idle; when ``driver_built`` disappears or the generation changes, go to 2.
 On a failure: ``driver_build_failed`` with the phase, message and log tail,
 then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
@@ -18,16 +20,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 from . import protocol as proto
-from .builders import Builder, BuildRequest, FixtureBuilder
-from .dtk_decision import decide, inspect_dtk
+from .builders import Builder, BuildOptions, BuildRequest, choose_builder, default_scratch, find_source
+from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
 from .fsio import remove_tree
-from .host_cache import HostCache
-from .kbuild import KbuildBuilder
-from .log import get_logger, phase
+from .host_cache import HostCache, store_build
+from .log import first_line, get_logger, phase
 from .modinfo import vermagic_problem
 from .settings import Settings
 from .waiting import Cancellation, wait_until
@@ -49,13 +50,6 @@ def merged_settings(shared_env: Mapping[str, str], own_env: Mapping[str, str]) -
     return Settings.from_env(env)
 
 
-def choose_builder(own_env: Mapping[str, str]) -> Builder:
-    fixture = own_env.get("DRIVER_CTR_FIXTURE_MODULES", "").strip()
-    if fixture:
-        return FixtureBuilder(Path(fixture))
-    return KbuildBuilder()
-
-
 class DtkSide:
     def __init__(self, shared_dir: Path, own_env: Mapping[str, str], cancel: Cancellation,
                  builder: Optional[Builder] = None) -> None:
@@ -67,8 +61,8 @@ class DtkSide:
 
     # -- helpers -----------------------------------------------------------
 
-    def _idle(self, why: str, until: Any = None) -> None:
-        """Wait for a signal (or for ``until()`` to return something)."""
+    def _idle(self, why: str, until: Optional[Callable[[], bool]] = None) -> None:
+        """Wait for a signal (or for ``until()`` to become true)."""
         self.log.info("idle", reason=why)
 
         def check() -> Optional[bool]:
@@ -78,11 +72,7 @@ class DtkSide:
                    cancel=self.cancel, recheck_s=IDLE_RECHECK_S, progress_s=3600)
 
     def _generation_changed(self, generation: int) -> bool:
-        try:
-            m = self.shared.read_manifest()
-        except ProtocolError:
-            return True
-        return m is None or m["generation"] != generation
+        return self.shared.generation() != generation
 
     # -- main --------------------------------------------------------------
 
@@ -109,41 +99,39 @@ class DtkSide:
                 # The driver side is starting a new generation (it moved the
                 # last one aside and writes the manifest next).
                 self._idle("waiting for the driver side's new manifest",
-                           until=lambda: (self.shared.path / proto.MANIFEST_JSON).exists())
+                           until=lambda: self.shared.manifest_path.exists())
                 continue
-            generation = manifest["generation"]
-            kernel = settings.kernel_release()
-            inputs = proto.build_inputs(settings, kernel)
-            if manifest["inputs"] != inputs:
-                raise ProtocolError(self.shared.path / proto.MANIFEST_JSON, "inputs of generation %d are not this node's: %s" % (
-                    generation, "; ".join("%s=%r (here %r)" % (k, manifest["inputs"].get(k), inputs[k])
-                                          for k in proto.INPUT_KEYS if manifest["inputs"].get(k) != inputs[k])))
-            paths = settings.paths
-            facts = inspect_dtk(paths, kernel)
+            generation = manifest.generation
+            kernel = settings.running_kernel()
+            inputs = proto.BuildInputs.from_settings(settings, kernel)
+            diff = manifest.inputs.differences(inputs)
+            if diff:
+                raise ProtocolError(self.shared.manifest_path, "inputs of generation %d are not this node's: %s"
+                                    % (generation, "; ".join(diff)))
+            facts = inspect_dtk(settings.paths, kernel)
             decision = decide(kernel, facts, settings.rhcos_version)
             if decision.broken:
+                self.shared.write_flag(proto.Broken(generation=generation, reasons=decision.reasons,
+                                                    likely_cause=decision.likely_cause, decision=decision.as_dict()))
                 self.log.warning("broken Driver Toolkit image detected: informing the driver container to fall back",
                                  **decision.as_dict())
-                self.shared.write_flag(proto.TOOLKIT_BROKEN, generation=generation, **decision.as_dict())
                 self._idle("broken DTK", until=lambda: self._generation_changed(generation))
                 continue
-            for note in decision.notes:
-                self.log.info("dtk note", note=note)
-            if self.shared.has(proto.BUILD_FAILED) and self.shared.read_flag(proto.BUILD_FAILED).get("generation") == generation:
+            failed = self.shared.read_flag(proto.Failed)
+            if failed is not None and failed.generation == generation:
                 self.log.warning("the build of this generation failed before; waiting for the driver side to request a retry",
                                  generation=generation)
                 self._idle("failed build", until=lambda: self._generation_changed(generation))
                 continue
             if self.shared.has(proto.BUILT) and self._reusable(inputs, generation):
                 self.log.info("NVIDIA drivers already built for these inputs, nothing to do", generation=generation)
-            else:
-                if not self._build(settings, inputs, generation, decision.dtk_kernels, facts.build_tree):
-                    return 1
+            elif not self._build(settings, inputs, generation, decision, facts.build_tree):
+                return 1
             self._idle("built; watching driver_built",
                        until=lambda: not self.shared.has(proto.BUILT) or self._generation_changed(generation))
             self.log.warning("driver_built disappeared or a new generation was prepared: rebuilding")
 
-    def _reusable(self, inputs: Mapping[str, Any], generation: int) -> bool:
+    def _reusable(self, inputs: proto.BuildInputs, generation: int) -> bool:
         try:
             proto.verify_build(self.shared, inputs, generation)
             return True
@@ -151,30 +139,36 @@ class DtkSide:
             self.log.warning("existing build not reusable, rebuilding", reason=str(exc))
             return False
 
-    def _build(self, settings: Settings, inputs: Dict[str, Any], generation: int,
-               dtk_kernels: Mapping[str, str], build_tree: Optional[str]) -> bool:
+    def _build(self, settings: Settings, inputs: proto.BuildInputs, generation: int, decision: DtkDecision,
+               build_tree: Optional[str]) -> bool:
         sh = self.shared
         for f in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
             sh.remove_flag(f)
-        sh.write_flag(proto.BUILD_STARTED, generation=generation, pid=os.getpid(), builder=self.builder.name)
-        log_path = sh.path / proto.BUILD_LOG
-        log_path.write_text("")
-        staging = sh.path / (proto.STAGING_PREFIX + "%d-%d" % (generation, os.getpid()))
+        sh.write_flag(proto.Started(generation=generation, pid=os.getpid(), builder=self.builder.name))
+        for note in decision.notes:
+            self.log.info("dtk note", note=note)
+        sh.build_log.write_text("")
+        staging = sh.staging("%d-%d" % (generation, os.getpid()))
+        kernel = inputs.kernel_release
         current = "build"
         try:
-            with phase(self.log, "build", generation=generation, kernel=inputs["kernel_release"], builder=self.builder.name):
+            with phase(self.log, "build", generation=generation, kernel=kernel, builder=self.builder.name):
                 remove_tree(staging)
                 staging.mkdir()
-                result = self.builder.build(BuildRequest(settings, inputs["kernel_release"], sh.path, staging, log_path,
-                                                         build_tree, cancel=self.cancel))
+                source = find_source(settings.source_dir, [sh.drivers, settings.paths.drivers_dir],
+                                     settings.target_arch, settings.driver_version.raw)
+                result = self.builder.build(BuildRequest(
+                    target_kernel=kernel, source=source, paths=settings.paths, staging_dir=staging,
+                    log_path=sh.build_log, scratch=default_scratch(), options=BuildOptions.from_settings(settings),
+                    build_tree=Path(build_tree) if build_tree else None, cancel=self.cancel))
             current = "verify"
             with phase(self.log, "verify", generation=generation):
                 files = proto.describe_tree(staging)
-                mods = [f for f in files if proto.is_module(f["path"])]
-                if not any(f.get("name") == "nvidia" for f in mods):
+                mods = [f for f in files if f.is_module]
+                if not any(f.name == "nvidia" for f in mods):
                     raise BuildFailed("verify", "the build produced no nvidia module")
                 for f in mods:
-                    problem = vermagic_problem(staging / f["path"], f["vermagic"], inputs["kernel_release"])
+                    problem = vermagic_problem(staging / f.path, f.vermagic, kernel)
                     if problem:
                         raise BuildFailed("verify", problem)
                 wanted = [c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on]
@@ -187,33 +181,22 @@ class DtkSide:
                     self.log.warning("a new generation was prepared during the build: discarding this one")
                     remove_tree(staging)
                     return True
-                modules = sh.path / proto.MODULES_DIR
-                old = sh.path / (proto.STAGING_PREFIX + "old-%d" % os.getpid())
-                if modules.exists():
-                    os.replace(str(modules), str(old))
-                os.replace(str(staging), str(modules))
+                old = sh.staging("old-%d" % os.getpid())
+                if sh.modules.exists():
+                    os.replace(str(sh.modules), str(old))
+                os.replace(str(staging), str(sh.modules))
                 remove_tree(old)
-                manifest = {
-                    "protocol": proto.PROTOCOL_VERSION,
-                    "generation": generation,
-                    "inputs": inputs,
-                    "build": {
-                        "builder": result.builder,
-                        "components": list(result.components),
-                        "dtk_kernels": dict(dtk_kernels),
-                        "finished_at": proto.now(),
-                        "details": result.details or {},
-                        "files": files,
-                    },
-                }
-                sh.write_manifest(manifest)
+                build = proto.BuildRecord(builder=result.builder, files=files, components=result.components,
+                                          dtk_kernels=dict(decision.dtk_kernels), finished_at=proto.now(),
+                                          details=dict(result.details))
+                sh.write_manifest(proto.Manifest(generation=generation, inputs=inputs, build=build))
                 # Before driver_built: the driver side then finds it stored.
-                self._store_in_cache(settings, inputs, manifest["build"])
-                sh.write_flag(proto.BUILT, generation=generation, files=len(files))
+                store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)
+                sh.write_flag(proto.Built(generation=generation, files=len(files)))
                 if "nvidia-fs" in result.components:
-                    sh.write_flag(proto.NVIDIA_FS_BUILT, generation=generation)
+                    sh.write_flag(proto.NvidiaFsBuilt(generation=generation))
                 if "gdrcopy" in result.components:
-                    sh.write_flag(proto.GDRCOPY_BUILT, generation=generation)
+                    sh.write_flag(proto.GdrcopyBuilt(generation=generation))
             return True
         except Cancelled:
             remove_tree(staging)
@@ -221,23 +204,12 @@ class DtkSide:
         except DriverCtrError as exc:
             remove_tree(staging)
             if isinstance(exc, BuildFailed):
-                phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(log_path)
+                phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(sh.build_log)
             else:
-                phase_name, message, log_tail = current, str(exc).splitlines()[0], _log_tail(log_path)
+                phase_name, message, log_tail = current, first_line(exc), _log_tail(sh.build_log)
             self.log.error("build failed", phase=phase_name, message=message, generation=generation)
-            sh.write_flag(proto.BUILD_FAILED, generation=generation, phase=phase_name, message=message, log_tail=log_tail)
+            sh.write_flag(proto.Failed(generation=generation, phase=phase_name, message=message, log_tail=log_tail))
             return False
-
-
-    def _store_in_cache(self, settings: Settings, inputs: Mapping[str, Any], build: Mapping[str, Any]) -> None:
-        """Keep the published build on the host when the cache is mounted here."""
-        try:
-            cache = HostCache.from_settings(settings)
-            if cache is not None:
-                cache.store(inputs, (build.get("details") or {}).get("signing_fingerprint", ""),
-                            self.shared.path / proto.MODULES_DIR, build)
-        except (OSError, DriverCtrError) as exc:
-            self.log.warning("could not store the build in the host cache (the build itself is fine)", reason=str(exc))
 
 
 def _log_tail(path: Path) -> str:

@@ -71,12 +71,20 @@ class CommandFailed(DriverCtrError):
             head += reason
         else:
             head += "exited with status %s" % returncode
+        self.head = head
         parts = [head]
         for label, text in (("stderr", stderr), ("stdout", stdout)):
             t = tail_lines(text, 15)
             if t:
                 parts.append("%s (last lines):\n%s" % (label, t))
+        self.tail = "\n".join(parts[1:])
         super().__init__("\n".join(parts))
+
+    @property
+    def summary(self) -> str:
+        """One line for a wrapping message: the head and the last line the command printed."""
+        last = tail_lines(self.stderr, 1) or tail_lines(self.stdout, 1)
+        return "%s: %s" % (self.head, last) if last else self.head
 
 
 class ProtocolError(DriverCtrError):
@@ -98,7 +106,7 @@ class BuildFailed(DriverCtrError):
         self.log_tail = log_tail
         text = "build failed in %s: %s" % (phase, message)
         if log_tail:
-            text += "\nlast lines of the build log:\n" + log_tail
+            text += "\nlast lines of output:\n" + log_tail
         super().__init__(text)
 
 

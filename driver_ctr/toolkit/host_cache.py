@@ -25,35 +25,38 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-from .errors import DriverCtrError
+from .errors import DriverCtrError, ProtocolError
 from .fsio import atomic_write_json, read_json, remove_tree
-from .log import get_logger
-from .protocol import describe_tree, verify_files
+from .log import Logger, get_logger
+from .protocol import BuildInputs, BuildRecord, CacheRecord, FileRecord, describe_tree, now, verify_files
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 ENTRY_JSON = "entry.json"
 MODULES = "modules"
-FORMAT = 1
+HOST_CACHE_BUILDER = "host-cache"  # the builder name of a build restored from the cache
 
 
-def cache_key(inputs: Mapping[str, Any], signing_fingerprint: str) -> str:
-    blob = json.dumps({"inputs": dict(inputs), "signing": signing_fingerprint}, sort_keys=True)
+def cache_key(inputs: BuildInputs, signing_fingerprint: str) -> str:
+    blob = json.dumps({"inputs": inputs.to_json(), "signing": signing_fingerprint}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
 class CacheEntry:
     path: Path
-    data: Dict[str, Any]
+    record: CacheRecord
 
     @property
     def modules(self) -> Path:
         return self.path / MODULES
 
     @property
-    def files(self) -> List[Dict[str, Any]]:
-        return self.data["files"]
+    def files(self) -> List[FileRecord]:
+        return list(self.record.build.files)
 
 
 class HostCache:
@@ -63,7 +66,7 @@ class HostCache:
         self.log = get_logger(cache=str(directory))
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Optional["HostCache"]:
+    def from_settings(cls, settings: "Settings") -> Optional["HostCache"]:
         """The cache when its directory is mounted, else None."""
         if not settings.cache_dir:
             return None
@@ -80,48 +83,47 @@ class HostCache:
 
     # -- read ------------------------------------------------------------------
 
-    def contains(self, inputs: Mapping[str, Any], signing_fingerprint: str) -> bool:
+    def contains(self, inputs: BuildInputs, signing_fingerprint: str) -> bool:
         """An entry exists (unverified: use :meth:`lookup` before using one)."""
-        return (self.entry_dir(inputs["kernel_release"], cache_key(inputs, signing_fingerprint)) / ENTRY_JSON).is_file()
+        return (self.entry_dir(inputs.kernel_release, cache_key(inputs, signing_fingerprint)) / ENTRY_JSON).is_file()
 
-    def lookup(self, inputs: Mapping[str, Any], signing_fingerprint: str, verify: bool = True) -> Optional[CacheEntry]:
+    def lookup(self, inputs: BuildInputs, signing_fingerprint: str, verify: bool = True) -> Optional[CacheEntry]:
         """The entry for these inputs, or None; a corrupt one is discarded.
 
         ``verify=False`` checks only ``entry.json``: for a caller that copies
         the tree and verifies the copy (and calls :meth:`discard` when that
         fails), so each file is read once.
         """
-        kernel = inputs["kernel_release"]
+        kernel = inputs.kernel_release
         key = cache_key(inputs, signing_fingerprint)
         path = self.entry_dir(kernel, key)
         if not path.is_dir():
             self.log.info("host cache miss", kernel=kernel, digest=key)
             return None
         try:
-            data = read_json(path / ENTRY_JSON, "host cache entry")
-            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key \
-                    or data.get("inputs") != dict(inputs) or not isinstance(data.get("files"), list):
-                raise DriverCtrError("%s: not an entry for these inputs" % (path / ENTRY_JSON))
+            record = CacheRecord.from_json(path / ENTRY_JSON, read_json(path / ENTRY_JSON, "host cache entry"))
+            if record.key != key or record.inputs != inputs:
+                raise ProtocolError(path / ENTRY_JSON, "not an entry for these inputs")
             if verify:
-                verify_files(path / MODULES, data["files"], kernel)
+                verify_files(path / MODULES, record.build.files, kernel)
         except DriverCtrError as exc:
-            self.discard(CacheEntry(path, {}), str(exc))
+            self.discard(path, str(exc))
             return None
         _touch(path.parent)
-        self.log.info("host cache hit", kernel=kernel, digest=key, files=len(data["files"]))
-        return CacheEntry(path, data)
+        self.log.info("host cache hit", kernel=kernel, digest=key, files=len(record.build.files))
+        return CacheEntry(path, record)
 
-    def discard(self, entry: CacheEntry, reason: str) -> None:
-        self.log.warning("host cache entry is corrupt: discarded, never loaded", entry=str(entry.path), reason=reason)
-        self._discard(entry.path)
+    def discard(self, path: Path, reason: str) -> None:
+        self.log.warning("host cache entry is corrupt: discarded, never loaded", entry=str(path), reason=reason)
+        self._discard(path)
 
     # -- write -----------------------------------------------------------------
 
-    def store(self, inputs: Mapping[str, Any], signing_fingerprint: str, modules: Path,
-              build: Mapping[str, Any]) -> Path:
-        """Publish ``modules`` (a verified staged tree) for these inputs."""
-        kernel = inputs["kernel_release"]
-        key = cache_key(inputs, signing_fingerprint)
+    def store(self, inputs: BuildInputs, build: BuildRecord, modules: Path) -> CacheEntry:
+        """Publish ``modules`` (a verified staged tree described by ``build``) for these inputs."""
+        kernel = inputs.kernel_release
+        fingerprint = build.signing_fingerprint
+        key = cache_key(inputs, fingerprint)
         final = self.entry_dir(kernel, key)
         self.clean_temporaries()
         tmp = self.dir / (".tmp-%s-%d" % (key, os.getpid()))
@@ -130,14 +132,13 @@ class HostCache:
             tmp.mkdir(parents=True)
             shutil.copytree(str(modules), str(tmp / MODULES))
             files = describe_tree(tmp / MODULES)
-            want = {f["path"]: f["sha256"] for f in build.get("files", [])}
-            if want and want != {f["path"]: f["sha256"] for f in files}:
+            if build.files and {f.path: f.sha256 for f in build.files} != {f.path: f.sha256 for f in files}:
                 raise DriverCtrError("the tree copied into the host cache differs from the verified build")
-            atomic_write_json(tmp / ENTRY_JSON, {
-                "format": FORMAT, "key": key, "inputs": dict(inputs), "signing_fingerprint": signing_fingerprint,
-                "stored_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "details": dict(build.get("details") or {}), "files": files,
-            })
+            record = CacheRecord(key=key, inputs=inputs, signing_fingerprint=fingerprint, stored_at=now(),
+                                 build=BuildRecord(builder=build.builder, files=files, components=build.components,
+                                                   dtk_kernels=build.dtk_kernels, finished_at=build.finished_at,
+                                                   details=build.details))
+            atomic_write_json(tmp / ENTRY_JSON, record.to_json())
             final.parent.mkdir(parents=True, exist_ok=True)
             old = self.dir / (".tmp-old-%s-%d" % (key, os.getpid()))
             if final.exists():
@@ -149,7 +150,7 @@ class HostCache:
         _touch(final.parent)
         self.log.info("stored in the host cache", kernel=kernel, digest=key, files=len(files))
         self.prune(kernel)
-        return final
+        return CacheEntry(final, record)
 
     def restore(self, entry: CacheEntry, dest: Path) -> None:
         """Copy an entry's tree to ``dest`` (which must not exist)."""
@@ -176,10 +177,10 @@ class HostCache:
     def clean_temporaries(self, older_than_s: float = 600.0) -> None:
         """Remove what a crashed writer left (old enough not to be another
         container's store in progress)."""
-        now = time.time()
+        t = time.time()
         for p in self.dir.glob(".tmp-*"):
             try:
-                if now - p.stat().st_mtime > older_than_s:
+                if t - p.stat().st_mtime > older_than_s:
                     remove_tree(p)
             except OSError:
                 pass
@@ -191,6 +192,23 @@ class HostCache:
         except OSError:
             aside = path
         remove_tree(aside)
+
+
+def store_build(cache: Optional[HostCache], inputs: BuildInputs, build: BuildRecord, tree: Path,
+                log: Logger) -> Optional[CacheEntry]:
+    """The one host-cache store policy, for every side that builds: store a
+    verified build when the cache is mounted, unless it came from the cache or
+    an entry already exists; a failure to store is a warning (the build itself
+    is fine) and returns None."""
+    if cache is None or build.builder == HOST_CACHE_BUILDER:
+        return None
+    try:
+        if cache.contains(inputs, build.signing_fingerprint):
+            return None
+        return cache.store(inputs, build, tree)
+    except (OSError, DriverCtrError) as exc:
+        log.warning("could not store the build in the host cache (the build itself is fine)", reason=str(exc))
+        return None
 
 
 def _touch(path: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import IO, Any, Dict, List, Optional, Sequence
@@ -25,21 +24,11 @@ from .jobs import plan_jobs
 from .kernel_tree import KernelTree, compiler_version, open_kernel_tree, present_compiler_version
 from .log import get_logger
 from .modinfo import read_modinfo, vermagic_problem
+from .nvidia_modules import ko_file
 from .runner import Runner
-from .signing import signing_fingerprint, sign_modules
-from .sources import locate_sources, resolve_flavour
+from .signing import sign_modules
+from .sources import open_sources, resolve_flavour
 from .staging import stage_modules
-
-BASE_MODULES = ("nvidia", "nvidia-uvm", "nvidia-modeset")
-RDMA_MODULE = "nvidia-peermem"
-
-
-def wanted_modules(settings: Any) -> List[str]:
-    return list(BASE_MODULES) + ([RDMA_MODULE] if settings.gpu_direct_rdma_enabled else [])
-
-
-def default_scratch() -> Path:
-    return Path(tempfile.gettempdir()) / "driver-ctr"
 
 
 def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str]) -> List[str]:
@@ -60,8 +49,7 @@ def first_error(text: str, workdir: Path) -> str:
 class KbuildBuilder(Builder):
     name = "kbuild"
 
-    def __init__(self, scratch: Optional[Path] = None, runner: Optional[Runner] = None) -> None:
-        self.scratch = scratch or default_scratch()
+    def __init__(self, runner: Optional[Runner] = None) -> None:
         self.runner = runner or Runner()
         self.log = get_logger(builder=self.name)
 
@@ -73,14 +61,13 @@ class KbuildBuilder(Builder):
         logf.write(("driver-ctr: %s\n" % text).encode())
 
     def _build(self, req: BuildRequest, logf: IO[bytes]) -> BuildResult:
-        s = req.settings
-        paths = s.paths
-        kernel = req.kernel_release
+        o = req.options
+        kernel = req.target_kernel
         started = time.monotonic()
-        tree = open_kernel_tree(paths, kernel, Path(req.build_tree) if req.build_tree else None)
+        tree = open_kernel_tree(req.paths, kernel, req.build_tree)
         self._note(logf, "kernel %s: SYSSRC=%s SYSOUT=%s" % (kernel, tree.syssrc, tree.sysout))
         if tree.preempt_rt:
-            if not s.ignore_preempt_rt_presence:
+            if not o.ignore_preempt_rt:
                 raise BuildFailed("prepare", "kernel %s is a PREEMPT_RT kernel (CONFIG_PREEMPT_RT=y in %s/.config), which "
                                   "NVIDIA does not support; set IGNORE_PREEMPT_RT_PRESENCE=1 to build anyway"
                                   % (kernel, tree.sysout))
@@ -95,38 +82,37 @@ class KbuildBuilder(Builder):
                              kernel_compiler_text=tree.compiler_text)
             self._note(logf, "compiler %s differs from the kernel's %s (%s)" % (here_cc, kernel_cc, tree.compiler_text))
 
-        sources = locate_sources(s.source_dir, [req.shared_dir / "drivers", paths.drivers_dir], s.target_arch,
-                                 s.driver_version.raw, self.scratch, self.runner)
-        flavour = resolve_flavour(s.kernel_module_type, s.driver_branch, sources, self.runner)
-        modules = wanted_modules(s)
-        plan = plan_jobs(Path("/proc"), Path("/sys"), s.max_threads)
+        sources = open_sources(req.source, req.scratch, self.runner)
+        flavour = resolve_flavour(o.module_type, o.driver_branch, sources, self.runner)
+        modules = list(o.modules)
+        plan = plan_jobs(req.paths.proc, req.paths.sys, o.max_jobs)
         self.log.info("building", flavour=flavour.name, tree=flavour.subdir, reason=flavour.reason,
                       sources=sources.origin, modules=modules, jobs=plan.jobs, job_limits=plan.limits)
         self._note(logf, "%s modules from %s/%s (%s), -j%d (limits %s)" % (
             flavour.name, sources.root, flavour.subdir, flavour.reason, plan.jobs, plan.limits))
 
-        work = self.scratch / ("build-%d" % os.getpid())
+        work = req.scratch / ("build-%d" % os.getpid())
         remove_tree(work)
-        self.scratch.mkdir(parents=True, exist_ok=True)
+        req.scratch.mkdir(parents=True, exist_ok=True)
         try:
             shutil.copytree(str(sources.root / flavour.subdir), str(work), symlinks=True)
             # ASCII messages: kbuild unexports LC_ALL, so LANG and LC_* decide.
             env = dict(os.environ, LC_ALL="C", LANG="C", LC_CTYPE="C", LC_MESSAGES="C")
             env.pop("IGNORE_PREEMPT_RT_PRESENCE", None)  # conftest treats any non-empty value as yes
-            if tree.preempt_rt and s.ignore_preempt_rt_presence:
+            if tree.preempt_rt and o.ignore_preempt_rt:
                 env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
             argv = make_argv(tree, plan.jobs, modules)
             self._note(logf, "$ " + " ".join(argv))
             compile_start = time.monotonic()
             try:
-                self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=s.build_timeout_s,
+                self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=o.timeout_s,
                                 cancel=req.cancel)
             except CommandFailed as exc:
                 text = req.log_path.read_text(errors="replace")
-                why = first_error(text, work) if exc.returncode is not None else str(exc).splitlines()[0]
+                why = first_error(text, work) if exc.returncode is not None else exc.summary
                 raise BuildFailed("compile", why, tail_lines(text.replace(str(work) + "/", ""), 30)) from None
             compile_s = time.monotonic() - compile_start
-            built = [work / (m + ".ko") for m in modules]
+            built = [work / ko_file(m) for m in modules]
             missing = [p.name for p in built if not p.is_file()]
             if missing:
                 raise BuildFailed("compile", "make succeeded but did not produce %s" % ", ".join(missing))
@@ -137,11 +123,11 @@ class KbuildBuilder(Builder):
                 if problem:
                     raise BuildFailed("verify", problem)
             fingerprint = ""
-            if s.signing_key:
-                fingerprint = signing_fingerprint(s)
-                sign_modules(built, tree.sign_file(), s.signing_hash, Path(s.signing_key), Path(s.signing_cert),
-                             self.runner, logf)
-                self._note(logf, "signed %d modules (%s, certificate sha256 %s)" % (len(built), s.signing_hash, fingerprint))
+            if o.signing is not None:
+                fingerprint = o.signing.fingerprint()
+                sign_modules(built, tree.sign_file(), o.signing, self.runner, logf)
+                self._note(logf, "signed %d modules (%s, certificate sha256 %s)" % (
+                    len(built), o.signing.hash_algo, fingerprint))
             staged = stage_modules(infos, tree.module_dir, kernel, req.staging_dir, self.runner,
                                    symvers=tree.sysout / "Module.symvers", log_file=logf)
         finally:
@@ -151,7 +137,7 @@ class KbuildBuilder(Builder):
             "sources": sources.origin, "modules": modules, "from_kernel": list(staged.from_kernel),
             "jobs": plan.jobs, "job_limits": plan.limits, "kernel_compiler": tree.compiler_text,
             "compiler": here_cc, "preempt_rt": tree.preempt_rt, "reference_vermagic": reference,
-            "signed": bool(s.signing_key), "signing_fingerprint": fingerprint,
+            "signed": o.signing is not None, "signing_fingerprint": fingerprint,
             "compile_seconds": round(compile_s, 1), "seconds": round(time.monotonic() - started, 1),
         }
         self._note(logf, "built %s in %.1f s" % (", ".join(modules), details["seconds"]))

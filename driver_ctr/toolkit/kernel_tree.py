@@ -20,6 +20,7 @@ from typing import Dict, Optional
 
 from .errors import BuildFailed, CommandFailed, NoKernelTree
 from .modinfo import read_modinfo
+from .nvidia_modules import is_module
 from .paths import HostPaths
 from .runner import Runner
 
@@ -56,7 +57,7 @@ def first_module(module_dir: Path) -> Optional[Path]:
     for dirpath, dirnames, filenames in os.walk(str(kdir)):
         dirnames.sort()
         for name in sorted(filenames):
-            if name.endswith((".ko", ".ko.xz", ".ko.zst", ".ko.gz")):
+            if is_module(name):
                 return Path(dirpath) / name
     return None
 

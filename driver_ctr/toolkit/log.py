@@ -1,10 +1,17 @@
 """Structured logging for both sides (structlog, vendored in the DTK zipapp).
 
 JSON lines when stdout is not a terminal (the pod case), readable key=value
-on a terminal; ``DRIVER_CTR_LOG_FORMAT=json|console`` overrides. Log lines go
+on a terminal; ``DRIVER_CTR_LOG_FORMAT=json|console`` overrides, and
+``DRIVER_CTR_LOG_LEVEL`` (debug, info, warning, error) filters; at ``debug``
+the runner logs every argv and its output, a full transcript. Log lines go
 to stderr so that stdout stays free for command output (``status --json``).
 Every event passes through :func:`_redact` so secret-looking fields and proxy
 credentials never reach the log in clear.
+
+structlog is imported when the first event is emitted, not before: it costs
+70 ms (its ``dev`` and ``stdlib`` modules pull in asyncio), and a liveness
+probe that has nothing to say must not pay it, nor the DTK side before it
+has written ``driver_build_started``.
 """
 
 from __future__ import annotations
@@ -12,18 +19,48 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Iterator, Mapping, MutableMapping, Optional, TextIO
-
-import structlog
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Mapping, MutableMapping, Optional, TextIO
 
 from .errors import InvalidValue
 from .redact import redact_mapping
 
+try:  # Python >= 3.8; the annotations below are never evaluated at run time
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object  # type: ignore[assignment]
+
 LOG_FORMATS = ("json", "console")
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class Logger(Protocol):
+    """What the code needs of a logger (structlog's bound loggers have it)."""
+
+    def debug(self, event: str, **kw: Any) -> Any: ...
+
+    def info(self, event: str, **kw: Any) -> Any: ...
+
+    def warning(self, event: str, **kw: Any) -> Any: ...
+
+    def error(self, event: str, **kw: Any) -> Any: ...
+
+    def bind(self, **kw: Any) -> "Logger": ...
+
+
+@dataclass
+class _Config:
+    fmt: str = "json"
+    level: str = "info"
+    stream: Optional[TextIO] = None
+    applied: bool = False
+
+
+_config = _Config()
 
 
 def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
-    return redact_mapping(dict(event))
+    return redact_mapping(dict(event))  # type: ignore[no-any-return]
 
 
 def choose_format(env_value: Optional[str], stdout: TextIO) -> str:
@@ -41,34 +78,79 @@ def choose_format(env_value: Optional[str], stdout: TextIO) -> str:
 
 
 def configure(fmt: str = "json", stream: Optional[TextIO] = None, level: str = "info") -> None:
-    """Configure structlog once per process (the CLI calls this)."""
-    stream = stream if stream is not None else sys.stderr
-    renderer: Any
-    if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-    else:
-        renderer = structlog.processors.JSONRenderer(sort_keys=False)
-    levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(levels.get(level, 20)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
-        cache_logger_on_first_use=False,
-    )
+    """Say how to log (the CLI calls this once); structlog is set up on the first event."""
+    if level not in LOG_LEVELS:
+        raise InvalidValue("DRIVER_CTR_LOG_LEVEL", level, "one of " + ", ".join(LOG_LEVELS))
+    _config.fmt, _config.level, _config.stream, _config.applied = fmt, level, stream, False
 
 
-def get_logger(**initial: Any) -> Any:
-    return structlog.get_logger(**initial)
+def _structlog() -> Any:
+    import structlog
+
+    if not _config.applied:
+        renderer: Any
+        if _config.fmt == "console":
+            renderer = structlog.dev.ConsoleRenderer(colors=False)
+        else:
+            renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        structlog.configure(
+            processors=[
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _redact,
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(LOG_LEVELS[_config.level]),
+            logger_factory=structlog.PrintLoggerFactory(file=_config.stream or sys.stderr),
+            cache_logger_on_first_use=False,
+        )
+        _config.applied = True
+    return structlog
+
+
+class _LazyLogger:
+    """A logger whose structlog logger is made on the first event."""
+
+    def __init__(self, initial: Dict[str, Any]) -> None:
+        self._initial = initial
+        self._real: Any = None
+
+    def _log(self) -> Any:
+        if self._real is None or not _config.applied:
+            self._real = _structlog().get_logger(**self._initial)
+        return self._real
+
+    def debug(self, event: str, **kw: Any) -> Any:
+        if LOG_LEVELS[_config.level] <= 10:
+            return self._log().debug(event, **kw)
+        return None
+
+    def info(self, event: str, **kw: Any) -> Any:
+        return self._log().info(event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> Any:
+        return self._log().warning(event, **kw)
+
+    def error(self, event: str, **kw: Any) -> Any:
+        return self._log().error(event, **kw)
+
+    def bind(self, **kw: Any) -> "Logger":
+        return _LazyLogger(dict(self._initial, **kw))
+
+
+def get_logger(**initial: Any) -> Logger:
+    return _LazyLogger(dict(initial))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (for a log field)."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
-def phase(log: Any, name: str, **fields: Any) -> Iterator[MutableMapping[str, Any]]:
+def phase(log: Logger, name: str, **fields: Any) -> Iterator[MutableMapping[str, Any]]:
     """Log the start, end, outcome and duration of one phase.
 
     The yielded dict collects fields to add to the end event. An exception
@@ -85,7 +167,7 @@ def phase(log: Any, name: str, **fields: Any) -> Iterator[MutableMapping[str, An
             phase=name,
             outcome="failed",
             error_type=type(exc).__name__,
-            error=str(exc).splitlines()[0] if str(exc) else "",
+            error=first_line(exc) if str(exc) else "",
             duration_s=round(time.monotonic() - start, 3),
             **fields,
             **extra,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .errors import ProtocolError
+from .errors import CommandFailed, ProtocolError
+from .nvidia_modules import module_name
 
 SIGNATURE_TRAILER = b"~Module signature appended~\n"
 
@@ -31,7 +31,7 @@ class ModInfo:
 
     @property
     def name(self) -> str:
-        return self.get("name") or Path(self.path).name.split(".")[0].replace("-", "_")
+        return self.get("name") or module_name(self.path)
 
     @property
     def version(self) -> str:
@@ -93,7 +93,9 @@ def _decompress(path: Path, raw: bytes) -> bytes:
     if name.endswith(".gz"):
         return gzip.decompress(raw)
     if name.endswith(".zst"):
-        return subprocess.run(["zstd", "-dc"], input=raw, check=True, capture_output=True).stdout
+        from .runner import default_runner
+
+        return default_runner().run(["zstd", "-dc"], input_bytes=raw, timeout=120).stdout_bytes
     return raw
 
 
@@ -106,7 +108,7 @@ def read_modinfo(path: Path, raw: Optional[bytes] = None) -> ModInfo:
     path = Path(path)
     try:
         data = _module_bytes(path) if raw is None else _decompress(path, raw)
-    except (OSError, lzma.LZMAError, subprocess.CalledProcessError) as exc:
+    except (OSError, lzma.LZMAError, EOFError, CommandFailed) as exc:
         raise ProtocolError(path, "cannot read kernel module: %s" % exc) from None
     # Imported here: pyelftools costs ~0.3 s to import from the zipapp, and the
     # DTK side must reach driver_build_started without paying it.

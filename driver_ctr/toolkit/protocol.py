@@ -1,4 +1,5 @@
-"""The shared-directory protocol: the only place either side learns a file name.
+"""The shared-directory protocol: the only place either side learns a file name
+or the shape of a record.
 
 Layout of ``/mnt/shared-nvidia-driver-toolkit`` (reference-compatible flags
 first, driver-ctr's own files after):
@@ -11,13 +12,16 @@ first, driver-ctr's own files after):
 - ``nvidia_fs_built``, ``gdrcopy_built``: side modules, when those features are on
 - ``settings.json``         driver -> DTK: the allow-listed settings
 - ``manifest.json``         inputs and generation (driver); plus the built files (DTK)
+- ``drivers/``              driver -> DTK: the ``.run`` and the ``*.conf`` parameter files
 - ``modules/``              the staged module tree, paths relative to /lib/modules/<kver>
 - ``ocp_dtk_entrypoint``, ``driver-ctr-toolkit.pyz``: the DTK-side program
 - ``build.log``             the DTK build's output
-- ``stale/``                earlier generations, moved aside, never trusted
+- ``stale/gen-<N>-<ms>``    earlier generations, moved aside, never trusted
 
-Every flag carries a small JSON body (generation, time, reason); the
-reference only tests for existence, which still works.
+Every record is a frozen dataclass with ``to_json``/``from_json``;
+``from_json`` rejects a malformed body with a :class:`ProtocolError` naming the
+file and the field. Every flag carries a small JSON body (generation, time,
+reason); the reference only tests for existence, which still works.
 """
 
 from __future__ import annotations
@@ -26,19 +30,17 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from .errors import ProtocolError
-from .fsio import (
-    atomic_write_json,
-    read_json,
-    read_json_optional,
-    regular_file_exists,
-    remove_tree,
-)
+from .fsio import atomic_write_json, read_json, read_json_optional, regular_file_exists, remove_tree
 from .modinfo import read_modinfo, vermagic_problem
+from .nvidia_modules import is_module
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 PROTOCOL_VERSION = 1
 
@@ -56,43 +58,373 @@ OUTCOME_FLAGS = (BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_B
 SETTINGS_JSON = "settings.json"
 MANIFEST_JSON = "manifest.json"
 MODULES_DIR = "modules"
+DRIVERS_DIR = "drivers"
 STAGING_PREFIX = ".modules.staging-"
 LAUNCHER = "ocp_dtk_entrypoint"
 ZIPAPP = "driver-ctr-toolkit.pyz"
 BUILD_LOG = "build.log"
 STALE_DIR = "stale"
+STALE_KEEP = 3
 
-KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
-
-# The inputs a build depends on: equal inputs mean a build can be reused.
-INPUT_KEYS = (
-    "kernel_release",
-    "driver_version",
-    "kernel_module_type",
-    "driver_config_digest",
-    "gpu_direct_rdma_enabled",
-    "gds_enabled",
-    "gdrcopy_enabled",
-    "target_arch",
-)
-
-
-def build_inputs(settings: Any, kernel_release: str) -> Dict[str, Any]:
-    """The inputs of a build for ``settings`` on ``kernel_release``."""
-    return {
-        "kernel_release": kernel_release,
-        "driver_version": settings.driver_version.raw,
-        "kernel_module_type": settings.kernel_module_type,
-        "driver_config_digest": settings.driver_config_digest,
-        "gpu_direct_rdma_enabled": settings.gpu_direct_rdma_enabled,
-        "gds_enabled": settings.gds_enabled,
-        "gdrcopy_enabled": settings.gdrcopy_enabled,
-        "target_arch": settings.target_arch,
-    }
+R = TypeVar("R", bound="_Record")
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# -- typed records -------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return {str: "a string", int: "a whole number", bool: "true or false", list: "a list", dict: "an object",
+            type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def take(where: object, data: Mapping[str, Any], key: str, typ: Any, default: Any = _MISSING) -> Any:
+    """``data[key]`` checked to be of ``typ``; a missing key takes ``default``
+    (or is an error without one). Booleans are never accepted as numbers."""
+    if key not in data:
+        if default is _MISSING:
+            raise ProtocolError(where, "field %r is missing" % key)
+        return default
+    v = data[key]
+    types = typ if isinstance(typ, tuple) else (typ,)
+    if isinstance(v, bool) and bool not in types:
+        ok = False
+    else:
+        ok = isinstance(v, types)
+    if not ok:
+        raise ProtocolError(where, "field %r: expected %s, got %s" % (key, _type_name(typ), json.dumps(v)[:80]))
+    return v
+
+
+def _str_list(where: object, data: Mapping[str, Any], key: str) -> Tuple[str, ...]:
+    items = take(where, data, key, list, [])
+    bad = [i for i, x in enumerate(items) if not isinstance(x, str)]
+    if bad:
+        raise ProtocolError(where, "field %r: expected a list of strings (item %d is not)" % (key, bad[0]))
+    return tuple(items)
+
+
+def _object(where: object, data: Any) -> Dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ProtocolError(where, "expected a JSON object, got %s" % type(data).__name__)
+    return data
+
+
+class _Record:
+    """Base of the records: JSON in and out."""
+
+    def to_json(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_json(cls: Type[R], where: object, data: Any) -> R:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BuildInputs(_Record):
+    """What a build depends on: equal inputs mean a build can be reused."""
+
+    kernel_release: str  # the target kernel
+    driver_version: str
+    kernel_module_type: str
+    driver_config_digest: str
+    gpu_direct_rdma_enabled: bool
+    gds_enabled: bool
+    gdrcopy_enabled: bool
+    target_arch: str
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", target_kernel: str) -> "BuildInputs":
+        return cls(kernel_release=target_kernel, driver_version=settings.driver_version.raw,
+                   kernel_module_type=settings.kernel_module_type, driver_config_digest=settings.driver_config_digest,
+                   gpu_direct_rdma_enabled=settings.gpu_direct_rdma_enabled, gds_enabled=settings.gds_enabled,
+                   gdrcopy_enabled=settings.gdrcopy_enabled, target_arch=settings.target_arch)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, where: object, data: Any) -> "BuildInputs":
+        d = _object(where, data)
+        names = [f.name for f in fields(cls)]
+        if set(d) != set(names):
+            raise ProtocolError(where, "inputs must have exactly the keys %s" % ", ".join(names))
+        values = {f.name: take(where, d, f.name, bool if f.type in ("bool", bool) else str) for f in fields(cls)}
+        return cls(**values)
+
+    def differences(self, other: "BuildInputs") -> List[str]:
+        """``key built=… wanted=…`` for each input that differs from ``other``'s."""
+        return ["%s built=%r wanted=%r" % (f.name, getattr(self, f.name), getattr(other, f.name))
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _rel_ok(rel: str) -> bool:
+    """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
+    return bool(rel) and "\x00" not in rel and not rel.startswith("/") and all(
+        part not in ("", ".", "..") for part in rel.split("/"))
+
+
+@dataclass(frozen=True)
+class FileRecord(_Record):
+    """One staged file: its path below the tree, sha256 and, for a module, its modinfo."""
+
+    path: str
+    sha256: str
+    size: int
+    name: str = ""
+    version: str = ""
+    vermagic: str = ""
+    signed: bool = False
+
+    @property
+    def is_module(self) -> bool:
+        return is_module(self.path)
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size}
+        if self.is_module:
+            d.update(name=self.name, version=self.version, vermagic=self.vermagic, signed=self.signed)
+        return d
+
+    @classmethod
+    def from_json(cls, where: object, data: Any) -> "FileRecord":
+        d = _object(where, data)
+        path = take(where, d, "path", str)
+        if not _rel_ok(path):
+            raise ProtocolError(where, "unsafe staged path %r" % path)
+        digest = take(where, d, "sha256", str)
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ProtocolError(where, "sha256 of %s is not a sha256 digest" % path)
+        return cls(path=path, sha256=digest, size=take(where, d, "size", int, 0),
+                   name=take(where, d, "name", str, ""), version=take(where, d, "version", str, ""),
+                   vermagic=take(where, d, "vermagic", str, ""), signed=take(where, d, "signed", bool, False))
+
+
+def _files(where: object, data: Mapping[str, Any]) -> Tuple[FileRecord, ...]:
+    items = take(where, data, "files", list)
+    return tuple(FileRecord.from_json("%s files[%d]" % (where, i), x) for i, x in enumerate(items))
+
+
+@dataclass(frozen=True)
+class BuildRecord(_Record):
+    """What a builder produced: who built it, how, and every file of the tree."""
+
+    builder: str
+    files: Tuple[FileRecord, ...]
+    components: Tuple[str, ...] = ("nvidia",)
+    dtk_kernels: Dict[str, str] = field(default_factory=dict)
+    finished_at: str = ""
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modules(self) -> List[FileRecord]:
+        return [f for f in self.files if f.is_module]
+
+    @property
+    def signing_fingerprint(self) -> str:
+        v = self.details.get("signing_fingerprint", "")
+        return v if isinstance(v, str) else ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"builder": self.builder, "components": list(self.components), "dtk_kernels": dict(self.dtk_kernels),
+                "finished_at": self.finished_at, "details": dict(self.details),
+                "files": [f.to_json() for f in self.files]}
+
+    @classmethod
+    def from_json(cls, where: object, data: Any) -> "BuildRecord":
+        d = _object(where, data)
+        kernels = take(where, d, "dtk_kernels", dict, {})
+        if not all(isinstance(v, str) for v in kernels.values()):
+            raise ProtocolError(where, "field 'dtk_kernels': expected an object of strings")
+        return cls(builder=take(where, d, "builder", str), files=_files(where, d),
+                   components=_str_list(where, d, "components") or ("nvidia",), dtk_kernels=dict(kernels),
+                   finished_at=take(where, d, "finished_at", str, ""), details=dict(take(where, d, "details", dict, {})))
+
+
+@dataclass(frozen=True)
+class Manifest(_Record):
+    """``manifest.json``: the generation and its inputs (driver side), then the build (DTK side)."""
+
+    generation: int
+    inputs: BuildInputs
+    build: Optional[BuildRecord] = None
+    protocol: int = PROTOCOL_VERSION
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"protocol": self.protocol, "generation": self.generation, "inputs": self.inputs.to_json()}
+        if self.build is not None:
+            d["build"] = self.build.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, where: object, data: Any) -> "Manifest":
+        d = _object(where, data)
+        proto = take(where, d, "protocol", int, None)
+        if proto != PROTOCOL_VERSION:
+            raise ProtocolError(where, "manifest protocol %r, expected %d" % (proto, PROTOCOL_VERSION))
+        gen = take(where, d, "generation", int)
+        if gen < 1:
+            raise ProtocolError(where, "manifest generation must be a whole number >= 1, got %r" % gen)
+        build = d.get("build")
+        return cls(generation=gen, inputs=BuildInputs.from_json("%s inputs" % where, take(where, d, "inputs", dict)),
+                   build=None if build is None else BuildRecord.from_json("%s build" % where, build))
+
+
+@dataclass(frozen=True)
+class CacheRecord(_Record):
+    """A host-cache entry's ``entry.json``: the same files as a manifest's build, keyed by inputs and signer."""
+
+    FORMAT: ClassVar[int] = 1
+
+    key: str
+    inputs: BuildInputs
+    signing_fingerprint: str
+    build: BuildRecord
+    stored_at: str = ""
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"format": self.FORMAT, "key": self.key, "inputs": self.inputs.to_json(),
+                "signing_fingerprint": self.signing_fingerprint, "stored_at": self.stored_at,
+                "build": self.build.to_json()}
+
+    @classmethod
+    def from_json(cls, where: object, data: Any) -> "CacheRecord":
+        d = _object(where, data)
+        if take(where, d, "format", int, None) != cls.FORMAT:
+            raise ProtocolError(where, "not a host cache entry of format %d" % cls.FORMAT)
+        return cls(key=take(where, d, "key", str), inputs=BuildInputs.from_json(where, take(where, d, "inputs", dict)),
+                   signing_fingerprint=take(where, d, "signing_fingerprint", str, ""),
+                   build=BuildRecord.from_json(where, take(where, d, "build", dict)),
+                   stored_at=take(where, d, "stored_at", str, ""))
+
+
+# -- flag bodies -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag(_Record):
+    """A flag file's body. ``generation`` is None only for a body that names none
+    (a reference-style ``touch`` or the launcher's broken flag)."""
+
+    NAME: ClassVar[str] = ""
+    generation: Optional[int] = None
+
+    def _extra(self) -> Dict[str, Any]:
+        return {}
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"generation": self.generation, "time": now()}
+        d.update(self._extra())
+        return d
+
+    @classmethod
+    def from_json(cls: Type[R], where: object, data: Any) -> R:
+        d = _object(where, data)
+        return cls._from(where, d, take(where, d, "generation", (int, type(None)), None))  # type: ignore[attr-defined,no-any-return]
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Flag":
+        return cls(generation=generation)
+
+    def of(self, generation: int) -> bool:
+        """Whether this flag speaks of ``generation`` (a flag naming none speaks of any)."""
+        return self.generation is None or self.generation == generation
+
+
+@dataclass(frozen=True)
+class Prepared(Flag):
+    NAME: ClassVar[str] = DIR_PREPARED
+
+
+@dataclass(frozen=True)
+class Started(Flag):
+    NAME: ClassVar[str] = BUILD_STARTED
+    pid: int = 0
+    builder: str = ""
+
+    def _extra(self) -> Dict[str, Any]:
+        return {"pid": self.pid, "builder": self.builder}
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Started":
+        return cls(generation=generation, pid=take(where, d, "pid", int, 0), builder=take(where, d, "builder", str, ""))
+
+
+@dataclass(frozen=True)
+class Broken(Flag):
+    """The DTK cannot build for the node: the decision's reasons and likely cause;
+    ``decision`` keeps the whole decision (kernels, versions) for the log."""
+
+    NAME: ClassVar[str] = TOOLKIT_BROKEN
+    reasons: Tuple[str, ...] = ()
+    likely_cause: str = ""
+    decision: Dict[str, Any] = field(default_factory=dict)
+
+    def _extra(self) -> Dict[str, Any]:
+        d = dict(self.decision)
+        d.update(reasons=list(self.reasons), likely_cause=self.likely_cause)
+        return d
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Broken":
+        decision = {k: v for k, v in d.items() if k not in ("generation", "time", "reasons", "likely_cause")}
+        return cls(generation=generation, reasons=_str_list(where, d, "reasons"),
+                   likely_cause=take(where, d, "likely_cause", str, ""), decision=decision)
+
+
+@dataclass(frozen=True)
+class Failed(Flag):
+    NAME: ClassVar[str] = BUILD_FAILED
+    phase: str = "build"
+    message: str = "no reason given"
+    log_tail: str = ""
+
+    def _extra(self) -> Dict[str, Any]:
+        return {"phase": self.phase, "message": self.message, "log_tail": self.log_tail}
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Failed":
+        return cls(generation=generation, phase=take(where, d, "phase", str, "build"),
+                   message=take(where, d, "message", str, "no reason given"),
+                   log_tail=take(where, d, "log_tail", str, ""))
+
+
+@dataclass(frozen=True)
+class Built(Flag):
+    NAME: ClassVar[str] = BUILT
+    files: int = 0
+    source: str = "dtk"
+
+    def _extra(self) -> Dict[str, Any]:
+        return {"files": self.files, "source": self.source}
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Built":
+        return cls(generation=generation, files=take(where, d, "files", int, 0), source=take(where, d, "source", str, "dtk"))
+
+
+@dataclass(frozen=True)
+class NvidiaFsBuilt(Flag):
+    NAME: ClassVar[str] = NVIDIA_FS_BUILT
+
+
+@dataclass(frozen=True)
+class GdrcopyBuilt(Flag):
+    NAME: ClassVar[str] = GDRCOPY_BUILT
+
+
+F = TypeVar("F", bound=Flag)
+
+
+# -- paths -----------------------------------------------------------------------
 
 
 def safe_relative_path(base: Path, rel: str) -> Path:
@@ -100,18 +432,46 @@ def safe_relative_path(base: Path, rel: str) -> Path:
     path, no ``..``, no symlink anywhere on the way."""
     if not _rel_ok(rel):
         raise ProtocolError(base, "unsafe staged path %r" % rel)
-    p = PurePosixPath(rel)
     cur = base
-    for part in p.parts:
+    for part in PurePosixPath(rel).parts:
         cur = cur / part
         if cur.is_symlink():
             raise ProtocolError(cur, "staged path contains a symlink")
     return cur
 
 
+def stale_name(generation: int) -> str:
+    return "gen-%d-%d" % (generation, int(time.time() * 1000))
+
+
+def stale_generation(name: str) -> Optional[int]:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) >= 2 and parts[0] == "gen" and parts[1].isdigit() else None
+
+
 @dataclass(frozen=True)
 class SharedDir:
     path: Path
+
+    @property
+    def modules(self) -> Path:
+        return self.path / MODULES_DIR
+
+    @property
+    def drivers(self) -> Path:
+        return self.path / DRIVERS_DIR
+
+    @property
+    def build_log(self) -> Path:
+        return self.path / BUILD_LOG
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_JSON
+
+    def staging(self, tag: str) -> Path:
+        """A private staging directory name (``tag`` holds the writer's pid)."""
+        return self.path / (STAGING_PREFIX + tag)
 
     def flag(self, name: str) -> Path:
         return self.path / name
@@ -121,24 +481,23 @@ class SharedDir:
         is a ProtocolError naming it."""
         return regular_file_exists(self.flag(name))
 
-    def read_flag(self, name: str) -> Dict[str, Any]:
-        """The JSON body of a flag; an empty body (a reference-style ``touch``)
-        reads as ``{}``."""
-        p = self.flag(name)
+    def read_flag(self, kind: Type[F]) -> Optional[F]:
+        """The typed body of a flag, None when absent; an empty body (a
+        reference-style ``touch``) reads as a body naming no generation."""
+        p = self.flag(kind.NAME)
         if not regular_file_exists(p):
-            raise ProtocolError(p, "flag is missing")
-        text = p.read_text(encoding="utf-8", errors="replace").strip()
-        if not text:
-            return {}
+            return None
+        raw = p.read_bytes()
+        if not raw.strip():
+            return kind()
         try:
-            data = json.loads(text)
-        except ValueError:
-            return {"message": text}
-        return data if isinstance(data, dict) else {"message": str(data)}
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(p, "flag body is not JSON (%d bytes)" % len(raw)) from None
+        return kind.from_json(p, data)
 
-    def write_flag(self, name: str, **body: Any) -> None:
-        body.setdefault("time", now())
-        atomic_write_json(self.flag(name), body)
+    def write_flag(self, body: Flag) -> None:
+        atomic_write_json(self.flag(body.NAME), body.to_json())
 
     def remove_flag(self, name: str) -> None:
         p = self.flag(name)
@@ -169,95 +528,72 @@ class SharedDir:
 
     # -- manifest.json ---------------------------------------------------
 
-    def read_manifest(self) -> Optional[Dict[str, Any]]:
-        p = self.path / MANIFEST_JSON
+    def read_manifest(self) -> Optional[Manifest]:
+        p = self.manifest_path
         data = read_json_optional(p, "manifest.json")
-        if data is None:
-            return None
-        validate_manifest(p, data)
-        return data
+        return None if data is None else Manifest.from_json(p, data)
 
-    def write_manifest(self, manifest: Mapping[str, Any]) -> None:
-        validate_manifest(self.path / MANIFEST_JSON, manifest)
-        atomic_write_json(self.path / MANIFEST_JSON, dict(manifest))
+    def generation(self) -> Optional[int]:
+        """The manifest's generation; None when it is missing or unreadable."""
+        try:
+            m = self.read_manifest()
+        except ProtocolError:
+            return None
+        return None if m is None else m.generation
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_json(self.manifest_path, manifest.to_json())
 
     # -- generations ---------------------------------------------------------
 
     def move_aside(self, generation: int) -> Optional[Path]:
         """Move the outcome of an earlier generation (flags, modules, manifest)
-        into ``stale/gen-N`` so nothing trusts it any more. Returns the dir."""
+        into ``stale/gen-N-<ms>`` so nothing trusts it any more. Returns the dir."""
         names = [n for n in OUTCOME_FLAGS + (MODULES_DIR, MANIFEST_JSON, BUILD_LOG)
                  if (self.path / n).exists() or (self.path / n).is_symlink()]
         if not names:
             return None
-        dest = self.path / STALE_DIR / ("gen-%d-%d" % (generation, int(time.time() * 1000)))
+        dest = self.path / STALE_DIR / stale_name(generation)
         dest.mkdir(parents=True, exist_ok=True)
         # driver_built goes first: from that instant nobody trusts the rest.
         names.sort(key=lambda n: 0 if n == BUILT else 1)
         for n in names:
             os.replace(str(self.path / n), str(dest / n))
-        # keep only the last few stale generations
         olds = sorted((self.path / STALE_DIR).iterdir(), key=lambda p: p.stat().st_mtime)
-        for old in olds[:-3]:
+        for old in olds[:-STALE_KEEP]:
             remove_tree(old)
         return dest
+
+    def highest_stale_generation(self) -> int:
+        """Highest generation seen in stale/ (so numbers never repeat after a lost manifest)."""
+        stale = self.path / STALE_DIR
+        if not stale.is_dir():
+            return 0
+        return max([g for g in (stale_generation(d.name) for d in stale.iterdir()) if g is not None], default=0)
 
     def clean_staging(self) -> None:
         for p in self.path.glob(STAGING_PREFIX + "*"):
             remove_tree(p)
 
 
-def validate_manifest(path: Path, data: Any) -> None:
-    """Structural check of a manifest; a ProtocolError names the field."""
-    if not isinstance(data, dict):
-        raise ProtocolError(path, "manifest must be a JSON object")
-    if data.get("protocol") != PROTOCOL_VERSION:
-        raise ProtocolError(path, "manifest protocol %r, expected %d" % (data.get("protocol"), PROTOCOL_VERSION))
-    gen = data.get("generation")
-    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 1:
-        raise ProtocolError(path, "manifest generation must be a whole number >= 1, got %r" % (gen,))
-    inputs = data.get("inputs")
-    if not isinstance(inputs, dict) or set(inputs) != set(INPUT_KEYS):
-        raise ProtocolError(path, "manifest inputs must have exactly the keys %s" % ", ".join(INPUT_KEYS))
-    build = data.get("build")
-    if build is None:
-        return
-    if not isinstance(build, dict) or not isinstance(build.get("files"), list):
-        raise ProtocolError(path, "manifest build must be an object with a list of files")
-    for i, f in enumerate(build["files"]):
-        if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not isinstance(f.get("sha256"), str):
-            raise ProtocolError(path, "manifest build.files[%d] needs a path and a sha256" % i)
-        if len(f["sha256"]) != 64:
-            raise ProtocolError(path, "manifest build.files[%d].sha256 is not a sha256 digest" % i)
-        _check_rel(path, f["path"])
+# -- trees -----------------------------------------------------------------------
 
 
-def _rel_ok(rel: str) -> bool:
-    """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
-    return bool(rel) and "\x00" not in rel and not rel.startswith("/") and all(
-        part not in ("", ".", "..") for part in rel.split("/"))
-
-
-def _check_rel(manifest_path: Path, rel: str) -> None:
-    if not _rel_ok(rel):
-        raise ProtocolError(manifest_path, "unsafe staged path %r in the manifest" % rel)
-
-
-def is_module(rel: str) -> bool:
-    return rel.endswith(KO_SUFFIXES)
-
-
-def _hash_and_info(path: Path, rel: str) -> Any:
+def _hash_and_record(path: Path, rel: str) -> FileRecord:
     """sha256 of a staged file and, for a module, its modinfo, from one read."""
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
-    return digest, (read_modinfo(path, raw) if is_module(rel) else None)
+    if not is_module(rel):
+        return FileRecord(path=rel, sha256=digest, size=len(raw))
+    info = read_modinfo(path, raw)
+    return FileRecord(path=rel, sha256=digest, size=len(raw), name=info.name, version=info.version,
+                      vermagic=info.vermagic, signed=info.signed)
 
 
-def describe_tree(root: Path) -> List[Dict[str, Any]]:
+def describe_tree(root: Path) -> Tuple[FileRecord, ...]:
     """Every file under ``root`` with sha256, and vermagic/name/version for
     modules; symlinks and special files are refused."""
-    out: List[Dict[str, Any]] = []
+    out: List[FileRecord] = []
     for dirpath, dirnames, filenames in os.walk(str(root)):
         dirnames.sort()
         for d in dirnames:
@@ -267,61 +603,55 @@ def describe_tree(root: Path) -> List[Dict[str, Any]]:
             full = Path(dirpath) / name
             if full.is_symlink() or not full.is_file():
                 raise ProtocolError(full, "staged tree holds a symlink or special file")
-            rel = full.relative_to(root).as_posix()
-            digest, info = _hash_and_info(full, rel)
-            entry: Dict[str, Any] = {"path": rel, "sha256": digest, "size": full.stat().st_size}
-            if info is not None:
-                entry.update(name=info.name, version=info.version, vermagic=info.vermagic, signed=info.signed)
-            out.append(entry)
-    return out
+            out.append(_hash_and_record(full, full.relative_to(root).as_posix()))
+    return tuple(out)
 
 
 class VerificationError(ProtocolError):
     """A built manifest or staged tree does not match what the driver side needs."""
 
 
-def verify_build(shared: SharedDir, inputs: Mapping[str, Any], generation: int) -> Dict[str, Any]:
+def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int) -> Manifest:
     """Check a finished build before anything uses it: same generation and
     inputs, every listed file present with its sha256, every module's vermagic
-    naming the node kernel, no unlisted module. Returns the manifest."""
-    mpath = shared.path / MANIFEST_JSON
+    naming the target kernel, no unlisted module. Returns the manifest."""
+    mpath = shared.manifest_path
     manifest = shared.read_manifest()
     if manifest is None:
         raise VerificationError(mpath, "driver_built is present but the manifest is missing")
-    if manifest.get("build") is None:
+    if manifest.build is None:
         raise VerificationError(mpath, "driver_built is present but the manifest lists no build")
-    if manifest["generation"] != generation:
-        raise VerificationError(mpath, "manifest is for generation %s, expected %s" % (manifest["generation"], generation))
-    diff = {k: (manifest["inputs"].get(k), inputs.get(k)) for k in INPUT_KEYS if manifest["inputs"].get(k) != inputs.get(k)}
+    if manifest.generation != generation:
+        raise VerificationError(mpath, "manifest is for generation %s, expected %s" % (manifest.generation, generation))
+    diff = manifest.inputs.differences(inputs)
     if diff:
-        raise VerificationError(mpath, "build inputs differ from this node's: " + "; ".join(
-            "%s built=%r wanted=%r" % (k, a, b) for k, (a, b) in sorted(diff.items())))
-    verify_files(shared.path / MODULES_DIR, manifest["build"]["files"], inputs["kernel_release"])
+        raise VerificationError(mpath, "build inputs differ from this node's: " + "; ".join(diff))
+    verify_files(shared.modules, manifest.build.files, inputs.kernel_release)
     return manifest
 
 
-def verify_files(modules: Path, files: List[Dict[str, Any]], kernel: str) -> None:
+def verify_files(modules: Path, files: Sequence[FileRecord], target_kernel: str) -> None:
     """Every listed file present under ``modules`` with its sha256, every
-    module built for ``kernel``, no module that is not listed."""
+    module built for ``target_kernel``, no module that is not listed."""
     listed = set()
     for f in files:
-        full = safe_relative_path(modules, f["path"])
-        listed.add(f["path"])
+        full = safe_relative_path(modules, f.path)
+        listed.add(f.path)
         if not full.is_file():
             raise VerificationError(full, "listed in the manifest but missing")
-        digest, info = _hash_and_info(full, f["path"])
-        if digest != f["sha256"]:
+        rec = _hash_and_record(full, f.path)
+        if rec.sha256 != f.sha256:
             raise VerificationError(full, "sha256 differs from the manifest (corrupt or replaced)")
-        if info is not None:
-            problem = vermagic_problem(full, info.vermagic, kernel)
+        if rec.is_module:
+            problem = vermagic_problem(full, rec.vermagic, target_kernel)
             if problem:
                 raise VerificationError(full, problem)
-    for e in describe_tree_paths(modules):
-        if is_module(e) and e not in listed:
-            raise VerificationError(modules / e, "module not listed in the manifest")
+    for rel in tree_paths(modules):
+        if is_module(rel) and rel not in listed:
+            raise VerificationError(modules / rel, "module not listed in the manifest")
 
 
-def describe_tree_paths(root: Path) -> List[str]:
+def tree_paths(root: Path) -> List[str]:
     if not root.is_dir():
         return []
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())

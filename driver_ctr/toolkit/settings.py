@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidValue, SettingsError
@@ -30,28 +31,6 @@ NVFM_PREFIX = "NVFM_CONFIG_"
 DEFAULT_BUILD_TIMEOUT_S = 40 * 60.0
 DEFAULT_START_TIMEOUT_S = 20 * 60.0
 DEFAULT_CACHE_DIR = "/var/lib/driver-ctr/cache"
-
-# The variables settings.json carries to the DTK side. Nothing else crosses:
-# no PATH/HOME, no service-account or KUBERNETES_* variables, no proxies (the
-# DTK build needs no network), nothing whose name looks secret.
-SHARED_VARIABLES = (
-    "DRIVER_VERSION",
-    "DRIVER_BRANCH",
-    "TARGETARCH",
-    "DRIVER_TYPE",
-    "KERNEL_MODULE_TYPE",
-    "GPU_DIRECT_RDMA_ENABLED",
-    "USE_HOST_MOFED",
-    "GDS_ENABLED",
-    "GDRCOPY_ENABLED",
-    "DRIVER_CONFIG_DIGEST",
-    "RHCOS_VERSION",
-    "OPENSHIFT_VERSION",
-    "RHEL_VERSION",
-    "IGNORE_PREEMPT_RT_PRESENCE",
-    "DRIVER_CTR_BUILD_TIMEOUT",
-    "DRIVER_CTR_MAX_THREADS",
-)
 
 _RHCOS_VERSION = re.compile(r"^\d+\.\d+\.\d+-\d+$")
 _OPENSHIFT_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
@@ -76,6 +55,13 @@ def _choice(choices: Tuple[str, ...]) -> Callable[[str, str], str]:
         if v not in choices:
             raise InvalidValue(name, raw, "one of " + ", ".join(choices))
         return v
+
+    return parse
+
+
+def _upper_choice(choices: Tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        return _choice(choices)(name, raw).upper()
 
     return parse
 
@@ -154,10 +140,6 @@ def _proxy(name: str, raw: str) -> str:
     return v
 
 
-def _log_format(name: str, raw: str) -> str:
-    return _choice(("json", "console"))(name, raw)
-
-
 def _one_line(name: str, raw: str) -> str:
     if "\n" in raw or "\r" in raw or "\x00" in raw:
         raise InvalidValue(name, raw, "a single line of text")
@@ -165,8 +147,99 @@ def _one_line(name: str, raw: str) -> str:
 
 
 @dataclass(frozen=True)
+class Var:
+    """One environment variable: where it goes and how it is read.
+
+    ``shared``: carried to the DTK side in ``settings.json`` (nothing else
+    crosses: no PATH/HOME, no service-account or KUBERNETES_* variables, no
+    proxies, nothing secret). ``host_path``: an absolute node path, re-rooted
+    under ``DRIVER_CTR_ROOT``. ``secret``: never shown in clear in an error,
+    a log or ``status``. ``into``: several variables collected as
+    ``(name, value)`` pairs into one tuple field. ``prefix``: every variable
+    whose name starts with ``name``.
+    """
+
+    name: str
+    attr: str
+    parse: Callable[[str, str], Any]
+    required: bool = False
+    shared: bool = False
+    host_path: bool = False
+    secret: bool = False
+    into: bool = False
+    prefix: bool = False
+
+
+def _nvfm_field(name: str, raw: str) -> Tuple[str, str]:
+    fld = name[len(NVFM_PREFIX):]
+    if not _NVFM_FIELD.match(fld):
+        raise InvalidValue(name, raw, "NVFM_CONFIG_<FIELD> with FIELD in upper case letters, digits and _")
+    return fld, _one_line(name, raw).strip()
+
+
+VARIABLES: Tuple[Var, ...] = (
+    Var("DRIVER_VERSION", "driver_version", _driver_version, required=True, shared=True),
+    Var("TARGETARCH", "target_arch", _arch, required=True, shared=True),
+    Var("DRIVER_BRANCH", "driver_branch", _branch, shared=True),
+    Var("DRIVER_TYPE", "driver_type", _choice(DRIVER_TYPES), shared=True),
+    Var("KERNEL_MODULE_TYPE", "kernel_module_type", _choice(KERNEL_MODULE_TYPES), shared=True),
+    Var("GPU_DIRECT_RDMA_ENABLED", "gpu_direct_rdma_enabled", parse_bool, shared=True),
+    Var("USE_HOST_MOFED", "use_host_mofed", parse_bool, shared=True),
+    Var("GDS_ENABLED", "gds_enabled", parse_bool, shared=True),
+    Var("GDRCOPY_ENABLED", "gdrcopy_enabled", parse_bool, shared=True),
+    Var("OPEN_KERNEL_MODULES_ENABLED", "open_kernel_modules_enabled", parse_bool),
+    Var("DRIVER_CONFIG_DIGEST", "driver_config_digest", _pattern(_DIGEST, "one word without spaces"), shared=True),
+    Var("RHCOS_IMAGE_MISSING", "rhcos_image_missing", parse_bool),
+    Var("RHCOS_VERSION", "rhcos_version",
+        _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0"), shared=True),
+    Var("OPENSHIFT_VERSION", "openshift_version", _pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"),
+        shared=True),
+    Var("RHEL_VERSION", "rhel_version", _pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"), shared=True),
+    Var("DNF_RELEASEVER", "dnf_releasever", _pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4")),
+    Var("VGPU_LICENSE_SERVER_TYPE", "vgpu_license_server_type", _upper_choice(("nls", "fne"))),
+    Var("DISABLE_VGPU_VERSION_CHECK", "disable_vgpu_version_check", parse_bool),
+    Var("IGNORE_PREEMPT_RT_PRESENCE", "ignore_preempt_rt_presence", parse_bool, shared=True),
+    Var(NVFM_PREFIX, "nvfm_config", _nvfm_field, prefix=True, into=True),
+) + tuple(Var(v, "proxies", _proxy, secret=True, into=True) for v in PROXY_VARIABLES) + (
+    # driver-ctr's own
+    Var("DRIVER_CTR_ROOT", "root", _abs_path),
+    Var("DRIVER_CTR_KERNEL_RELEASE", "running_kernel_override", _kernel_release),
+    Var("DRIVER_CTR_LOG_FORMAT", "log_format", _choice(("json", "console"))),
+    Var("DRIVER_CTR_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error"))),
+    Var("DRIVER_CTR_SHARED_DIR", "shared_dir", _abs_path),
+    Var("DRIVER_CTR_BUILD_TIMEOUT", "build_timeout_s", _positive_seconds, shared=True),
+    Var("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds),
+    Var("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int, shared=True),
+    Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
+    Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
+    Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
+    Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
+    Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
+    Var("DRIVER_CTR_SIGNING_HASH", "signing_hash", _choice(("sha256", "sha384", "sha512", "sha224", "sha1"))),
+)
+
+SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
+
+
+def _redacted(var: Var, name: str, raw: str) -> str:
+    return redact_value(name, raw) if (var.secret or is_secret_name(name)) else raw
+
+
+def _read(var: Var, name: str, raw: str) -> Any:
+    """Parse one variable; the error names it and never shows a secret value."""
+    try:
+        return var.parse(name, raw)
+    except InvalidValue as exc:
+        value = exc.value if exc.name == name else raw
+        if var.secret or is_secret_name(name):
+            value = redact_url_credentials(redact_value(name, raw))
+        raise InvalidValue(name, value, exc.expected) from None
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Every setting of the reference table plus driver-ctr's own (``DRIVER_CTR_*``)."""
+    """Every setting of the reference table plus driver-ctr's own (``DRIVER_CTR_*``);
+    :data:`VARIABLES` says which variable fills which field."""
 
     driver_version: DriverVersion
     target_arch: str  # normalized: x86_64 / aarch64
@@ -192,8 +265,9 @@ class Settings:
     proxies: Tuple[Tuple[str, str], ...] = ()
     # driver-ctr's own
     root: Optional[str] = None
-    kernel_release_override: str = ""
+    running_kernel_override: str = ""
     log_format: str = ""
+    log_level: str = "info"
     shared_dir: str = ""
     build_timeout_s: float = DEFAULT_BUILD_TIMEOUT_S
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
@@ -212,9 +286,17 @@ class Settings:
     def paths(self) -> HostPaths:
         return HostPaths(root=self.root, shared_dir_override=self.shared_dir or None)
 
-    def kernel_release(self) -> str:
-        """The node kernel: ``DRIVER_CTR_KERNEL_RELEASE``, else ``uname -r``."""
-        return self.kernel_release_override or os.uname().release
+    def running_kernel(self) -> str:
+        """The kernel the node runs: ``DRIVER_CTR_KERNEL_RELEASE``, else ``uname -r``.
+        A build may target another kernel (``update -k``); the loader compares
+        a tree with this one only."""
+        return self.running_kernel_override or os.uname().release
+
+    def host_path(self, attr: str) -> Optional[Path]:
+        """A ``host_path`` setting re-rooted under ``DRIVER_CTR_ROOT`` (None when empty)."""
+        assert any(v.attr == attr and v.host_path for v in VARIABLES), attr
+        value = getattr(self, attr)
+        return self.paths.host(value) if value else None
 
     @property
     def proxy_env(self) -> Dict[str, str]:
@@ -227,10 +309,9 @@ class Settings:
 
     def describe(self) -> Dict[str, Any]:
         """A redacted view for logs and ``status``."""
-        out: Dict[str, Any] = {}
-        for k, v in self.raw:
-            out[k] = redact_value(k, v)
-        return out
+        secret = {v.name for v in VARIABLES if v.secret}
+        return {k: (redact_url_credentials(redact_value(k, v)) if k in secret else redact_value(k, v))
+                for k, v in self.raw}
 
     # ------------------------------------------------------------------
 
@@ -241,93 +322,31 @@ class Settings:
         problems: List[InvalidValue] = []
         values: Dict[str, Any] = {}
         used: Dict[str, str] = {}
-
-        def take(var: str, attr: str, parser: Callable[[str, str], Any], required: bool = False) -> None:
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                if required:
-                    problems.append(InvalidValue(var, raw if raw is not None else "", "to be set (it is required)"))
-                return
-            used[var] = raw
-            try:
-                values[attr] = parser(var, raw)
-            except InvalidValue as exc:
-                if exc.name != var:
-                    exc = InvalidValue(var, exc.value, exc.expected)
-                if is_secret_name(var) or var in PROXY_VARIABLES:
-                    exc = InvalidValue(var, redact_value(var, raw), exc.expected)
-                problems.append(exc)
-
-        take("DRIVER_VERSION", "driver_version", _driver_version, required=True)
-        take("TARGETARCH", "target_arch", _arch, required=True)
-        take("DRIVER_BRANCH", "driver_branch", _branch)
-        take("DRIVER_TYPE", "driver_type", _choice(DRIVER_TYPES))
-        take("KERNEL_MODULE_TYPE", "kernel_module_type", _choice(KERNEL_MODULE_TYPES))
-        take("GPU_DIRECT_RDMA_ENABLED", "gpu_direct_rdma_enabled", parse_bool)
-        take("USE_HOST_MOFED", "use_host_mofed", parse_bool)
-        take("GDS_ENABLED", "gds_enabled", parse_bool)
-        take("GDRCOPY_ENABLED", "gdrcopy_enabled", parse_bool)
-        take("OPEN_KERNEL_MODULES_ENABLED", "open_kernel_modules_enabled", parse_bool)
-        take("DRIVER_CONFIG_DIGEST", "driver_config_digest", _pattern(_DIGEST, "one word without spaces"))
-        take("RHCOS_IMAGE_MISSING", "rhcos_image_missing", parse_bool)
-        take("RHCOS_VERSION", "rhcos_version", _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0"))
-        take("OPENSHIFT_VERSION", "openshift_version", _pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"))
-        take("RHEL_VERSION", "rhel_version", _pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"))
-        take("DNF_RELEASEVER", "dnf_releasever", _pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4"))
-        take("VGPU_LICENSE_SERVER_TYPE", "vgpu_license_server_type", _choice(("nls", "fne")))
-        take("DISABLE_VGPU_VERSION_CHECK", "disable_vgpu_version_check", parse_bool)
-        take("IGNORE_PREEMPT_RT_PRESENCE", "ignore_preempt_rt_presence", parse_bool)
-        take("DRIVER_CTR_ROOT", "root", _abs_path)
-        take("DRIVER_CTR_KERNEL_RELEASE", "kernel_release_override", _kernel_release)
-        take("DRIVER_CTR_LOG_FORMAT", "log_format", _log_format)
-        take("DRIVER_CTR_SHARED_DIR", "shared_dir", _abs_path)
-        take("DRIVER_CTR_BUILD_TIMEOUT", "build_timeout_s", _positive_seconds)
-        take("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds)
-        take("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int)
-        take("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path)
-        take("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path)
-        take("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int)
-        take("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path)
-        take("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path)
-        take("DRIVER_CTR_SIGNING_HASH", "signing_hash", _choice(("sha256", "sha384", "sha512", "sha224", "sha1")))
-
-        nvfm: List[Tuple[str, str]] = []
-        for var in sorted(env):
-            if var.startswith(NVFM_PREFIX):
-                fld = var[len(NVFM_PREFIX):]
-                if not _NVFM_FIELD.match(fld):
-                    problems.append(InvalidValue(var, env[var], "NVFM_CONFIG_<FIELD> with FIELD in upper case letters, digits and _"))
+        for var in VARIABLES:
+            names = sorted(n for n in env if n.startswith(var.name)) if var.prefix else [var.name]
+            for name in names:
+                raw = env.get(name)
+                if raw is None or raw.strip() == "":
+                    if var.required:
+                        problems.append(InvalidValue(name, raw or "", "to be set (it is required)"))
                     continue
                 try:
-                    nvfm.append((fld, _one_line(var, env[var]).strip()))
-                    used[var] = env[var]
+                    value = _read(var, name, raw)
                 except InvalidValue as exc:
                     problems.append(exc)
-        proxies: List[Tuple[str, str]] = []
-        for var in PROXY_VARIABLES:
-            raw = env.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                proxies.append((var, _proxy(var, raw)))
-                used[var] = raw
-            except InvalidValue as exc:
-                problems.append(exc)
-
-        key_set = bool(env.get("DRIVER_CTR_SIGNING_KEY", "").strip())
-        cert_set = bool(env.get("DRIVER_CTR_SIGNING_CERT", "").strip())
+                    continue
+                used[name] = raw
+                if var.into:
+                    values[var.attr] = values.get(var.attr, ()) + ((value if var.prefix else (name, value)),)
+                else:
+                    values[var.attr] = value
+        key_set, cert_set = (bool(env.get(n, "").strip()) for n in ("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT"))
         if key_set != cert_set:
             missing = "DRIVER_CTR_SIGNING_CERT" if key_set else "DRIVER_CTR_SIGNING_KEY"
             problems.append(InvalidValue(missing, "", "to be set too: signing needs both a key and a certificate"))
-
         if problems:
             raise SettingsError(problems)
-
         dv: DriverVersion = values["driver_version"]
-        if "driver_branch" not in values:
-            values["driver_branch"] = dv.branch
+        values.setdefault("driver_branch", dv.branch)
         values["targetarch_raw"] = env["TARGETARCH"].strip()
-        if "vgpu_license_server_type" in values:
-            values["vgpu_license_server_type"] = values["vgpu_license_server_type"].upper()
-        return cls(nvfm_config=tuple(nvfm), proxies=tuple(proxies), raw=tuple(sorted(used.items())), **values)
-
+        return cls(raw=tuple(sorted(used.items())), **values)

@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from .errors import BuildFailed, CommandFailed
 from .fsio import atomic_write_text, remove_tree
@@ -44,22 +44,18 @@ def run_file_name(arch: str, version: str) -> str:
     return "NVIDIA-Linux-%s-%s.run" % (arch, version)
 
 
-def locate_sources(source_dir: str, search_dirs: Sequence[Path], arch: str, version: str,
-                   scratch: Path, runner: Runner) -> DriverSources:
-    if source_dir:
-        root = Path(source_dir)
-        src = DriverSources(root=root, origin="DRIVER_CTR_SOURCE_DIR=%s" % root)
+def open_sources(source: Path, scratch: Path, runner: Runner) -> DriverSources:
+    """The driver tree at ``source``: a directory holding ``kernel/`` and/or
+    ``kernel-open/`` as it is, a ``.run`` extracted into ``scratch``."""
+    if source.is_dir():
+        src = DriverSources(root=source, origin="DRIVER_CTR_SOURCE_DIR=%s" % source)
         if not src.flavours():
             raise BuildFailed("sources", "DRIVER_CTR_SOURCE_DIR=%s: expected a directory holding kernel/ and/or "
-                              "kernel-open/ (each with NVIDIA's Makefile), as an extracted .run does" % root)
+                              "kernel-open/ (each with NVIDIA's Makefile), as an extracted .run does" % source)
         return src
-    name = run_file_name(arch, version)
-    for d in search_dirs:
-        run = d / name
-        if run.is_file():
-            return extract_run(run, scratch, runner)
-    raise BuildFailed("sources", "no NVIDIA driver sources: %s is not in %s, and DRIVER_CTR_SOURCE_DIR is not set"
-                      % (name, " or ".join(str(d) for d in search_dirs)))
+    if source.is_file():
+        return extract_run(source, scratch, runner)
+    raise BuildFailed("sources", "the NVIDIA driver sources %s do not exist" % source)
 
 
 def _fingerprint(run: Path) -> str:
@@ -81,7 +77,7 @@ def extract_run(run: Path, scratch: Path, runner: Runner) -> DriverSources:
         runner.run(["sh", str(run), "-x", "--target", str(tmp)], timeout=600)
     except CommandFailed as exc:
         remove_tree(tmp)
-        raise BuildFailed("sources", "extracting %s failed: %s" % (run, str(exc).splitlines()[0])) from None
+        raise BuildFailed("sources", "extracting %s failed: %s" % (run, exc.summary), exc.tail) from None
     atomic_write_text(tmp / EXTRACTED_MARKER, _fingerprint(run))
     remove_tree(final)
     os.replace(str(tmp), str(final))

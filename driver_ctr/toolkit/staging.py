@@ -25,20 +25,12 @@ from typing import IO, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 from .errors import BuildFailed, CommandFailed
 from .fsio import remove_tree
 from .modinfo import ModInfo
+from .nvidia_modules import COMPANIONS, SUBDIR, module_name, normalize
 from .runner import Runner
 
-NVIDIA_SUBDIR = "kernel/drivers/video"
 INSMOD_LIST = "insmod_nvidia"
-# Loaded before nvidia by the reference (§2.5): part of insmod_nvidia when the kernel has them.
-COMPANIONS = ("i2c_core", "ipmi_msghandler", "ipmi_devintf")
 KERNEL_INDEX_FILES = ("modules.order", "modules.builtin", "modules.builtin.modinfo")
 _UNKNOWN_SYMBOL = re.compile(r"(\S+\.ko\S*) needs unknown symbol (\S+)")
-_KO = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
-
-
-def module_name(path: str) -> str:
-    """``kernel/drivers/gpu/drm/drm.ko.xz`` -> ``drm``; dashes become underscores."""
-    return _KO.sub("", os.path.basename(path)).replace("-", "_")
 
 
 @dataclass(frozen=True)
@@ -81,7 +73,7 @@ def dependency_closure(built: Dict[str, List[str]], kernel: KernelModules, relea
     stack = [(name, d) for name, ds in built.items() for d in ds]
     while stack:
         parent, dep = stack.pop()
-        dep = dep.replace("-", "_")
+        dep = normalize(dep)
         if dep in seen:
             continue
         seen.add(dep)
@@ -120,10 +112,10 @@ def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release
     remove_tree(root)
     kdir = root / "lib" / "modules" / release
     try:
-        (kdir / NVIDIA_SUBDIR).mkdir(parents=True)
+        (kdir / SUBDIR).mkdir(parents=True)
         staged: List[str] = []
         for p in built:
-            rel = "%s/%s" % (NVIDIA_SUBDIR, p.name)
+            rel = "%s/%s" % (SUBDIR, p.name)
             shutil.copyfile(str(p), str(kdir / rel))
             staged.append(rel)
         for name in sorted(set(closure) | set(companions)):
@@ -137,7 +129,7 @@ def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release
             else:
                 (kdir / f).write_text("")
         warnings = _depmod(runner, root, release, symvers, log_file)
-        unknown = [w for w in warnings if _UNKNOWN_SYMBOL.search(w) and NVIDIA_SUBDIR in w]
+        unknown = [w for w in warnings if _UNKNOWN_SYMBOL.search(w) and SUBDIR in w]
         if unknown:
             raise BuildFailed("stage", "depmod: " + "; ".join(_short(u, root) for u in unknown[:5]))
         wanted = list(COMPANIONS) + [module_name(p.name) for p in built]
@@ -163,7 +155,7 @@ def _depmod(runner: Runner, root: Path, release: str, symvers: Optional[Path], l
     try:
         res = runner.run(argv, timeout=300)
     except CommandFailed as exc:
-        raise BuildFailed("stage", "depmod failed: %s" % str(exc).splitlines()[0]) from None
+        raise BuildFailed("stage", "depmod failed: %s" % exc.summary, exc.tail) from None
     lines = [l for l in (res.stdout + res.stderr).splitlines() if l.strip()]
     if log_file is not None:
         log_file.write(("".join(l + "\n" for l in lines)).encode())
@@ -177,5 +169,5 @@ def _show_depends(runner: Runner, root: Path, release: str, names: Sequence[str]
     try:
         res = runner.run(argv, timeout=120)
     except CommandFailed as exc:
-        raise BuildFailed("stage", "modprobe --show-depends failed: %s" % str(exc).splitlines()[0]) from None
+        raise BuildFailed("stage", "modprobe --show-depends failed: %s" % exc.summary, exc.tail) from None
     return res.stdout.replace(str(root) + "/lib/modules/", "/lib/modules/")

@@ -1,4 +1,4 @@
-"""``nvidia-driver status``: what a cluster admin asks first, read-only.
+"""``nvidia-driver status [--json]``: what a cluster admin asks first, read-only.
 
 Settings (redacted), the node kernel and how it parses, the loaded driver, the
 fast-path facts and the flags present in the shared directory.
@@ -6,20 +6,23 @@ fast-path facts and the flags present in the shared directory.
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Any, Dict
 
-from . import __version__
-from .fast_path import decide_fast_path
-from .toolkit import protocol as proto
-from .toolkit.errors import InvalidValue
-from .toolkit.settings import Settings
-from .toolkit.versions import parse_kernel_release
+from .. import __version__
+from ..fast_path import decide_fast_path
+from ..toolkit import protocol as proto
+from ..toolkit.errors import InvalidValue
+from ..toolkit.settings import Settings
+from ..toolkit.versions import parse_kernel_release
+from .options import StatusOptions
 
 
 
 def collect(settings: Settings) -> Dict[str, Any]:
     paths = settings.paths
-    release = settings.kernel_release()
+    release = settings.running_kernel()
     kernel: Dict[str, Any] = {"release": release}
     try:
         kr = parse_kernel_release(release)
@@ -68,3 +71,12 @@ def render_text(info: Dict[str, Any]) -> str:
     for key, value in sorted(info["settings"].items()):
         lines.append("  %s=%s" % (key, value))
     return "\n".join(lines) + "\n"
+
+
+def run(settings: Settings, options: StatusOptions) -> int:
+    info = collect(settings)
+    if options.json:
+        sys.stdout.write(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.write(render_text(info))
+    return 0

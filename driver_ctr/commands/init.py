@@ -1,0 +1,39 @@
+"""``nvidia-driver init [-a] [-m N]``: the driver container without a DTK.
+
+Lifecycle (``service``): lock, NotReady, then the body below, then load,
+serve and wait for a signal.
+
+1. The fast path, decided once: the loaded driver is ours and its digest matches.
+2. The userspace install from the ``.run`` (with ``-a``: ``--accept-license``).
+3. Fast path: nothing to load. Otherwise the module tree: the shared dir's
+   build, the host cache, a build here, or the fallback (``module_trees.for_init``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import module_trees
+from ..fast_path import decide_fast_path
+from ..module_trees import ModuleTree
+from ..service import Service
+from ..toolkit.settings import Settings
+from ..toolkit.waiting import Cancellation
+from ..userspace import userspace_install
+from .options import InitOptions
+
+
+def run(settings: Settings, options: InitOptions) -> int:
+    cancel = Cancellation().install()
+
+    def body(service: Service) -> Optional[ModuleTree]:
+        fp = decide_fast_path(settings)
+        userspace_install(settings, service.runner, service.log, accept_license=options.accept_license,
+                          cancel=cancel)
+        if fp.applies:
+            service.log.info("fast path: the driver is loaded with this configuration", **fp.facts)
+            return None
+        service.log.info("fast path not taken", reason=fp.reason)
+        return module_trees.for_init(settings, cancel, options.max_threads)
+
+    return Service(settings, cancel).run(body)

@@ -1,0 +1,18 @@
+"""``nvidia-driver load``: load a build made earlier (shared dir, host cache), serve, wait.
+
+The reference's ``load`` never said NotReady, so a stale Ready of a killed pod
+stayed; here the lifecycle (``service``) says it first.
+"""
+
+from __future__ import annotations
+
+from .. import module_trees
+from ..service import Service
+from ..toolkit.settings import Settings
+from ..toolkit.waiting import Cancellation
+from .options import NoOptions
+
+
+def run(settings: Settings, options: NoOptions) -> int:
+    cancel = Cancellation().install()
+    return Service(settings, cancel).run(lambda service: module_trees.for_load(settings, cancel))

@@ -1,0 +1,57 @@
+"""``nvidia-driver reload_nvidia_peermem`` and ``probe_nvidia_peermem``: the RDMA
+sidecar's command and its startup/liveness probe.
+
+The probe runs periodically on every GPU node with RDMA: its healthy path
+reads two directories and logs nothing, so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from ..toolkit.errors import Cancelled
+from ..toolkit.log import get_logger
+from ..toolkit.settings import Settings
+from .options import NoOptions
+
+
+def _ready(settings: Settings) -> bool:
+    paths = settings.paths
+    ctr_ready = (paths.validations_dir / ".driver-ctr-ready").is_file()
+    if settings.use_host_mofed:
+        return ctr_ready and (paths.sys / "module/mlx5_core").is_dir()
+    return ctr_ready and paths.host("/run/mellanox/drivers/.driver-ready").is_file()
+
+
+def reload(settings: Settings, options: NoOptions) -> int:
+    """Wait for MOFED and the driver, load nvidia-peermem in the driver root, wait for a signal."""
+    from ..toolkit.runner import Runner
+    from ..toolkit.waiting import Cancellation, wait_until
+
+    cancel = Cancellation().install()  # before any wait (the reference's trap came too late)
+    log = get_logger(side="driver")
+    try:
+        wait_until(lambda: True if _ready(settings) else None, directory=settings.paths.validations_dir,
+                   what="the MOFED driver and the NVIDIA driver container to be ready", timeout_s=float("inf"),
+                   cancel=cancel, recheck_s=10.0, progress_s=300, log=log)
+        if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
+            log.info("nvidia-peermem module already loaded, skipping modprobe")
+        else:
+            Runner().run(["chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem"], timeout=300,
+                         cancel=cancel)
+            log.info("successfully loaded nvidia-peermem module, now waiting for signal")
+        while not cancel.cancelled:
+            cancel.sleep(0.5)
+    except Cancelled:
+        pass
+    return 0
+
+
+def probe(settings: Settings, options: NoOptions) -> int:
+    """Exit 1 when mlx5_core is loaded but nvidia-peermem is not."""
+    sysmod = settings.paths.sys / "module"
+    if not (sysmod / "mlx5_core").is_dir():
+        get_logger(side="driver").info("MOFED drivers are not ready, skipping probe to avoid container restarts...")
+        return 0
+    if not (sysmod / "nvidia_peermem").is_dir():
+        get_logger(side="driver").error("nvidia-peermem module is not loaded")
+        return 1
+    return 0

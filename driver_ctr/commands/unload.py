@@ -1,0 +1,18 @@
+"""``nvidia-driver unload``: stop the daemons (they hold the devices open), then
+unload the NVIDIA modules; refuse, naming the holders, when in use."""
+
+from __future__ import annotations
+
+from ..daemons import stop_daemons
+from ..toolkit.log import get_logger
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
+from ..unload import unload
+from .options import NoOptions
+
+
+def run(settings: Settings, options: NoOptions) -> int:
+    log = get_logger(side="driver")
+    stop_daemons(settings.paths, log)
+    unload(settings.paths, Runner(), log)
+    return 0

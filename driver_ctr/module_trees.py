@@ -1,0 +1,201 @@
+"""Where a verified module tree comes from: the one place that decides.
+
+Sources, each a small function that returns a verified :class:`ModuleTree`
+or a :class:`Miss` saying why not:
+
+1. ``shared_dir_build``  the shared dir's build for exactly these inputs;
+2. ``host_cache_entry``  the host cache (``/var/lib/driver-ctr/cache``);
+3. (precompiled bundles carried by the image: the ``build``/``update -k`` issue);
+4. ``local_build``       a build in this container, when the node kernel's tree is here;
+5. ``dtk_build``         the two-container protocol (``driver_side``);
+6. ``fallback_build``    the entitlement-based build (the fallback issue): today
+   the one place that raises :class:`FallbackRequired`.
+
+The orders: ``nvidia-driver load`` takes 1, 2; ``init`` takes 1, 2, 4, then 6;
+``nv-ctr-run-with-dtk`` takes 2 (handed over to the DTK side), 5, then 6.
+Every build is stored in the host cache by the one policy,
+:func:`~driver_ctr.toolkit.host_cache.store_build`, which the DTK side calls too.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, NoReturn, Optional, Union
+
+from .driver_side import DriverSide, FallbackReason
+from .toolkit import protocol as proto
+from .toolkit.builders import BuildOptions, BuildRequest, default_scratch, find_source
+from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, ProtocolError
+from .toolkit.fsio import remove_tree
+from .toolkit.host_cache import HostCache, store_build
+from .toolkit.log import Logger, first_line, get_logger, phase
+from .toolkit.settings import Settings
+from .toolkit.signing import Signing, signing_fingerprint
+from .toolkit.waiting import Cancellation
+
+FALLBACK_NOTE = "the entitlement-based build in the driver container (not implemented yet: the fallback issue)"
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    """A verified staged tree: the content of ``/lib/modules/<kernel>`` for ``kernel``."""
+
+    root: Path
+    kernel: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Miss:
+    source: str
+    reason: str
+
+
+Found = Union[ModuleTree, Miss]
+
+
+class NoBuild(DriverCtrError):
+    """No source had a verified build, and this command does not build."""
+
+
+class Sources:
+    """What every source needs: the settings, the inputs of a build for the
+    running kernel, the host cache when mounted, the cancellation."""
+
+    def __init__(self, settings: Settings, cancel: Cancellation) -> None:
+        self.settings = settings
+        self.cancel = cancel
+        self.kernel = settings.running_kernel()
+        self.inputs = proto.BuildInputs.from_settings(settings, self.kernel)
+        self.cache = HostCache.from_settings(settings)
+        self.log: Logger = get_logger(side="driver")
+
+    def signing_fingerprint(self) -> str:
+        return signing_fingerprint(Signing.from_settings(self.settings))
+
+
+# -- the sources --------------------------------------------------------------------
+
+
+def shared_dir_build(src: Sources) -> Found:
+    shared = proto.SharedDir(src.settings.paths.shared_dir)
+    try:
+        m = shared.read_manifest()
+        if m is None or m.build is None or not shared.has(proto.BUILT):
+            return Miss("shared dir", "%s holds no finished build" % shared.path)
+        proto.verify_build(shared, src.inputs, m.generation)
+    except ProtocolError as exc:
+        return Miss("shared dir", first_line(exc))
+    return ModuleTree(shared.modules, src.kernel, "shared dir")
+
+
+def host_cache_entry(src: Sources) -> Found:
+    if src.cache is None:
+        return Miss("host cache", "not mounted")
+    entry = src.cache.lookup(src.inputs, src.signing_fingerprint())
+    if entry is None:
+        return Miss("host cache", "no entry for these inputs")
+    return ModuleTree(entry.modules, src.kernel, "host cache")
+
+
+def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
+    """Build in this container (the node kernel's tree is here) and store the
+    build in the host cache. Raises :class:`NoKernelTree` when the tree is not here."""
+    s = src.settings
+    work = Path(tempfile.mkdtemp(prefix="driver-ctr-local-"))
+    staging = work / "modules"
+    staging.mkdir()
+    from .toolkit.kbuild import KbuildBuilder
+
+    try:
+        with phase(src.log, "local build", kernel=src.kernel):
+            source = find_source(s.source_dir, [s.paths.drivers_dir], s.target_arch, s.driver_version.raw)
+            result = KbuildBuilder().build(BuildRequest(
+                target_kernel=src.kernel, source=source, paths=s.paths, staging_dir=staging,
+                log_path=work / "build.log", scratch=default_scratch(),
+                options=BuildOptions.from_settings(s, max_jobs), cancel=src.cancel))
+        build = proto.BuildRecord(builder=result.builder, files=proto.describe_tree(staging),
+                                  components=result.components, finished_at=proto.now(), details=dict(result.details))
+        entry = store_build(src.cache, src.inputs, build, staging, src.log)
+    except BaseException:
+        remove_tree(work)
+        raise
+    if entry is None:
+        return ModuleTree(staging, src.kernel, "local build")
+    remove_tree(work)
+    return ModuleTree(entry.modules, src.kernel, "local build")
+
+
+def dtk_build(src: Sources) -> ModuleTree:
+    """The two-container protocol: a host-cache entry handed over to the DTK
+    side as this generation's build, else the DTK builds; a broken DTK falls back."""
+    side = DriverSide(src.settings, src.cancel)
+    side.require_mounted()
+    if src.cache is not None and not side.prepared_for_inputs():
+        entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
+        if entry is not None and side.hand_over(src.cache, entry) is not None:
+            return ModuleTree(side.shared.modules, src.kernel, "host cache")
+    handoff = side.build()
+    if handoff.fallback is not None:
+        fallback_build(src, handoff.fallback)
+    assert handoff.manifest is not None and handoff.manifest.build is not None
+    store_build(src.cache, src.inputs, handoff.manifest.build, side.shared.modules, src.log)
+    return ModuleTree(side.shared.modules, src.kernel, "dtk")
+
+
+def fallback_build(src: Sources, reason: FallbackReason) -> NoReturn:
+    """The entitlement-based build: the next issue installs the kernel's build
+    tree and builds here. Until then, the one clear error."""
+    src.log.warning("falling back to the entitlement-based build", why=reason.why, reasons=list(reason.reasons))
+    raise FallbackRequired("%s: falling back to %s" % (reason.why, FALLBACK_NOTE), reason.reasons)
+
+
+# -- the orders ---------------------------------------------------------------------
+
+
+def _first(src: Sources, *sources: Callable[[Sources], Found]) -> Union[ModuleTree, List[Miss]]:
+    """The first source that has a tree, else every source's reason."""
+    misses: List[Miss] = []
+    for source in sources:
+        f = source(src)
+        if isinstance(f, ModuleTree):
+            src.log.info("modules found", source=f.source, tree=str(f.root))
+            return f
+        misses.append(f)
+    return misses
+
+
+def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:
+    """``nvidia-driver load``: a build made earlier, never a new one."""
+    src = Sources(settings, cancel)
+    found = _first(src, shared_dir_build, host_cache_entry)
+    if isinstance(found, ModuleTree):
+        return found
+    raise NoBuild("no verified build for kernel %s: %s; run nvidia-driver init or the DTK flow "
+                  "(ocp_dtk_entrypoint nv-ctr-run-with-dtk)"
+                  % (src.kernel, "; ".join("%s: %s" % (m.source, m.reason) for m in found)))
+
+
+def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) -> ModuleTree:
+    """``nvidia-driver init``: a build made earlier, else build here, else fall back."""
+    src = Sources(settings, cancel)
+    found = _first(src, shared_dir_build, host_cache_entry)
+    if isinstance(found, ModuleTree):
+        return found
+    try:
+        return local_build(src, max_jobs)
+    except NoKernelTree as exc:
+        fallback_build(src, FallbackReason("no build for kernel %s and no kernel build tree in this container"
+                                           % src.kernel, (exc.message,)))
+
+
+def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
+    """``nv-ctr-run-with-dtk``: the Driver Toolkit builds (or the host cache
+    serves), unless the operator says there is no DTK for this RHCOS."""
+    src = Sources(settings, cancel)
+    if settings.rhcos_image_missing:
+        fallback_build(src, FallbackReason("RHCOS %r image tag missing in the driver-toolkit imagestream"
+                                           % settings.rhcos_version))
+    return dtk_build(src)

@@ -1,0 +1,128 @@
+"""The lifecycle of every command that loads the driver, written once.
+
+::
+
+    lock -> NotReady -> body -> [unload ours, load the tree] -> daemons, driver root, state -> Ready
+         -> wait for SIGTERM/SIGINT -> shutdown
+
+- **lock**: the pid file, flocked before it is truncated; a second instance
+  aborts with the reference's message and touches nothing (not even the
+  readiness file: the first instance's ``Ready`` stays).
+- **NotReady**: written right after the lock, before any other work, so a
+  stale ``Ready`` of a killed pod never outlives the start of its successor.
+- **body**: the command's own work (the hand-off, a build, the userspace
+  install); it returns the :class:`ModuleTree` to load, or None when the
+  loaded driver already is this configuration (the fast path).
+- **load**: whatever NVIDIA driver is loaded is stopped and unloaded (never
+  forced), then the tree is loaded (``driver_load``).
+- **serve**: daemons, the driver root, the state file, ``Ready``.
+- **a failure (or a signal) before the wait undoes what was done**: once the
+  node was touched (load or serve began), our daemons are stopped, the NVIDIA
+  modules unloaded and the driver root unmounted; in every case the state and
+  readiness files are removed and the lock released. A failure before any
+  node change leaves the node's driver as it was.
+- **shutdown** after the wait: the same undo; while the driver is in use it
+  says so once and keeps running (reference semantics).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Optional
+
+from .daemons import start_daemons, stop_daemons
+from .driver_load import Loader
+from .node_state import (PidLock, clear_daemons_status, mount_rootfs, remove_state, set_daemons_status,
+                         unmount_rootfs, write_state)
+from .toolkit.errors import Cancelled, DriverCtrError
+from .toolkit.log import Logger, get_logger
+from .toolkit.runner import Runner
+from .toolkit.settings import Settings
+from .toolkit.waiting import Cancellation
+from .unload import DriverInUse, unload
+
+if TYPE_CHECKING:
+    from .module_trees import ModuleTree
+
+Body = Callable[["Service"], Optional["ModuleTree"]]
+
+
+class Service:
+    """Hold the node for the life of the container."""
+
+    def __init__(self, settings: Settings, cancel: Cancellation, runner: Optional[Runner] = None) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.cancel = cancel
+        self.runner = runner or Runner()
+        self.log: Logger = get_logger(side="driver")
+        self.lock: Optional[PidLock] = None
+        self.touched = False  # the node's driver state was changed by us
+
+    def run(self, body: Body) -> int:
+        """The whole lifecycle (see the module docstring); the exit status."""
+        self.lock = PidLock(self.paths.pid_file).acquire()
+        set_daemons_status(self.paths, "NotReady")
+        try:
+            tree = body(self)
+            self.touched = True
+            if tree is not None:
+                self.unload_ours()
+                report = Loader(self.settings, self.runner).load_tree(tree)
+                self.log.info("NVIDIA modules loaded", source=tree.source, modules=report.loaded,
+                              params=report.params, firmware=report.firmware)
+            self.serve()
+        except Cancelled as exc:
+            self.log.info("stopping before the driver was ready", reason=str(exc))
+            self.undo()
+            return 0
+        except BaseException:
+            try:
+                self.undo()
+            except DriverCtrError as exc:
+                self.log.warning("cleanup after the failure was incomplete", reason=str(exc))
+            raise
+        return self.wait_for_signal()
+
+    def unload_ours(self) -> None:
+        """Stop the daemons (they hold the devices), unload the NVIDIA modules, unmount the driver root."""
+        stop_daemons(self.paths, self.log)
+        unload(self.paths, self.runner, self.log)
+        unmount_rootfs(self.paths, self.runner, self.log)
+
+    def serve(self) -> None:
+        """After a load (or the fast path): daemons, driver root, state, Ready."""
+        start_daemons(self.settings, self.runner, self.log, self.cancel)
+        mount_rootfs(self.paths, self.runner, self.log)
+        if self.settings.driver_config_digest:
+            write_state(self.paths, self.settings.driver_config_digest)
+        set_daemons_status(self.paths, "Ready")
+        self.log.info("driver ready: waiting for a signal")
+
+    def wait_for_signal(self) -> int:
+        """Block until SIGTERM/SIGINT; then shut down. While the driver is in use,
+        say so once and keep running (reference semantics)."""
+        told = False
+        while True:
+            while not self.cancel.cancelled:
+                self.cancel.sleep(0.5)
+            self.log.info("caught signal", signal=self.cancel.signal_name)
+            try:
+                self.undo()
+                return 0
+            except DriverInUse as exc:
+                if not told:
+                    self.log.warning("driver in use: not unloading, keeping the container running", reason=str(exc))
+                    told = True
+                self.cancel.clear()
+
+    def undo(self) -> None:
+        """Take back what was done: the driver when the node was touched, then
+        the state, the readiness and the lock."""
+        if self.touched:
+            self.unload_ours()
+        remove_state(self.paths)
+        clear_daemons_status(self.paths)
+        if self.lock is not None:
+            self.lock.release(remove=True)
+        if self.touched:
+            self.log.info("shut down: no NVIDIA module left loaded, driver root unmounted, pid and state removed")
