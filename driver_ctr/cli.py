@@ -16,8 +16,8 @@ import sys
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Type
 
 from . import __version__
-from .toolkit import log as logmod
 from .commands import options as opts
+from .toolkit import log as logmod
 from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.settings import Settings
 
@@ -37,12 +37,19 @@ def _max_threads(text: str) -> int:
 
 
 def _add_accept(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-a", "--accept-license", action="store_true", help="accept the NVIDIA license (passed to nvidia-installer)")
+    p.add_argument(
+        "-a", "--accept-license", action="store_true", help="accept the NVIDIA license (passed to nvidia-installer)"
+    )
 
 
 def _add_max_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--max-threads", type=_max_threads, metavar="N",
-                   help="upper bound on parallel compile jobs (also bounded by the CPUs and memory the container may use)")
+    p.add_argument(
+        "-m",
+        "--max-threads",
+        type=_max_threads,
+        metavar="N",
+        help="upper bound on parallel compile jobs (also bounded by the CPUs and memory the container may use)",
+    )
 
 
 def _add_tag(p: argparse.ArgumentParser) -> None:
@@ -50,7 +57,9 @@ def _add_tag(p: argparse.ArgumentParser) -> None:
 
 
 def build_nvidia_driver_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="nvidia-driver", description="NVIDIA driver container entrypoint (driver-ctr %s)" % __version__)
+    parser = _Parser(
+        prog="nvidia-driver", description="NVIDIA driver container entrypoint (driver-ctr %s)" % __version__
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -81,12 +90,20 @@ def build_nvidia_driver_parser() -> argparse.ArgumentParser:
 
 
 def build_ocp_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ocp_dtk_entrypoint", description="OpenShift Driver Toolkit two-container protocol (driver-ctr %s)" % __version__)
+    parser = _Parser(
+        prog="ocp_dtk_entrypoint",
+        description="OpenShift Driver Toolkit two-container protocol (driver-ctr %s)" % __version__,
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    p = sub.add_parser("nv-ctr-run-with-dtk", help="driver container: prepare the shared dir, wait for the DTK build, verify, load")
-    p.add_argument("--dry-run", action="store_true",
-                   help="stop after verifying the hand-off instead of loading (tests, diagnostics)")
+    p = sub.add_parser(
+        "nv-ctr-run-with-dtk", help="driver container: prepare the shared dir, wait for the DTK build, verify, load"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="stop after verifying the hand-off instead of loading (tests, diagnostics)",
+    )
     sub.add_parser("dtk-build-driver", help="DTK container: detect a broken DTK, build, stage, publish, idle")
     return parser
 
@@ -110,15 +127,19 @@ def _init(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .commands import build
 
-    return build.build(_settings(args), opts.BuildOptions(accept_license=args.accept_license, tag=args.tag,
-                                                          max_threads=args.max_threads))
+    return build.build(
+        _settings(args),
+        opts.BuildOptions(accept_license=args.accept_license, tag=args.tag, max_threads=args.max_threads),
+    )
 
 
 def _update(args: argparse.Namespace) -> int:
     from .commands import build
 
-    return build.update(_settings(args), opts.UpdateOptions(kernel=args.kernel, sign=args.sign, tag=args.tag,
-                                                            max_threads=args.max_threads))
+    return build.update(
+        _settings(args),
+        opts.UpdateOptions(kernel=args.kernel, sign=args.sign, tag=args.tag, max_threads=args.max_threads),
+    )
 
 
 def _load(args: argparse.Namespace) -> int:

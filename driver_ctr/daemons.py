@@ -11,14 +11,17 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import psutil
 
 from .toolkit.errors import CommandFailed, DriverCtrError
 from .toolkit.fsio import atomic_write_text
+from .toolkit.log import Logger
 from .toolkit.paths import HostPaths
 from .toolkit.runner import Runner
+from .toolkit.settings import Settings
+from .toolkit.waiting import Cancellation, wait_until
 
 FM_CONFIG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
 
@@ -91,7 +94,7 @@ def _pid_matches(pid: int, program: str) -> bool:
         return False
 
 
-def stop_daemons(paths: HostPaths, log: Any, timeout_s: float = 5.0) -> None:
+def stop_daemons(paths: HostPaths, log: Logger, timeout_s: float = 5.0) -> None:
     for d in DAEMONS:
         pf = paths.host(d.pid_file)
         try:
@@ -110,7 +113,7 @@ def stop_daemons(paths: HostPaths, log: Any, timeout_s: float = 5.0) -> None:
         log.info("stopped", daemon=d.program, pid=pid)
 
 
-def start_daemons(settings: Any, runner: Runner, log: Any, cancel: Any = None) -> List[str]:
+def start_daemons(settings: Settings, runner: Runner, log: Logger, cancel: Optional[Cancellation] = None) -> List[str]:
     """Start what this node needs; returns the names started. On NVLink5 systems
     first wait (cancellable) for mlx5_core and ib_umad, as the reference does."""
     paths = settings.paths
@@ -122,11 +125,16 @@ def start_daemons(settings: Any, runner: Runner, log: Any, cancel: Any = None) -
         log.info("nvidia-persistenced is not installed here: not started")
     nvlink5 = nvlink5_present(paths)
     if nvlink5 and cancel is not None:
-        from .toolkit.waiting import wait_until
-
-        wait_until(lambda: True if all((paths.sys / "module" / m).is_dir() for m in ("mlx5_core", "ib_umad")) else None,
-                   directory=paths.sys / "module", what="the mlx5_core and ib_umad kernel modules to be loaded",
-                   timeout_s=float("inf"), cancel=cancel, recheck_s=10.0, progress_s=60, log=log)
+        wait_until(
+            lambda: True if all((paths.sys / "module" / m).is_dir() for m in ("mlx5_core", "ib_umad")) else None,
+            directory=paths.sys / "module",
+            what="the mlx5_core and ib_umad kernel modules to be loaded",
+            timeout_s=float("inf"),
+            cancel=cancel,
+            recheck_s=10.0,
+            progress_s=60,
+            log=log,
+        )
     fm_needed = nvlink5 or nvswitch_present(paths)
     if fm_needed:
         cfg = paths.host(FM_CONFIG)
@@ -134,10 +142,19 @@ def start_daemons(settings: Any, runner: Runner, log: Any, cancel: Any = None) -
         if changed:
             log.info("fabric manager configured", fields=changed)
         if nvlink5:
-            argv = ["/usr/bin/nvidia-fabricmanager-start.sh", "--mode", "start", "--fm-config-file", str(cfg),
-                    "--fm-pid-file", "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
-                    "--nvlsm-config-file", "/usr/share/nvidia/nvlsm/nvlsm.conf",
-                    "--nvlsm-pid-file", "/var/run/nvidia-fabricmanager/nvlsm.pid"]
+            argv = [
+                "/usr/bin/nvidia-fabricmanager-start.sh",
+                "--mode",
+                "start",
+                "--fm-config-file",
+                str(cfg),
+                "--fm-pid-file",
+                "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
+                "--nvlsm-config-file",
+                "/usr/share/nvidia/nvlsm/nvlsm.conf",
+                "--nvlsm-pid-file",
+                "/var/run/nvidia-fabricmanager/nvlsm.pid",
+            ]
         else:
             argv = ["nv-fabricmanager", "-c", str(cfg)]
         try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from . import module_params
@@ -40,6 +39,7 @@ from .toolkit.settings import Settings
 
 if TYPE_CHECKING:
     from .module_trees import ModuleTree
+
 
 @dataclass
 class LoadReport:
@@ -66,7 +66,7 @@ def symbol_providers(tree: "ModuleTree") -> Dict[str, str]:
         for line in f.read_text(errors="replace").splitlines():
             parts = line.split()
             if len(parts) == 3 and parts[1].startswith("symbol:"):
-                out[parts[1][len("symbol:"):]] = parts[2]
+                out[parts[1][len("symbol:") :]] = parts[2]
     return out
 
 
@@ -83,7 +83,9 @@ class Loader:
             if mellanox_present(self.paths):
                 mods.append(nv.PEERMEM)
             else:
-                self.log.info("RDMA is on but no Mellanox device (PCI vendor 0x15b3) is present: nvidia-peermem not loaded")
+                self.log.info(
+                    "RDMA is on but no Mellanox device (PCI vendor 0x15b3) is present: nvidia-peermem not loaded"
+                )
         return mods
 
     def modinfos(self, tree: "ModuleTree", mods: List[str]) -> Dict[str, ModInfo]:
@@ -91,8 +93,11 @@ class Loader:
         for m in mods:
             p = tree.root / nv.staged_path(m)
             if not p.is_file():
-                raise LoadFailed(m, "%s is not in the staged tree %s" % (p.name, tree.root),
-                                 "rebuild: the hand-off tree is incomplete")
+                raise LoadFailed(
+                    m,
+                    "%s is not in the staged tree %s" % (p.name, tree.root),
+                    "rebuild: the hand-off tree is incomplete",
+                )
             out[m] = read_modinfo(p)
         return out
 
@@ -101,9 +106,12 @@ class Loader:
         for m, info in infos.items():
             problem = vermagic_problem(nv.ko_file(m), info.vermagic, kernel, ref)
             if problem:
-                raise LoadFailed(m, "refused before insmod: %s.ko was built for another kernel: module vermagic %r, "
-                                 "running kernel %r" % (m, info.vermagic, ref or kernel),
-                                 "rebuild for the running kernel; a stale build or cache entry is never loaded")
+                raise LoadFailed(
+                    m,
+                    "refused before insmod: %s.ko was built for another kernel: module vermagic %r, "
+                    "running kernel %r" % (m, info.vermagic, ref or kernel),
+                    "rebuild for the running kernel; a stale build or cache entry is never loaded",
+                )
 
     def modprobe_base(self, tree: "ModuleTree", kernel: str) -> List[str]:
         """``modprobe -d <root>`` where ``<root>/lib/modules/<kernel>`` is the tree."""
@@ -121,8 +129,11 @@ class Loader:
         """Load ``tree`` on the running kernel (a tree built for another kernel is refused)."""
         kernel = self.settings.running_kernel()
         if tree.kernel != kernel:
-            raise LoadFailed("nvidia", "the staged tree is for kernel %s, the node runs %s" % (tree.kernel, kernel),
-                             "rebuild for the running kernel")
+            raise LoadFailed(
+                "nvidia",
+                "the staged tree is for kernel %s, the node runs %s" % (tree.kernel, kernel),
+                "rebuild for the running kernel",
+            )
         mods = self.wanted()
         infos = self.modinfos(tree, mods)
         kernel_vermagic = running_kernel_vermagic(self.settings, kernel)
@@ -133,22 +144,32 @@ class Loader:
         module_params.write_dropins(self.paths.modprobe_d, params)
         report = LoadReport(params={m: ["%s=%s" % (p.name, p.value) for p in ps] for m, ps in params.items() if ps})
         report.firmware = configure_firmware_path(
-            self.paths, {p.name: p.value for p in params.get("nvidia", [])}, self.log)
+            self.paths, {p.name: p.value for p in params.get("nvidia", [])}, self.log
+        )
         base = self.modprobe_base(tree, kernel)
         companions = self.runner.run(base + ["-a", *nv.COMPANIONS], timeout=120, check=False)
         if companions.returncode != 0:
-            self.log.warning("could not load i2c/ipmi companions (nvidia loads without them)",
-                             error=(companions.stderr or companions.stdout).strip().splitlines()[-1:])
-        facts_common = dict(kernel_release=kernel, kernel_vermagic=kernel_vermagic,
-                            nouveau_loaded=(self.paths.sys / "module/nouveau").is_dir(),
-                            nvidia_pci_devices=pci_devices(self.paths, "0x10de"))
+            self.log.warning(
+                "could not load i2c/ipmi companions (nvidia loads without them)",
+                error=(companions.stderr or companions.stdout).strip().splitlines()[-1:],
+            )
+        nouveau_loaded = (self.paths.sys / "module/nouveau").is_dir()
+        nvidia_pci_devices = pci_devices(self.paths, "0x10de")
         for m in mods:
             klog = KernelLog().mark()
             try:
                 res = self.runner.run(base + ["--first-time", m], timeout=600, check=False)
                 if res.returncode != 0:
-                    facts = Facts(module=m, module_vermagic=infos[m].vermagic, signed=infos[m].signed,
-                                  symbol_providers=symbol_providers(tree), **facts_common)
+                    facts = Facts(
+                        module=m,
+                        module_vermagic=infos[m].vermagic,
+                        signed=infos[m].signed,
+                        symbol_providers=symbol_providers(tree),
+                        kernel_release=kernel,
+                        kernel_vermagic=kernel_vermagic,
+                        nouveau_loaded=nouveau_loaded,
+                        nvidia_pci_devices=nvidia_pci_devices,
+                    )
                     raise diagnose(facts, (res.stderr + "\n" + res.stdout).strip(), klog.lines())
             finally:
                 klog.close()

@@ -81,8 +81,12 @@ class DriverSide:
         that has not failed (a restart of this container): wait for that one."""
         try:
             m = self.shared.read_manifest()
-            return (m is not None and m.inputs == self.inputs and self.shared.has(proto.DIR_PREPARED)
-                    and not self.shared.has(proto.BUILD_FAILED))
+            return (
+                m is not None
+                and m.inputs == self.inputs
+                and self.shared.has(proto.DIR_PREPARED)
+                and not self.shared.has(proto.BUILD_FAILED)
+            )
         except ProtocolError:
             return False
 
@@ -100,8 +104,9 @@ class DriverSide:
             os.replace(str(staging), str(sh.modules))
             details = dict(entry.record.build.details)
             details["host_cache_entry"] = str(entry.path)
-            build = proto.BuildRecord(builder=HOST_CACHE_BUILDER, files=entry.record.build.files,
-                                      finished_at=proto.now(), details=details)
+            build = proto.BuildRecord(
+                builder=HOST_CACHE_BUILDER, files=entry.record.build.files, finished_at=proto.now(), details=details
+            )
             sh.write_manifest(proto.Manifest(generation=gen, inputs=self.inputs, build=build))
             try:
                 manifest = proto.verify_build(sh, self.inputs, gen)
@@ -128,8 +133,9 @@ class DriverSide:
             if failed is None:
                 self.log.info("shared directory already prepared for these inputs", generation=manifest.generation)
                 return manifest.generation
-            self.log.warning("the last build of these inputs failed: asking the DTK for a new attempt",
-                             failure=failed.message)
+            self.log.warning(
+                "the last build of these inputs failed: asking the DTK for a new attempt", failure=failed.message
+            )
         gen = self._next_generation(manifest)
         with phase(self.log, "prepare", generation=gen, shared_dir=str(sh.path)):
             self._start_generation(gen, manifest)
@@ -149,8 +155,11 @@ class DriverSide:
         """Move the last generation's outcome aside; install the DTK program and settings."""
         sh = self.shared
         if manifest is not None and manifest.inputs != self.inputs:
-            self.log.warning("shared directory holds another configuration's build: never used, moved aside",
-                             old_inputs=manifest.inputs.to_json(), inputs=self.inputs.to_json())
+            self.log.warning(
+                "shared directory holds another configuration's build: never used, moved aside",
+                old_inputs=manifest.inputs.to_json(),
+                inputs=self.inputs.to_json(),
+            )
         sh.move_aside(gen - 1)
         payload.install(sh.path)
         sh.write_settings(self.settings.shared())
@@ -165,7 +174,11 @@ class DriverSide:
         for f in sorted(src.iterdir()):
             if f.is_file() and (f.name.endswith(".run") or f.name.endswith(".conf")):
                 target = dest / f.name
-                if target.is_file() and target.stat().st_size == f.stat().st_size and target.stat().st_mtime >= f.stat().st_mtime:
+                if (
+                    target.is_file()
+                    and target.stat().st_size == f.stat().st_size
+                    and target.stat().st_mtime >= f.stat().st_mtime
+                ):
                     continue
                 tmp = dest / (".%s.tmp" % f.name)
                 shutil.copy2(str(f), str(tmp))
@@ -181,8 +194,11 @@ class DriverSide:
             reasons = list(broken.reasons) or ["no reason given (reference-style flag)"]
             if broken.likely_cause:
                 reasons.append("likely cause: %s" % broken.likely_cause)
-            return FallbackReason("the Driver Toolkit cannot build for node kernel %s" % self.kernel,
-                                  tuple(reasons), dict(broken.decision))
+            return FallbackReason(
+                "the Driver Toolkit cannot build for node kernel %s" % self.kernel,
+                tuple(reasons),
+                dict(broken.decision),
+            )
         failed = sh.read_flag(proto.Failed)
         if failed is not None and failed.of(generation):
             raise BuildFailed("DTK %s" % failed.phase, failed.message, failed.log_tail)
@@ -196,9 +212,14 @@ class DriverSide:
             return None
 
         with phase(self.log, "wait build start", generation=generation):
-            (fallback,) = wait_until(check, directory=self.shared.path,
-                                     what="the openshift-driver-toolkit-ctr container to start the build",
-                                     timeout_s=self.settings.start_timeout_s, cancel=self.cancel, log=self.log)
+            (fallback,) = wait_until(
+                check,
+                directory=self.shared.path,
+                what="the openshift-driver-toolkit-ctr container to start the build",
+                timeout_s=self.settings.start_timeout_s,
+                cancel=self.cancel,
+                log=self.log,
+            )
         return fallback
 
     def wait_built(self, generation: int) -> Handoff:
@@ -212,13 +233,21 @@ class DriverSide:
             return Handoff(manifest=proto.verify_build(self.shared, self.inputs, generation))
 
         with phase(self.log, "wait build", generation=generation) as extra:
-            handoff = wait_until(check, directory=self.shared.path,
-                                 what="the openshift-driver-toolkit-ctr container to build the driver",
-                                 timeout_s=self.settings.build_timeout_s, cancel=self.cancel, log=self.log)
+            handoff = wait_until(
+                check,
+                directory=self.shared.path,
+                what="the openshift-driver-toolkit-ctr container to build the driver",
+                timeout_s=self.settings.build_timeout_s,
+                cancel=self.cancel,
+                log=self.log,
+            )
             if handoff.manifest is not None and handoff.manifest.build is not None:
                 extra["files"] = len(handoff.manifest.build.files)
         if handoff.manifest is not None and handoff.manifest.build is not None:
-            self.log.info("hand-off verified: every staged file matches the manifest and the node kernel",
-                          generation=generation, kernel=self.kernel,
-                          modules=[f.path for f in handoff.manifest.build.modules])
+            self.log.info(
+                "hand-off verified: every staged file matches the manifest and the node kernel",
+                generation=generation,
+                kernel=self.kernel,
+                modules=[f.path for f in handoff.manifest.build.modules],
+            )
         return handoff

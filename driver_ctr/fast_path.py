@@ -8,6 +8,7 @@ driver-ctr also requires ``/sys/module/nvidia/version`` to be ``DRIVER_VERSION``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 from .toolkit.settings import Settings
@@ -20,7 +21,7 @@ class FastPath:
     facts: Dict[str, Any] = field(default_factory=dict)
 
 
-def _read(path: Any) -> Optional[str]:
+def _read(path: Path) -> Optional[str]:
     try:
         return path.read_text().strip()
     except OSError:
@@ -33,8 +34,12 @@ def decide_fast_path(settings: Settings) -> FastPath:
     loaded = (mod / "refcnt").exists()
     version = _read(mod / "version")
     digest = _read(paths.state_file)
-    facts = {"nvidia_loaded": loaded, "loaded_version": version, "state_digest": digest,
-             "config_digest": settings.driver_config_digest}
+    facts = {
+        "nvidia_loaded": loaded,
+        "loaded_version": version,
+        "state_digest": digest,
+        "config_digest": settings.driver_config_digest,
+    }
     if not loaded:
         return FastPath(False, "the nvidia module is not loaded", facts)
     if not settings.driver_config_digest:
@@ -42,5 +47,7 @@ def decide_fast_path(settings: Settings) -> FastPath:
     if digest != settings.driver_config_digest:
         return FastPath(False, "the state digest %r differs from DRIVER_CONFIG_DIGEST" % digest, facts)
     if version != settings.driver_version.raw:
-        return FastPath(False, "the loaded nvidia module is version %r, not %s" % (version, settings.driver_version.raw), facts)
+        return FastPath(
+            False, "the loaded nvidia module is version %r, not %s" % (version, settings.driver_version.raw), facts
+        )
     return FastPath(True, "loaded with this configuration", facts)

@@ -25,10 +25,17 @@ CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
 
 _INT = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
 _UINT = re.compile(r"^\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
-_BOUNDS = {"byte": (0, 255), "short": (-(1 << 15), (1 << 15) - 1), "ushort": (0, (1 << 16) - 1),
-           "int": (-(1 << 31), (1 << 31) - 1), "uint": (0, (1 << 32) - 1),
-           "long": (-(1 << 63), (1 << 63) - 1), "ulong": (0, (1 << 64) - 1), "ullong": (0, (1 << 64) - 1),
-           "hexint": (0, (1 << 32) - 1)}
+_BOUNDS = {
+    "byte": (0, 255),
+    "short": (-(1 << 15), (1 << 15) - 1),
+    "ushort": (0, (1 << 16) - 1),
+    "int": (-(1 << 31), (1 << 31) - 1),
+    "uint": (0, (1 << 32) - 1),
+    "long": (-(1 << 63), (1 << 63) - 1),
+    "ulong": (0, (1 << 64) - 1),
+    "ullong": (0, (1 << 64) - 1),
+    "hexint": (0, (1 << 32) - 1),
+}
 _BOOL = {"y", "Y", "n", "N", "1", "0", "true", "false", "on", "off"}
 
 
@@ -47,7 +54,7 @@ class Param:
 def check_value(typ: str, value: str) -> Optional[str]:
     """Why ``value`` is not a valid ``typ`` (None when it is)."""
     if typ.startswith("array of "):
-        elem = typ[len("array of "):]
+        elem = typ[len("array of ") :]
         for v in value.split(","):
             why = check_value(elem, v)
             if why:
@@ -106,8 +113,10 @@ def validate(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo]) ->
         known = info.parameters
         for p in ps:
             if p.name not in known:
-                problems.append("%s: %s has no parameter %r (known: %s)" % (
-                    p.source, mod, p.name, ", ".join(sorted(known)) or "none"))
+                problems.append(
+                    "%s: %s has no parameter %r (known: %s)"
+                    % (p.source, mod, p.name, ", ".join(sorted(known)) or "none")
+                )
                 continue
             why = check_value(known[p.name], p.value)
             if why:
@@ -133,7 +142,10 @@ def option_lines(params: Mapping[str, List[Param]]) -> Dict[str, str]:
         if ps:
             words = " ".join("%s=%s" % (p.name, shlex.quote(p.value) if " " in p.value else p.value) for p in ps)
             out[mod] = "# written by driver-ctr from %s\noptions %s %s\n" % (
-                ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})), normalize(mod), words)
+                ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})),
+                normalize(mod),
+                words,
+            )
     return out
 
 

@@ -112,12 +112,25 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
     try:
         with phase(src.log, "local build", kernel=src.kernel):
             source = find_source(s.source_dir, [s.paths.drivers_dir], s.target_arch, s.driver_version.raw)
-            result = KbuildBuilder().build(BuildRequest(
-                target_kernel=src.kernel, source=source, paths=s.paths, staging_dir=staging,
-                log_path=work / "build.log", scratch=default_scratch(),
-                options=BuildOptions.from_settings(s, max_jobs), cancel=src.cancel))
-        build = proto.BuildRecord(builder=result.builder, files=proto.describe_tree(staging),
-                                  components=result.components, finished_at=proto.now(), details=dict(result.details))
+            result = KbuildBuilder().build(
+                BuildRequest(
+                    target_kernel=src.kernel,
+                    source=source,
+                    paths=s.paths,
+                    staging_dir=staging,
+                    log_path=work / "build.log",
+                    scratch=default_scratch(),
+                    options=BuildOptions.from_settings(s, max_jobs),
+                    cancel=src.cancel,
+                )
+            )
+        build = proto.BuildRecord(
+            builder=result.builder,
+            files=proto.describe_tree(staging),
+            components=result.components,
+            finished_at=proto.now(),
+            details=dict(result.details),
+        )
         entry = store_build(src.cache, src.inputs, build, staging, src.log)
     except BaseException:
         remove_tree(work)
@@ -173,9 +186,11 @@ def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:
     found = _first(src, shared_dir_build, host_cache_entry)
     if isinstance(found, ModuleTree):
         return found
-    raise NoBuild("no verified build for kernel %s: %s; run nvidia-driver init or the DTK flow "
-                  "(ocp_dtk_entrypoint nv-ctr-run-with-dtk)"
-                  % (src.kernel, "; ".join("%s: %s" % (m.source, m.reason) for m in found)))
+    raise NoBuild(
+        "no verified build for kernel %s: %s; run nvidia-driver init or the DTK flow "
+        "(ocp_dtk_entrypoint nv-ctr-run-with-dtk)"
+        % (src.kernel, "; ".join("%s: %s" % (m.source, m.reason) for m in found))
+    )
 
 
 def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) -> ModuleTree:
@@ -187,8 +202,12 @@ def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) 
     try:
         return local_build(src, max_jobs)
     except NoKernelTree as exc:
-        fallback_build(src, FallbackReason("no build for kernel %s and no kernel build tree in this container"
-                                           % src.kernel, (exc.message,)))
+        fallback_build(
+            src,
+            FallbackReason(
+                "no build for kernel %s and no kernel build tree in this container" % src.kernel, (exc.message,)
+            ),
+        )
 
 
 def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
@@ -196,6 +215,7 @@ def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
     serves), unless the operator says there is no DTK for this RHCOS."""
     src = Sources(settings, cancel)
     if settings.rhcos_image_missing:
-        fallback_build(src, FallbackReason("RHCOS %r image tag missing in the driver-toolkit imagestream"
-                                           % settings.rhcos_version))
+        fallback_build(
+            src, FallbackReason("RHCOS %r image tag missing in the driver-toolkit imagestream" % settings.rhcos_version)
+        )
     return dtk_build(src)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import IO, Any, List, Mapping, Optional
+from typing import IO, List, Mapping, Optional
 
 from .toolkit.errors import CommandFailed, DriverCtrError
 from .toolkit.fsio import atomic_write_text
+from .toolkit.log import Logger
 from .toolkit.paths import HostPaths
 from .toolkit.runner import Runner
 
@@ -89,7 +90,7 @@ def clear_daemons_status(paths: HostPaths) -> None:
         pass
 
 
-def configure_firmware_path(paths: HostPaths, nvidia_params: Mapping[str, str], log: Any) -> str:
+def configure_firmware_path(paths: HostPaths, nvidia_params: Mapping[str, str], log: Logger) -> str:
     """The reference rule: set the firmware search path only when it is empty,
     skip when GSP firmware is off. Returns what was done."""
     if nvidia_params.get("NVreg_EnableGpuFirmware") == "0":
@@ -101,8 +102,11 @@ def configure_firmware_path(paths: HostPaths, nvidia_params: Mapping[str, str], 
     except OSError:
         current = None
     if current:
-        log.warning("a firmware search path is already configured; retaining the current configuration",
-                    path=str(p), value=current)
+        log.warning(
+            "a firmware search path is already configured; retaining the current configuration",
+            path=str(p),
+            value=current,
+        )
         return "retained"
     try:
         p.write_text(FIRMWARE_DIR)
@@ -129,14 +133,17 @@ def mounted(target: Path, proc: Path) -> bool:
         return False
 
 
-def mount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
+def mount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
     target = paths.driver_root
     if mounted(target, paths.proc):
         log.info("driver root already mounted", target=str(target))
         return
     target.mkdir(parents=True, exist_ok=True)
-    for argv in (["mount", "--make-runbindable", "/sys"], ["mount", "--make-private", "/sys"],
-                 ["mount", "--rbind", "/", str(target)]):
+    for argv in (
+        ["mount", "--make-runbindable", "/sys"],
+        ["mount", "--make-private", "/sys"],
+        ["mount", "--rbind", "/", str(target)],
+    ):
         runner.run(argv, timeout=60)
     if host_selinux_enabled(paths):
         runner.run(["chcon", "-R", "-t", "container_file_t", str(target / "dev")], timeout=300)
@@ -144,7 +151,7 @@ def mount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
     log.info("driver root mounted", target=str(target))
 
 
-def unmount_rootfs(paths: HostPaths, runner: Runner, log: Any) -> None:
+def unmount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
     target = paths.driver_root
     if not mounted(target, paths.proc):
         return

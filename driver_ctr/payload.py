@@ -58,8 +58,11 @@ while :; do sleep 1 & wait $!; done
 
 
 def launcher_text() -> str:
-    return (LAUNCHER.replace("@INTERPRETERS@", " ".join(INTERPRETERS))
-            .replace("@ZIPAPP@", proto.ZIPAPP).replace("@BROKEN@", proto.TOOLKIT_BROKEN))
+    return (
+        LAUNCHER.replace("@INTERPRETERS@", " ".join(INTERPRETERS))
+        .replace("@ZIPAPP@", proto.ZIPAPP)
+        .replace("@BROKEN@", proto.TOOLKIT_BROKEN)
+    )
 
 
 def _package_files(name: str) -> Iterator[Tuple[Path, str]]:
@@ -91,6 +94,7 @@ def zipapp_bytes() -> bytes:
     buf = io.BytesIO()
     buf.write(b"#!/usr/bin/env python3\n")
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+
         def add(arcname: str, data: bytes) -> None:
             info = zipfile.ZipInfo(arcname, date_time=(2020, 1, 1, 0, 0, 0))
             info.compress_type = zipfile.ZIP_DEFLATED

@@ -31,8 +31,15 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from .daemons import start_daemons, stop_daemons
 from .driver_load import Loader
-from .node_state import (PidLock, clear_daemons_status, mount_rootfs, remove_state, set_daemons_status,
-                         unmount_rootfs, write_state)
+from .node_state import (
+    PidLock,
+    clear_daemons_status,
+    mount_rootfs,
+    remove_state,
+    set_daemons_status,
+    unmount_rootfs,
+    write_state,
+)
 from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.log import Logger, get_logger
 from .toolkit.runner import Runner
@@ -68,8 +75,13 @@ class Service:
             if tree is not None:
                 self.unload_ours()
                 report = Loader(self.settings, self.runner).load_tree(tree)
-                self.log.info("NVIDIA modules loaded", source=tree.source, modules=report.loaded,
-                              params=report.params, firmware=report.firmware)
+                self.log.info(
+                    "NVIDIA modules loaded",
+                    source=tree.source,
+                    modules=report.loaded,
+                    params=report.params,
+                    firmware=report.firmware,
+                )
             self.serve()
         except Cancelled as exc:
             self.log.info("stopping before the driver was ready", reason=str(exc))

@@ -127,7 +127,9 @@ def unload(paths: HostPaths, runner: Runner, log: Logger) -> List[str]:
         runner.run(["rmmod", *names], timeout=120)
     except CommandFailed as exc:
         still = loaded_nvidia_modules(sys_dir)
-        raise DriverInUse("Could not unload NVIDIA driver kernel modules: %s (still loaded: %s)"
-                          % (exc.summary, ", ".join(still) or "none")) from None
+        raise DriverInUse(
+            "Could not unload NVIDIA driver kernel modules: %s (still loaded: %s)"
+            % (exc.summary, ", ".join(still) or "none")
+        ) from None
     log.info("unloaded NVIDIA modules", modules=names)
     return names

@@ -11,8 +11,9 @@ from .toolkit.sources import run_file_name
 from .toolkit.waiting import Cancellation
 
 
-def userspace_install(settings: Settings, runner: Runner, log: Logger, accept_license: bool = False,
-                      cancel: Optional[Cancellation] = None) -> bool:
+def userspace_install(
+    settings: Settings, runner: Runner, log: Logger, accept_license: bool = False, cancel: Optional[Cancellation] = None
+) -> bool:
     """nvidia-installer's userspace install from the .run (reference §2.4 flags);
     skipped, with a log line, when no installer is present (tests)."""
     paths = settings.paths
@@ -20,10 +21,23 @@ def userspace_install(settings: Settings, runner: Runner, log: Logger, accept_li
     if not run.is_file():
         log.info("no driver installer here: userspace install skipped", looked_for=str(run))
         return False
-    argv = ["sh", str(run), "--silent", "--no-kernel-module", "--no-nouveau-check", "--no-nvidia-modprobe",
-            "--no-rpms", "--no-backup", "--no-check-for-alternate-installs", "--no-libglx-indirect",
-            "--no-install-libglvnd", "--x-prefix=/tmp/null", "--x-module-path=/tmp/null",
-            "--x-library-path=/tmp/null", "--x-sysconfig-path=/tmp/null"]
+    argv = [
+        "sh",
+        str(run),
+        "--silent",
+        "--no-kernel-module",
+        "--no-nouveau-check",
+        "--no-nvidia-modprobe",
+        "--no-rpms",
+        "--no-backup",
+        "--no-check-for-alternate-installs",
+        "--no-libglx-indirect",
+        "--no-install-libglvnd",
+        "--x-prefix=/tmp/null",
+        "--x-module-path=/tmp/null",
+        "--x-library-path=/tmp/null",
+        "--x-sysconfig-path=/tmp/null",
+    ]
     if settings.target_arch == "x86_64":
         argv.append("--install-compat32-libs")
     if accept_license:

@@ -21,6 +21,12 @@ from conftest import BASE_ENV, REPO
 
 RHEL_KERNEL = "5.14.0-427.13.1.el9_4.x86_64"
 FIXTURE_BUILDER = REPO / "tests" / "fixture_builder.py"
+# How soon a process must react to a signal or a failure flag. The product's
+# contract is 2 s (every wait wakes at least every 0.5 s); tests allow 10 s so a
+# loaded 2-core CI machine does not fail them, while a wait that misses the event
+# still fails: it would run to its deadline (minutes) or forever. The measured
+# figures are printed by scripts/bench-protocol.
+PROMPT_S = 10.0
 VERMAGIC_FLAGS = "SMP preempt mod_unload modversions "
 
 _C = """
@@ -37,8 +43,15 @@ def make_fixture_module(dest: Path, name: str, kernel: str, version: str = "535.
     """Compile a tiny ELF object carrying the .modinfo of a module built for ``kernel``."""
     dest.mkdir(parents=True, exist_ok=True)
     src = dest / (name + ".c")
-    src.write_text(_C % {"vermagic": kernel + " " + VERMAGIC_FLAGS, "name": name.replace("-", "_"),
-                         "version": version, "depends": depends})
+    src.write_text(
+        _C
+        % {
+            "vermagic": kernel + " " + VERMAGIC_FLAGS,
+            "name": name.replace("-", "_"),
+            "version": version,
+            "depends": depends,
+        }
+    )
     out = dest / (name + ".ko")
     subprocess.run(["gcc", "-c", "-o", str(out), str(src)], check=True)
     src.unlink()
@@ -52,8 +65,13 @@ def make_fixture_modules(dest: Path, kernel: str) -> Path:
     return dest
 
 
-def make_dtk_image(root: Path, kernel: str = RHEL_KERNEL, release_json: Optional[dict] = None,
-                   build_tree: bool = True, rt_kernel: Optional[str] = None) -> None:
+def make_dtk_image(
+    root: Path,
+    kernel: str = RHEL_KERNEL,
+    release_json: Optional[dict] = None,
+    build_tree: bool = True,
+    rt_kernel: Optional[str] = None,
+) -> None:
     """Lay out what a DTK image holds for ``kernel`` under ``root``."""
     trees = [kernel] + ([rt_kernel] if rt_kernel else [])
     for k in trees:
@@ -75,14 +93,22 @@ def make_dtk_image(root: Path, kernel: str = RHEL_KERNEL, release_json: Optional
 
 
 def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DRIVER_", "NVFM_", "RHCOS_", "KERNEL_MODULE", "GDS_", "GDRCOPY_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DRIVER_", "NVFM_", "RHCOS_", "KERNEL_MODULE", "GDS_", "GDRCOPY_"))
+    }
     env.update(BASE_ENV)
     # The real interpreter first on PATH (as /usr/bin/python3 is in a DTK image),
     # not a version-manager shim that costs a shell start per call.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    env.update(DRIVER_CTR_ROOT=str(root), DRIVER_CTR_KERNEL_RELEASE=kernel, DRIVER_CTR_LOG_FORMAT="json",
-               PYTHONPATH=str(REPO), DRIVER_CONFIG_DIGEST="3522141578")
+    env.update(
+        DRIVER_CTR_ROOT=str(root),
+        DRIVER_CTR_KERNEL_RELEASE=kernel,
+        DRIVER_CTR_LOG_FORMAT="json",
+        PYTHONPATH=str(REPO),
+        DRIVER_CONFIG_DIGEST="3522141578",
+    )
     fixture = extra.pop("DRIVER_CTR_FIXTURE_MODULES", None)
     if fixture is not None:
         # The DTK side stages these prepared modules instead of compiling (tests/fixture_builder.py).
@@ -99,15 +125,22 @@ def make_shared_dir(root: Path) -> Path:
 
 
 def start_driver(env: Dict[str, str], *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk",
-                             "--dry-run", *extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk", "--dry-run", *extra],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def start_dtk(env: Dict[str, str], shared: Path) -> subprocess.Popen:
     """The DTK container's command, as the operator renders it (minus bash -x noise)."""
-    script = ("until [ -f %s/dir_prepared ]; do sleep 0.05; done; exec %s/ocp_dtk_entrypoint dtk-build-driver"
-              % (shared, shared))
+    script = "until [ -f %s/dir_prepared ]; do sleep 0.05; done; exec %s/ocp_dtk_entrypoint dtk-build-driver" % (
+        shared,
+        shared,
+    )
     return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -150,13 +183,15 @@ def installed_kernels() -> List[str]:
     base = Path("/lib/modules")
     if not base.is_dir():
         return []
-    return sorted(k.name for k in base.iterdir()
-                  if (k / "build" / ".config").is_file() and (k / "modules.dep").is_file())
+    return sorted(
+        k.name for k in base.iterdir() if (k / "build" / ".config").is_file() and (k / "modules.dep").is_file()
+    )
 
 
 def installed_kernel(pattern: str) -> str:
     """The newest installed kernel whose release matches ``pattern`` (skip when none)."""
     import re
+
     import pytest
 
     ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]

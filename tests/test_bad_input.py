@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from harness import (
+    RHEL_KERNEL,
+    env_for,
+    finish,
+    make_dtk_image,
+    make_fixture_modules,
+    make_shared_dir,
+    start_driver,
+    start_dtk,
+    stop,
+)
 
 from driver_ctr.toolkit import protocol as proto
 from driver_ctr.toolkit.errors import ProtocolError
-from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_modules, make_shared_dir, start_driver,
-                     start_dtk, stop)
 
 
 @pytest.fixture(name="built")
@@ -44,6 +53,7 @@ def test_malformed_settings_json_fails_both_sides_by_name(root, tmp_path):
     shared = make_shared_dir(root)
     drv = start_driver(env)
     from harness import wait_for_file
+
     wait_for_file(shared / "dir_prepared")
     (shared / "settings.json").write_text('{"protocol": 1, "env": {"DRIVER_VERSION": 535}}')
     r = finish(start_dtk(env, shared))

@@ -15,14 +15,24 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import (
+    PROMPT_S,
+    events,
+    finish,
+    fixture_build_env,
+    installed_kernel,
+    make_shared_dir,
+    run_both,
+    start_driver,
+    start_dtk,
+    wait_for_file,
+)
 
 from driver_ctr.toolkit.modinfo import read_modinfo
-from harness import (events, finish, fixture_build_env, installed_kernel, run_both, make_shared_dir, start_driver, start_dtk,
-                     wait_for_file)
 
 NV = "kernel/drivers/video"
 
-
+pytestmark = pytest.mark.kbuild  # compiles the fixture modules against an installed kernel
 
 
 @pytest.fixture(name="k61")
@@ -60,8 +70,13 @@ def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
     mroot = tmp_path / "mroot/lib/modules"
     mroot.mkdir(parents=True)
     (mroot / k61).symlink_to(shared / "modules")
-    r = subprocess.run(["modprobe", "-C", "/dev/null", "-d", str(tmp_path / "mroot"), "-S", k61, "--show-depends",
-                        "nvidia-modeset"], capture_output=True, text=True, env=env, check=True)
+    r = subprocess.run(
+        ["modprobe", "-C", "/dev/null", "-d", str(tmp_path / "mroot"), "-S", k61, "--show-depends", "nvidia-modeset"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     order = [l.split()[1].rsplit("/", 1)[-1] for l in r.stdout.splitlines() if l.startswith("insmod")]
     assert order.index("drm.ko") < order.index("nvidia.ko") < order.index("nvidia-modeset.ko")
     assert order.index("video.ko") < order.index("nvidia-modeset.ko")
@@ -102,7 +117,7 @@ def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):
     t0 = time.monotonic()
     d = finish(drv, 30)
     assert d.returncode == 1 and "pci_resize_resource" in d.stderr
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < PROMPT_S
     r = finish(dtk, 30)
     assert r.returncode == 1
     body = json.loads((shared / "driver_build_failed").read_text())
@@ -117,13 +132,38 @@ def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k
     openssl = shutil.which("openssl") or pytest.skip("openssl is not installed (scripts/test installs it)")
     keys = tmp_path / "secret"
     keys.mkdir()
-    subprocess.run([openssl, "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=driver-ctr test signing key/", "-outform", "PEM", "-keyout", str(keys / "key.pem"),
-                    "-out", str(keys / "cert.pem")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-new",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=driver-ctr test signing key/",
+            "-outform",
+            "PEM",
+            "-keyout",
+            str(keys / "key.pem"),
+            "-out",
+            str(keys / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     cache = root / "var/lib/driver-ctr/cache"
     cache.mkdir(parents=True)
-    _, env = fixture_build_env(root, tmp_path, k61, DRIVER_CTR_SIGNING_KEY=str(keys / "key.pem"),
-                    DRIVER_CTR_SIGNING_CERT=str(keys / "cert.pem"))
+    _, env = fixture_build_env(
+        root,
+        tmp_path,
+        k61,
+        DRIVER_CTR_SIGNING_KEY=str(keys / "key.pem"),
+        DRIVER_CTR_SIGNING_CERT=str(keys / "cert.pem"),
+    )
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     shared = make_shared_dir(root)
@@ -132,13 +172,17 @@ def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k
     for name in ("nvidia", "nvidia-uvm", "nvidia-modeset"):
         info = read_modinfo(shared / "modules" / NV / (name + ".ko"))
         assert info.signed, name
-        out = subprocess.run(["modinfo", "-F", "signer", str(shared / "modules" / NV / (name + ".ko"))],
-                             capture_output=True, text=True, env=env).stdout
+        out = subprocess.run(
+            ["modinfo", "-F", "signer", str(shared / "modules" / NV / (name + ".ko"))],
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
         assert "driver-ctr test signing key" in out
     # the private key's material appears nowhere: shared dir, host cache, either side's log
     pem = (keys / "key.pem").read_text()
     body = "".join(l for l in pem.splitlines() if not l.startswith("-----"))
-    needles = [body[i:i + 40] for i in (0, 200, 800)] + [base64.b64decode(body)[40:80]]
+    needles = [body[i : i + 40] for i in (0, 200, 800)] + [base64.b64decode(body)[40:80]]
     for where in (shared, cache):
         for p in where.rglob("*"):
             if p.is_file():
@@ -188,6 +232,7 @@ def test_host_cache_hit_then_corrupt_entries_are_discarded_and_rebuilt(root, tmp
     planted = entry / "modules" / NV / "nvidia-uvm.ko"
     planted.write_bytes(planted.read_bytes().replace(k61.encode(), ("9" * len(k61)).encode()))
     import hashlib
+
     for f in data["build"]["files"]:
         if f["path"].endswith("nvidia-uvm.ko"):
             f["sha256"] = hashlib.sha256(planted.read_bytes()).hexdigest()
@@ -228,9 +273,14 @@ def test_compiler_differing_from_the_kernels_is_logged_with_both_versions(root, 
         (tree / link).unlink()
         (tree / link).symlink_to(target)
     cfg = (tree / ".config").read_text()
-    (tree / ".config").write_text(re.sub(r'^CONFIG_CC_VERSION_TEXT=.*$',
-                                         'CONFIG_CC_VERSION_TEXT="gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3)"',
-                                         cfg, flags=re.M))
+    (tree / ".config").write_text(
+        re.sub(
+            r"^CONFIG_CC_VERSION_TEXT=.*$",
+            'CONFIG_CC_VERSION_TEXT="gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3)"',
+            cfg,
+            flags=re.M,
+        )
+    )
     mod = root / "lib/modules" / k61
     mod.mkdir(parents=True)
     for entry in os.listdir("/lib/modules/%s" % k61):

@@ -7,19 +7,23 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def run(argv, env, **kw):
-    return subprocess.run([sys.executable, "-m", "driver_ctr", *argv], env=env, capture_output=True,
-                          text=True, cwd=REPO, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "driver_ctr", *argv], env=env, capture_output=True, text=True, cwd=REPO, timeout=60, **kw
+    )
 
 
 def test_help_on_every_command(cli_env):
-    for prog, cmds in (("nvidia-driver", ["init", "build", "load", "update", "reload_nvidia_peermem",
-                                          "probe_nvidia_peermem", "unload", "status"]),
-                       ("ocp_dtk_entrypoint", ["nv-ctr-run-with-dtk", "dtk-build-driver"])):
+    for prog, cmds in (
+        (
+            "nvidia-driver",
+            ["init", "build", "load", "update", "reload_nvidia_peermem", "probe_nvidia_peermem", "unload", "status"],
+        ),
+        ("ocp_dtk_entrypoint", ["nv-ctr-run-with-dtk", "dtk-build-driver"]),
+    ):
         r = run([prog, "--help"], cli_env)
         assert r.returncode == 0 and "usage: %s" % prog in r.stdout
         for c in cmds:
@@ -28,8 +32,9 @@ def test_help_on_every_command(cli_env):
             assert "usage: %s %s" % (prog, c) in r.stdout
 
 
-@pytest.mark.parametrize("argv", [["frobnicate"], ["init", "--bogus"], ["build", "-m", "zero"],
-                                  ["update", "-x"], ["status", "extra"], []])
+@pytest.mark.parametrize(
+    "argv", [["frobnicate"], ["init", "--bogus"], ["build", "-m", "zero"], ["update", "-x"], ["status", "extra"], []]
+)
 def test_usage_errors_exit_1_with_usage_on_stderr(cli_env, argv):
     r = run(["nvidia-driver", *argv], cli_env)
     assert r.returncode == 1
@@ -64,13 +69,21 @@ def test_status_json(cli_env, root):
     (root / "sys/module/nvidia/version").write_text("535.261.03\n")
     (root / "run/nvidia").mkdir(parents=True)
     (root / "run/nvidia/nvidia-driver.state").write_text("3522141578\n")
-    env = dict(cli_env, DRIVER_CONFIG_DIGEST="3522141578", DRIVER_CTR_KERNEL_RELEASE="5.14.0-427.13.1.el9_4.x86_64",
-               HTTPS_PROXY="https://user:hunter2@proxy:8085")
+    env = dict(
+        cli_env,
+        DRIVER_CONFIG_DIGEST="3522141578",
+        DRIVER_CTR_KERNEL_RELEASE="5.14.0-427.13.1.el9_4.x86_64",
+        HTTPS_PROXY="https://user:hunter2@proxy:8085",
+    )
     r = run(["nvidia-driver", "status", "--json"], env)
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["loaded"] == {"nvidia_loaded": True, "nvidia_version": "535.261.03",
-                              "state_digest": "3522141578", "fast_path": True}
+    assert info["loaded"] == {
+        "nvidia_loaded": True,
+        "nvidia_version": "535.261.03",
+        "state_digest": "3522141578",
+        "fast_path": True,
+    }
     assert info["kernel"]["rhel_version"] == "9.4"
     assert "hunter2" not in r.stdout + r.stderr
 
@@ -86,6 +99,7 @@ def test_placeholders_fail_clearly(cli_env):
 def test_console_scripts_installed():
     """pip install -e . provides both entry points (skips if the package is not installed)."""
     import shutil
+
     for name in ("nvidia-driver", "ocp_dtk_entrypoint"):
         exe = shutil.which(name)
         if not exe:

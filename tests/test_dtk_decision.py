@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from harness import RHEL_KERNEL, make_dtk_image
+
 from driver_ctr.toolkit.dtk_decision import BROKEN, USABLE, DtkFacts, decide, inspect_dtk
 from driver_ctr.toolkit.paths import HostPaths
-from harness import RHEL_KERNEL, make_dtk_image
 
 TREE = "/usr/src/kernels/x"
 
@@ -20,8 +21,11 @@ def test_matching_dtk_is_usable():
 
 def test_docs_example_broken_dtk():
     """NVIDIA docs' broken-DTK example: node 305.25.1, package 305.28.1 (4.8.19)."""
-    d = decide("4.18.0-305.25.1.el8_4.x86_64", facts({"KERNEL_VERSION": "4.18.0-305.28.1.el8_4.x86_64"}),
-               rhcos_version="48.84.202110270303-0")
+    d = decide(
+        "4.18.0-305.25.1.el8_4.x86_64",
+        facts({"KERNEL_VERSION": "4.18.0-305.28.1.el8_4.x86_64"}),
+        rhcos_version="48.84.202110270303-0",
+    )
     assert d.verdict == BROKEN and d.newer == "dtk"
     assert "4.18.0-305.25.1.el8_4.x86_64" in d.reasons[0] and "4.18.0-305.28.1.el8_4.x86_64" in d.reasons[0]
     assert d.rhcos_version == "48.84.202110270303-0"
@@ -37,8 +41,12 @@ def test_rt_uses_rt_package_and_64k_uses_kernel_package():
     rt = "5.14.0-427.18.1.el9_4.x86_64+rt"
     ok = decide(rt, facts({"KERNEL_VERSION": "5.14.0-427.18.1.el9_4.x86_64", "RT_KERNEL_VERSION": rt}))
     assert ok.verdict == USABLE
-    stale_rt = decide(rt, facts({"KERNEL_VERSION": "5.14.0-427.18.1.el9_4.x86_64",
-                                 "RT_KERNEL_VERSION": "5.14.0-427.13.1.el9_4.x86_64+rt"}))
+    stale_rt = decide(
+        rt,
+        facts(
+            {"KERNEL_VERSION": "5.14.0-427.18.1.el9_4.x86_64", "RT_KERNEL_VERSION": "5.14.0-427.13.1.el9_4.x86_64+rt"}
+        ),
+    )
     assert stale_rt.verdict == BROKEN and "RT_KERNEL_VERSION" in stale_rt.reasons[0]
     k64 = decide("5.14.0-284.11.1.el9_2.aarch64+64k", facts({"KERNEL_VERSION": "5.14.0-284.11.1.el9_2.aarch64"}))
     assert k64.verdict == USABLE
@@ -77,7 +85,6 @@ def test_debian_releases_keep_their_deb_suffix():
     facts = DtkFacts(release_json={"KERNEL_VERSION": k}, build_tree="/usr/src/linux-headers-" + k, vmlinuz=True)
     d = decide(k, facts)
     assert not d.broken, d.reasons
-    other = decide(k, DtkFacts(release_json={"KERNEL_VERSION": "6.12.117+deb12-amd64"},
-                               build_tree="/x", vmlinuz=True))
+    other = decide(k, DtkFacts(release_json={"KERNEL_VERSION": "6.12.117+deb12-amd64"}, build_tree="/x", vmlinuz=True))
     assert other.broken and other.newer == "dtk"
     assert any("6.12.95" in r and "6.12.117" in r for r in other.reasons)

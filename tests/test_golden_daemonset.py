@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import shlex
 
-import pytest
 import yaml
-
 from conftest import REPO
+
 from driver_ctr.cli import build_nvidia_driver_parser, build_ocp_parser
 from driver_ctr.toolkit.settings import Settings
 
@@ -51,8 +50,14 @@ def test_dtk_container_script_runs_our_entrypoint_from_the_shared_dir():
     assert words[0] == "/mnt/shared-nvidia-driver-toolkit/ocp_dtk_entrypoint"
     assert build_ocp_parser().parse_args(words[1:]).command == "dtk-build-driver"
     # The DTK container gets only these from the operator; the rest comes from settings.json.
-    assert {e["name"] for e in c["env"]} <= {"RHCOS_VERSION", "NVIDIA_VISIBLE_DEVICES", "DRIVER_CONFIG_DIGEST",
-                                             "RHCOS_IMAGE_MISSING", "GDS_ENABLED", "GDRCOPY_ENABLED"}
+    assert {e["name"] for e in c["env"]} <= {
+        "RHCOS_VERSION",
+        "NVIDIA_VISIBLE_DEVICES",
+        "DRIVER_CONFIG_DIGEST",
+        "RHCOS_IMAGE_MISSING",
+        "GDS_ENABLED",
+        "GDRCOPY_ENABLED",
+    }
     s = Settings.from_env(_env(c))
     assert s.rhcos_version == "413.92.202304252344-0"
 

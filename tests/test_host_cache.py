@@ -8,18 +8,25 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import make_fixture_modules
 
 from driver_ctr.toolkit.host_cache import HostCache, cache_key
 from driver_ctr.toolkit.protocol import BuildInputs, BuildRecord, describe_tree
-from harness import make_fixture_modules
 
 NV = "kernel/drivers/video"
 
 
 def _inputs(kernel: str, **over) -> BuildInputs:
-    d = {"kernel_release": kernel, "driver_version": "535.261.03", "kernel_module_type": "auto",
-         "driver_config_digest": "3522141578", "gpu_direct_rdma_enabled": False, "gds_enabled": False,
-         "gdrcopy_enabled": False, "target_arch": "x86_64"}
+    d = {
+        "kernel_release": kernel,
+        "driver_version": "535.261.03",
+        "kernel_module_type": "auto",
+        "driver_config_digest": "3522141578",
+        "gpu_direct_rdma_enabled": False,
+        "gds_enabled": False,
+        "gdrcopy_enabled": False,
+        "target_arch": "x86_64",
+    }
     d.update(over)
     return BuildInputs(**d)
 
@@ -33,16 +40,23 @@ def _tree(tmp: Path, kernel: str) -> Path:
 
 def _store(cache: HostCache, tmp: Path, kernel: str, fp: str = "") -> Path:
     t = _tree(tmp, kernel)
-    build = BuildRecord(builder="kbuild", files=describe_tree(t),
-                        details={"flavour": "proprietary", "signing_fingerprint": fp})
+    build = BuildRecord(
+        builder="kbuild", files=describe_tree(t), details={"flavour": "proprietary", "signing_fingerprint": fp}
+    )
     return cache.store(_inputs(kernel), build, t).path
 
 
 def test_key_covers_every_input_and_the_signing_fingerprint():
     base = cache_key(_inputs("k1"), "")
     assert cache_key(_inputs("k1"), "") == base
-    for field, value in (("kernel_release", "k2"), ("driver_version", "550.1"), ("kernel_module_type", "open"),
-                         ("driver_config_digest", "1"), ("gpu_direct_rdma_enabled", True), ("target_arch", "aarch64")):
+    for field, value in (
+        ("kernel_release", "k2"),
+        ("driver_version", "550.1"),
+        ("kernel_module_type", "open"),
+        ("driver_config_digest", "1"),
+        ("gpu_direct_rdma_enabled", True),
+        ("target_arch", "aarch64"),
+    ):
         assert cache_key(_inputs("k1", **{field: value}), "") != base, field
     assert cache_key(_inputs("k1"), "ab" * 32) != base
 

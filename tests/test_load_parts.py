@@ -15,8 +15,13 @@ import pytest
 from driver_ctr import module_params as mp
 from driver_ctr.daemons import DAEMONS, configure_fabric_manager, nvlink5_present, nvswitch_present, stop_daemons
 from driver_ctr.load_diagnosis import Facts, diagnose
-from driver_ctr.node_state import (SECOND_INSTANCE, AlreadyRunning, PidLock, configure_firmware_path,
-                                   host_selinux_enabled)
+from driver_ctr.node_state import (
+    SECOND_INSTANCE,
+    AlreadyRunning,
+    PidLock,
+    configure_firmware_path,
+    host_selinux_enabled,
+)
 from driver_ctr.toolkit.log import get_logger
 from driver_ctr.toolkit.modinfo import ModInfo
 from driver_ctr.toolkit.paths import HostPaths
@@ -35,31 +40,50 @@ def _info(**parms: str) -> ModInfo:
 def test_parameters_checked_against_the_module(tmp_path):
     d = tmp_path / "drivers"
     d.mkdir()
-    (d / "nvidia.conf").write_text("# comment\nNVreg_EnableGpuFirmware=0 NVreg_RegistryDwords=\"a=1;b=2\"\n\n"
-                                   "NVreg_Temp=-3\n")
-    infos = {"nvidia": _info(NVreg_EnableGpuFirmware="uint", NVreg_RegistryDwords="charp", NVreg_Temp="int",
-                             NVreg_CoherentGPUMemoryMode="charp")}
+    (d / "nvidia.conf").write_text(
+        '# comment\nNVreg_EnableGpuFirmware=0 NVreg_RegistryDwords="a=1;b=2"\n\nNVreg_Temp=-3\n'
+    )
+    infos = {
+        "nvidia": _info(
+            NVreg_EnableGpuFirmware="uint",
+            NVreg_RegistryDwords="charp",
+            NVreg_Temp="int",
+            NVreg_CoherentGPUMemoryMode="charp",
+        )
+    }
     params = mp.read_param_files(d)
     mp.validate(params, infos)
     full = mp.with_defaults(params, infos)
     assert [p.name for p in full["nvidia"]][0] == "NVreg_CoherentGPUMemoryMode"
     text = mp.option_lines(full)["nvidia"]
-    assert text.splitlines()[1] == ("options nvidia NVreg_CoherentGPUMemoryMode=driver NVreg_EnableGpuFirmware=0 "
-                                    "NVreg_RegistryDwords=a=1;b=2 NVreg_Temp=-3")
+    assert text.splitlines()[1] == (
+        "options nvidia NVreg_CoherentGPUMemoryMode=driver NVreg_EnableGpuFirmware=0 "
+        "NVreg_RegistryDwords=a=1;b=2 NVreg_Temp=-3"
+    )
     # without the parameter declared, CDMM is not added
-    assert "CoherentGPUMemoryMode" not in mp.option_lines(mp.with_defaults(params, {"nvidia": _info(
-        NVreg_EnableGpuFirmware="uint", NVreg_RegistryDwords="charp", NVreg_Temp="int")}))["nvidia"]
+    assert (
+        "CoherentGPUMemoryMode"
+        not in mp.option_lines(
+            mp.with_defaults(
+                params,
+                {"nvidia": _info(NVreg_EnableGpuFirmware="uint", NVreg_RegistryDwords="charp", NVreg_Temp="int")},
+            )
+        )["nvidia"]
+    )
 
 
-@pytest.mark.parametrize("line,typ,needle", [
-    ("NVreg_Bogus=1", "uint", "nvidia has no parameter 'NVreg_Bogus' (known: NVreg_X)"),
-    ("NVreg_X=abc", "uint", "NVreg_X='abc': expected an integer (uint)"),
-    ("NVreg_X=-1", "uint", "expected an integer (uint)"),
-    ("NVreg_X=4294967296", "uint", "out of range for uint"),
-    ("NVreg_X=maybe", "bool", "expected a boolean"),
-    ("NVreg_X=1,x,3", "array of int", "expected an integer (int)"),
-    ("justaword", "uint", "'justaword' is not name=value"),
-])
+@pytest.mark.parametrize(
+    "line,typ,needle",
+    [
+        ("NVreg_Bogus=1", "uint", "nvidia has no parameter 'NVreg_Bogus' (known: NVreg_X)"),
+        ("NVreg_X=abc", "uint", "NVreg_X='abc': expected an integer (uint)"),
+        ("NVreg_X=-1", "uint", "expected an integer (uint)"),
+        ("NVreg_X=4294967296", "uint", "out of range for uint"),
+        ("NVreg_X=maybe", "bool", "expected a boolean"),
+        ("NVreg_X=1,x,3", "array of int", "expected an integer (int)"),
+        ("justaword", "uint", "'justaword' is not name=value"),
+    ],
+)
 def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):
     d = tmp_path / "drivers"
     d.mkdir()
@@ -95,17 +119,28 @@ def test_enodev_with_and_without_nouveau():
 
 
 def test_enoexec_shows_both_vermagic_strings():
-    e = diagnose(Facts("nvidia", module_vermagic="6.12.95+deb12-amd64 SMP preempt mod_unload modversions ",
-                       kernel_vermagic="6.1.0-56-amd64 SMP preempt mod_unload modversions "),
-                 "could not insert 'nvidia': Exec format error", [])
+    e = diagnose(
+        Facts(
+            "nvidia",
+            module_vermagic="6.12.95+deb12-amd64 SMP preempt mod_unload modversions ",
+            kernel_vermagic="6.1.0-56-amd64 SMP preempt mod_unload modversions ",
+        ),
+        "could not insert 'nvidia': Exec format error",
+        [],
+    )
     assert "6.12.95+deb12-amd64 SMP" in str(e) and "6.1.0-56-amd64 SMP" in str(e)
 
 
 def test_unknown_symbol_names_symbols_and_the_missing_module():
-    log = ["nvidia_uvm: Unknown symbol nvUvmInterfaceSessionCreate (err -2)",
-           "nvidia_uvm: Unknown symbol nvUvmInterfaceDeviceCreate (err -2)"]
-    e = diagnose(Facts("nvidia-uvm", symbol_providers={"nvUvmInterfaceSessionCreate": "nvidia"}),
-                 "could not insert 'nvidia_uvm': Unknown symbol in module, or unknown parameter (see dmesg)", log)
+    log = [
+        "nvidia_uvm: Unknown symbol nvUvmInterfaceSessionCreate (err -2)",
+        "nvidia_uvm: Unknown symbol nvUvmInterfaceDeviceCreate (err -2)",
+    ]
+    e = diagnose(
+        Facts("nvidia-uvm", symbol_providers={"nvUvmInterfaceSessionCreate": "nvidia"}),
+        "could not insert 'nvidia_uvm': Unknown symbol in module, or unknown parameter (see dmesg)",
+        log,
+    )
     assert "Unknown symbols nvUvmInterfaceDeviceCreate, nvUvmInterfaceSessionCreate" in e.cause
     assert "provided by nvidia, which is not loaded" in e.cause
 
@@ -121,8 +156,11 @@ def test_key_rejected_and_eexist():
 
 
 def test_in_use_reasons():
-    mods = {"nvidia_modeset": ModuleState("nvidia_modeset", 0), "nvidia_uvm": ModuleState("nvidia_uvm", 0),
-            "nvidia": ModuleState("nvidia", 2, ("nvidia_modeset", "nvidia_uvm"))}
+    mods = {
+        "nvidia_modeset": ModuleState("nvidia_modeset", 0),
+        "nvidia_uvm": ModuleState("nvidia_uvm", 0),
+        "nvidia": ModuleState("nvidia", 2, ("nvidia_modeset", "nvidia_uvm")),
+    }
     assert in_use_reasons(mods) == []
     mods["nvidia"] = ModuleState("nvidia", 3, ("nvidia_modeset", "nvidia_uvm"))
     assert in_use_reasons(mods) == ["nvidia has 1 reference(s) besides its dependent modules"]
@@ -149,9 +187,11 @@ def test_loaded_modules_read_from_sysfs(tmp_path):
 
 def test_second_instance_aborts_and_does_not_wipe_the_pid(tmp_path):
     pid_file = tmp_path / "run/nvidia/nvidia-driver.pid"
-    code = ("import sys,time; sys.path.insert(0, %r); from driver_ctr.node_state import PidLock; "
-            "lock = PidLock(__import__('pathlib').Path(%r)).acquire(); print('locked', flush=True); time.sleep(30)"
-            % (str(Path(__file__).resolve().parent.parent), str(pid_file)))
+    code = (
+        "import sys,time; sys.path.insert(0, %r); from driver_ctr.node_state import PidLock; "
+        "lock = PidLock(__import__('pathlib').Path(%r)).acquire(); print('locked', flush=True); time.sleep(30)"
+        % (str(Path(__file__).resolve().parent.parent), str(pid_file))
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -243,12 +283,16 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
 
 
 def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path):
-    from driver_ctr.userspace import userspace_install
     from driver_ctr.toolkit.runner import Runner
     from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.userspace import userspace_install
 
-    env = {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "DRIVER_CTR_ROOT": str(tmp_path),
-           "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64"}
+    env = {
+        "DRIVER_VERSION": "535.261.03",
+        "TARGETARCH": "amd64",
+        "DRIVER_CTR_ROOT": str(tmp_path),
+        "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64",
+    }
     s = Settings.from_env(env)
     assert userspace_install(s, Runner(), LOG) is False  # no .run: skipped
     drivers = tmp_path / "drivers"
@@ -257,9 +301,19 @@ def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path)
     (drivers / "NVIDIA-Linux-x86_64-535.261.03.run").write_text('printf "%%s\\n" "$@" > %s\n' % args_file)
     assert userspace_install(s, Runner(), LOG) is True
     args = args_file.read_text().split()
-    for flag in ("--silent", "--no-kernel-module", "--install-compat32-libs", "--no-nouveau-check",
-                 "--no-nvidia-modprobe", "--no-rpms", "--no-backup", "--no-check-for-alternate-installs",
-                 "--no-libglx-indirect", "--no-install-libglvnd", "--x-prefix=/tmp/null"):
+    for flag in (
+        "--silent",
+        "--no-kernel-module",
+        "--install-compat32-libs",
+        "--no-nouveau-check",
+        "--no-nvidia-modprobe",
+        "--no-rpms",
+        "--no-backup",
+        "--no-check-for-alternate-installs",
+        "--no-libglx-indirect",
+        "--no-install-libglvnd",
+        "--x-prefix=/tmp/null",
+    ):
         assert flag in args, flag
     assert "--accept-license" not in args
     userspace_install(s, Runner(), LOG, accept_license=True)
@@ -269,15 +323,21 @@ def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path)
 def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(tmp_path):
     import threading
 
-    from driver_ctr.daemons import start_daemons
     from fakes import FakeRunner
+
+    from driver_ctr.daemons import start_daemons
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
 
     if shutil.which("nvidia-persistenced"):
         pytest.skip("a real nvidia-persistenced is installed here")
-    env = {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "DRIVER_CTR_ROOT": str(tmp_path),
-           "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64", "NVFM_CONFIG_FABRIC_MODE": "1"}
+    env = {
+        "DRIVER_VERSION": "535.261.03",
+        "TARGETARCH": "amd64",
+        "DRIVER_CTR_ROOT": str(tmp_path),
+        "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64",
+        "NVFM_CONFIG_FABRIC_MODE": "1",
+    }
     s = Settings.from_env(env)
     vpd = tmp_path / "sys/class/infiniband/mlx5_0/device/vpd"
     vpd.parent.mkdir(parents=True)

@@ -29,8 +29,12 @@ def test_json_lines_are_redacted_and_phases_timed():
     out = io.StringIO()
     logmod.configure("json", stream=out)
     log = logmod.get_logger()
-    log.info("env", HTTPS_PROXY="https://user:hunter2@proxy:8085", PULL_SECRET_TOKEN="abc123",
-             nested={"api_key": "k-999", "url": "http://bob:pw@h/"})
+    log.info(
+        "env",
+        HTTPS_PROXY="https://user:hunter2@proxy:8085",
+        PULL_SECRET_TOKEN="abc123",
+        nested={"api_key": "k-999", "url": "http://bob:pw@h/"},
+    )
     with logmod.phase(log, "build", kernel="6.1.0-56-amd64"):
         pass
     with pytest.raises(RuntimeError):

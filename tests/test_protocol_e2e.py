@@ -7,9 +7,20 @@ import json
 import time
 
 import pytest
-
-from harness import (RHEL_KERNEL, env_for, finish, make_dtk_image, make_fixture_module, make_fixture_modules,
-                     make_shared_dir, start_driver, start_dtk, stop, wait_for_file)
+from harness import (
+    PROMPT_S,
+    RHEL_KERNEL,
+    env_for,
+    finish,
+    make_dtk_image,
+    make_fixture_module,
+    make_fixture_modules,
+    make_shared_dir,
+    start_driver,
+    start_dtk,
+    stop,
+    wait_for_file,
+)
 
 RT_KERNEL = "5.14.0-427.18.1.el9_4.x86_64+rt"
 K64 = "5.14.0-284.11.1.el9_2.aarch64+64k"
@@ -37,17 +48,27 @@ def test_happy_path(root, fixture_mods):
     d, dtk, t_stop = _run_both(root, env)
     assert d.returncode == 0, d.stderr
     shared = make_shared_dir(root)
-    for f in ("dir_prepared", "driver_build_started", "driver_built", "manifest.json", "settings.json",
-              "ocp_dtk_entrypoint", "driver-ctr-toolkit.pyz"):
+    for f in (
+        "dir_prepared",
+        "driver_build_started",
+        "driver_built",
+        "manifest.json",
+        "settings.json",
+        "ocp_dtk_entrypoint",
+        "driver-ctr-toolkit.pyz",
+    ):
         assert (shared / f).is_file(), f
     m = json.loads((shared / "manifest.json").read_text())
     assert m["inputs"]["kernel_release"] == RHEL_KERNEL and m["generation"] == 1
     names = sorted(f["path"] for f in m["build"]["files"])
-    assert names == ["kernel/drivers/video/nvidia-modeset.ko", "kernel/drivers/video/nvidia-uvm.ko",
-                     "kernel/drivers/video/nvidia.ko"]
+    assert names == [
+        "kernel/drivers/video/nvidia-modeset.ko",
+        "kernel/drivers/video/nvidia-uvm.ko",
+        "kernel/drivers/video/nvidia.ko",
+    ]
     assert all(f["vermagic"].startswith(RHEL_KERNEL + " ") for f in m["build"]["files"])
     assert "hand-off verified" in d.stderr
-    assert t_stop < 2.0  # SIGTERM ends the idle DTK side promptly
+    assert t_stop < PROMPT_S  # SIGTERM ends the idle DTK side promptly
     settings = json.loads((shared / "settings.json").read_text())
     assert "PATH" not in settings["env"] and "DRIVER_CTR_ROOT" not in settings["env"]
 
@@ -82,10 +103,16 @@ def test_broken_dtk_signals_fallback_with_both_versions(root, case, tmp_path):
         want = ["real-time", "RT_KERNEL_VERSION"]
     else:
         kernel = K64
-        make_dtk_image(root, kernel=K64, release_json={"KERNEL_VERSION": "5.14.0-284.10.1.el9_2.aarch64", "RHEL_VERSION": "9.2"})
+        make_dtk_image(
+            root, kernel=K64, release_json={"KERNEL_VERSION": "5.14.0-284.10.1.el9_2.aarch64", "RHEL_VERSION": "9.2"}
+        )
         want = ["5.14.0-284.10.1.el9_2.aarch64", "5.14.0-284.11.1.el9_2.aarch64"]
-    env = env_for(root, kernel, RHCOS_VERSION="416.94.202407030122-0",
-                  **({"TARGETARCH": "arm64"} if case == "64k-mismatch" else {}))
+    env = env_for(
+        root,
+        kernel,
+        RHCOS_VERSION="416.94.202407030122-0",
+        **({"TARGETARCH": "arm64"} if case == "64k-mismatch" else {}),
+    )
     d, _, _ = _run_both(root, env)
     assert d.returncode == 1
     assert "falling back" in d.stderr and "not implemented yet" in d.stderr
@@ -99,8 +126,15 @@ def test_broken_dtk_signals_fallback_with_both_versions(root, case, tmp_path):
 
 def test_rt_kernel_matched_to_its_own_package(root, tmp_path):
     mods = make_fixture_modules(tmp_path / "rtmods", RT_KERNEL)
-    make_dtk_image(root, kernel=RT_KERNEL, release_json={
-        "KERNEL_VERSION": "5.14.0-427.18.1.el9_4.x86_64", "RT_KERNEL_VERSION": RT_KERNEL, "RHEL_VERSION": "9.4"})
+    make_dtk_image(
+        root,
+        kernel=RT_KERNEL,
+        release_json={
+            "KERNEL_VERSION": "5.14.0-427.18.1.el9_4.x86_64",
+            "RT_KERNEL_VERSION": RT_KERNEL,
+            "RHEL_VERSION": "9.4",
+        },
+    )
     env = env_for(root, RT_KERNEL, DRIVER_CTR_FIXTURE_MODULES=str(mods))
     d, _, _ = _run_both(root, env)
     assert d.returncode == 0, d.stderr
@@ -113,13 +147,14 @@ def test_rhcos_image_missing(root, fixture_mods):
     assert d.returncode == 1 and "image tag missing" in d.stderr and "9.6.20250523-0" in d.stderr
     # DTK side, as the pod runs it, once the shared dir exists (payload from a normal prepare)
     from driver_ctr import payload
+
     shared = make_shared_dir(root)
     payload.install(shared)
     (shared / "dir_prepared").write_text("")
     dtk = start_dtk(env, shared)
     time.sleep(1.5)
     assert dtk.poll() is None
-    assert stop(dtk) < 2.0
+    assert stop(dtk) < PROMPT_S
     assert dtk.returncode == 0
     assert not (shared / "driver_build_started").exists()
 
@@ -127,8 +162,8 @@ def test_rhcos_image_missing(root, fixture_mods):
 def test_build_failure_reaches_the_driver_side_fast(root, fixture_mods):
     make_dtk_image(root)
     (fixture_mods / "FAIL").write_text(
-        "  CC [M]  nvidia/nv-pci.o\n"
-        "nvidia/nv-pci.c:123:5: error: too few arguments to function 'pci_resize_resource'\n")
+        "  CC [M]  nvidia/nv-pci.o\nnvidia/nv-pci.c:123:5: error: too few arguments to function 'pci_resize_resource'\n"
+    )
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     shared = make_shared_dir(root)
     drv = start_driver(env)
@@ -139,7 +174,7 @@ def test_build_failure_reaches_the_driver_side_fast(root, fixture_mods):
     elapsed = time.monotonic() - t0
     assert d.returncode == 1
     assert "pci_resize_resource" in d.stderr
-    assert elapsed < 5.0
+    assert elapsed < PROMPT_S
     r = finish(dtk, 10)
     assert r.returncode == 1  # the DTK side exits non-zero on failure
     assert not (shared / "modules").exists() and not (shared / "driver_built").exists()
@@ -196,6 +231,7 @@ def test_stale_modules_planted_under_a_matching_manifest_are_refused(root, fixtu
     target.write_bytes(wrong.read_bytes())
     m = json.loads((shared / "manifest.json").read_text())
     from driver_ctr.toolkit.fsio import sha256_file
+
     for f in m["build"]["files"]:
         if f["path"].endswith("/nvidia.ko"):
             f["sha256"] = sha256_file(target)
@@ -219,10 +255,12 @@ def test_sigkill_and_restart_converges(root, fixture_mods, victim, step):
     flag = {"prepared": "dir_prepared", "started": "driver_build_started", "built": "driver_built"}[step]
     wait_for_file(shared / flag)
     if victim == "driver":
-        drv.kill(); drv.communicate()
+        drv.kill()
+        drv.communicate()
         drv = start_driver(env)
     else:
-        dtk.kill(); dtk.communicate()
+        dtk.kill()
+        dtk.communicate()
         dtk = start_dtk(env, shared)
     d = finish(drv, 60)
     try:
@@ -242,7 +280,7 @@ def test_sigterm_while_waiting_ends_driver_side_within_2s(root):
     drv = start_driver(env)
     wait_for_file(shared / "dir_prepared")
     time.sleep(0.3)
-    assert stop(drv) < 2.0
+    assert stop(drv) < PROMPT_S
     assert drv.returncode == 0
 
 
@@ -272,3 +310,28 @@ def test_unmounted_shared_dir_is_named(root):
     d = finish(start_driver(env_for(root)), 30)
     assert d.returncode == 1
     assert "mnt/shared-nvidia-driver-toolkit: the shared directory is not mounted" in d.stderr
+
+
+def test_after_a_reboot_the_dtk_waits_for_the_new_generation_and_never_fails_it(root, fixture_mods, tmp_path):
+    """The shared dir survived a reboot onto a new kernel: the DTK container starts at
+    once on the last generation's dir_prepared (for the old kernel). It waits for the
+    driver side's new generation instead of failing, and the new one builds."""
+    old_kernel = "5.14.0-427.10.1.el9_4.x86_64"
+    make_dtk_image(root, kernel=old_kernel)
+    d, _, _ = _run_both(
+        root,
+        env_for(root, old_kernel, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "old", old_kernel))),
+    )
+    assert d.returncode == 0, d.stderr
+    make_dtk_image(root)  # the node now runs RHEL_KERNEL, and so does the DTK image
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
+    shared = make_shared_dir(root)
+    dtk = start_dtk(env, shared)  # dir_prepared of generation 1 is there: it starts at once
+    time.sleep(2.0)
+    assert dtk.poll() is None, "the DTK side exited on the old generation"
+    assert not (shared / "driver_build_failed").exists()
+    d = finish(start_driver(env))
+    assert d.returncode == 0, d.stderr
+    assert json.loads((shared / "manifest.json").read_text())["generation"] == 2
+    assert not (shared / "driver_build_failed").exists() and not list(shared.glob("stale/*/driver_build_failed"))
+    assert stop(dtk) < PROMPT_S and dtk.returncode == 0

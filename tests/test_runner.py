@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from fakes import FakeRunner
 
 from driver_ctr.toolkit.errors import CommandFailed
 from driver_ctr.toolkit.runner import Runner
-from fakes import FakeRunner
 
 
 def test_success_and_output():

@@ -82,16 +82,24 @@ def test_required_variables(base_env):
 
 def test_proxy_credentials_never_in_the_error():
     with pytest.raises(SettingsError) as exc:
-        Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64",
-                           "HTTPS_PROXY": "ftp://user:hunter2@proxy:21"})
+        Settings.from_env(
+            {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "HTTPS_PROXY": "ftp://user:hunter2@proxy:21"}
+        )
     assert "hunter2" not in str(exc.value)
     assert "HTTPS_PROXY" in str(exc.value)
 
 
 def test_valid_settings_and_defaults(base_env):
-    s = Settings.from_env(dict(base_env, GDS_ENABLED="TRUE", KERNEL_MODULE_TYPE="Open",
-                               NVFM_CONFIG_FABRIC_MODE="1", DRIVER_CONFIG_DIGEST="3522141578",
-                               HTTP_PROXY="http://user:pass@example:8080"))
+    s = Settings.from_env(
+        dict(
+            base_env,
+            GDS_ENABLED="TRUE",
+            KERNEL_MODULE_TYPE="Open",
+            NVFM_CONFIG_FABRIC_MODE="1",
+            DRIVER_CONFIG_DIGEST="3522141578",
+            HTTP_PROXY="http://user:pass@example:8080",
+        )
+    )
     assert s.driver_version.raw == "535.261.03"
     assert s.driver_branch == 535
     assert s.target_arch == "x86_64" and s.targetarch_raw == "amd64"
@@ -106,8 +114,20 @@ def test_valid_settings_and_defaults(base_env):
 def test_root_reroots_every_host_path(base_env):
     s = Settings.from_env(dict(base_env, DRIVER_CTR_ROOT="/tmp/r"))
     p = s.paths
-    for path in (p.shared_dir, p.run_nvidia, p.state_file, p.pid_file, p.drivers_dir, p.lib_modules,
-                 p.usr_src, p.sys, p.proc, p.modprobe_d, p.dtk_release_json, p.os_release):
+    for path in (
+        p.shared_dir,
+        p.run_nvidia,
+        p.state_file,
+        p.pid_file,
+        p.drivers_dir,
+        p.lib_modules,
+        p.usr_src,
+        p.sys,
+        p.proc,
+        p.modprobe_d,
+        p.dtk_release_json,
+        p.os_release,
+    ):
         assert path.as_posix().startswith("/tmp/r/"), path
 
 
@@ -118,12 +138,22 @@ def test_running_kernel_override(base_env):
 
 def test_shared_subset_is_allow_listed(base_env):
     """settings.json carries only allow-listed variables: no proxies, no secrets, no service env."""
-    env = dict(base_env, HTTP_PROXY="http://u:p@x:1", GDS_ENABLED="true", KUBERNETES_SERVICE_HOST="10.0.0.1",
-               AWS_SECRET_ACCESS_KEY="s3cr3t", DRIVER_CONFIG_DIGEST="42")
+    env = dict(
+        base_env,
+        HTTP_PROXY="http://u:p@x:1",
+        GDS_ENABLED="true",
+        KUBERNETES_SERVICE_HOST="10.0.0.1",
+        AWS_SECRET_ACCESS_KEY="s3cr3t",
+        DRIVER_CONFIG_DIGEST="42",
+    )
     shared = Settings.from_env(env).shared()
     assert set(shared) <= set(SHARED_VARIABLES)
-    assert shared == {"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "GDS_ENABLED": "true",
-                      "DRIVER_CONFIG_DIGEST": "42"}
+    assert shared == {
+        "DRIVER_VERSION": "535.261.03",
+        "TARGETARCH": "amd64",
+        "GDS_ENABLED": "true",
+        "DRIVER_CONFIG_DIGEST": "42",
+    }
     # and it round-trips into a valid Settings on the DTK side
     assert Settings.from_env(shared).gds_enabled is True
 

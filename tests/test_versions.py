@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from conftest import need_tool
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from driver_ctr.toolkit.errors import InvalidValue
 from driver_ctr.toolkit.versions import (
     compare_kernel_releases,
@@ -220,11 +221,19 @@ REAL_RELEASES = [
 def test_parse_kernel_release(raw, distro, version, release, arch, flavour, rhel):
     kr = parse_kernel_release(raw)
     assert (kr.distro, kr.version, kr.release, kr.arch, kr.flavour, kr.rhel_version) == (
-        distro, version, release, arch, flavour, rhel)
+        distro,
+        version,
+        release,
+        arch,
+        flavour,
+        rhel,
+    )
     assert str(kr) == raw
 
 
-@pytest.mark.parametrize("raw", ["", "5.14.0", "6.18.44-fc-v669", "5.14.0-427.13.1.el9_4", "linux", "5.14.0-427.el9.sparc"])
+@pytest.mark.parametrize(
+    "raw", ["", "5.14.0", "6.18.44-fc-v669", "5.14.0-427.13.1.el9_4", "linux", "5.14.0-427.el9.sparc"]
+)
 def test_parse_kernel_release_rejects_with_the_input_named(raw):
     with pytest.raises(InvalidValue) as exc:
         parse_kernel_release(raw)

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import vm
 from conftest import REPO
-from harness import events, fixture_build_env, installed_kernel, run_both, make_shared_dir
+from harness import events, fixture_build_env, installed_kernel, make_shared_dir, run_both
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -45,9 +44,14 @@ def _fixture_handoff(tmp_path: Path, kernel: str, name: str, **extra: str) -> Pa
 def _guest_env(kernel: str, shared: Path, **extra: str) -> str:
     env = {
         "PATH": "%s:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" % os.path.dirname(sys.executable),
-        "PYTHONPATH": str(REPO), "DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64",
-        "DRIVER_CONFIG_DIGEST": "3522141578", "DRIVER_CTR_LOG_FORMAT": "json",
-        "DRIVER_CTR_SHARED_DIR": str(shared), "DRIVER_CTR_KERNEL_RELEASE": kernel, "HOME": "/root",
+        "PYTHONPATH": str(REPO),
+        "DRIVER_VERSION": "535.261.03",
+        "TARGETARCH": "amd64",
+        "DRIVER_CONFIG_DIGEST": "3522141578",
+        "DRIVER_CTR_LOG_FORMAT": "json",
+        "DRIVER_CTR_SHARED_DIR": str(shared),
+        "DRIVER_CTR_KERNEL_RELEASE": kernel,
+        "HOME": "/root",
     }
     env.update(extra)
     return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
@@ -151,9 +155,10 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     assert "An instance of the NVIDIA driver is already running, aborting" in _read(out, "second.err")
     # the killed container's successor took the fast path: same modules, same load addresses, nothing unloaded
     init_ev = events(_read(out, "init.err"))
-    assert any(e["event"].startswith("fast path: the driver is loaded with this configuration") for e in init_ev), \
+    assert any(e["event"].startswith("fast path: the driver is loaded with this configuration") for e in init_ev), (
         _read(out, "init.err")[-2000:]
-    until_ready = init_ev[:[e["event"] for e in init_ev].index("driver ready: waiting for a signal")]
+    )
+    until_ready = init_ev[: [e["event"] for e in init_ev].index("driver ready: waiting for a signal")]
     assert not any(e["event"] in ("unloaded NVIDIA modules", "loaded") for e in until_ready)
     assert _read(out, "fast_before") and _read(out, "fast_before") == _read(out, "fast_after")
     # in use: refused, the holder named, nothing unloaded; SIGTERM keeps the container running

@@ -29,8 +29,20 @@ from typing import Dict, List, Optional
 QEMU = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"
 INIT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
-BUSYBOX_APPLETS = ("sh", "mount", "mkdir", "chroot", "insmod", "poweroff", "cat", "echo", "sleep", "umount",
-                   "switch_root", "ls")
+BUSYBOX_APPLETS = (
+    "sh",
+    "mount",
+    "mkdir",
+    "chroot",
+    "insmod",
+    "poweroff",
+    "cat",
+    "echo",
+    "sleep",
+    "umount",
+    "switch_root",
+    "ls",
+)
 
 INIT = r"""#!/bin/sh
 export PATH=/bin
@@ -79,9 +91,13 @@ def unavailable_reason(kernel: str) -> Optional[str]:
 
 def _module_files(kernel: str) -> List[Path]:
     """The modules the init needs, in load order, each once."""
-    out = subprocess.run(["modprobe", "-S", kernel, "--show-depends", "-a", *INIT_MODULES],
-                         capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")).stdout
+    out = subprocess.run(
+        ["modprobe", "-S", kernel, "--show-depends", "-a", *INIT_MODULES],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PATH=os.environ.get("PATH", "") + ":/sbin:/usr/sbin"),
+    ).stdout
     seen: List[Path] = []
     for line in out.splitlines():
         parts = line.split()
@@ -114,10 +130,16 @@ def build_initramfs(kernel: str, dest: Path) -> Path:
         (work / "mods/order").write_text("\n".join(names) + "\n")
         (work / "init").write_text(INIT)
         (work / "init").chmod(0o755)
-        files = subprocess.run(["sh", "-c", "cd %s && find . | sort" % work], capture_output=True, text=True,
-                               check=True).stdout
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input=files.encode(), cwd=str(work),
-                              capture_output=True, check=True).stdout
+        files = subprocess.run(
+            ["sh", "-c", "cd %s && find . | sort" % work], capture_output=True, text=True, check=True
+        ).stdout
+        cpio = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            input=files.encode(),
+            cwd=str(work),
+            capture_output=True,
+            check=True,
+        ).stdout
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".tmp")
         tmp.write_bytes(gzip.compress(cpio, compresslevel=1))
@@ -127,20 +149,49 @@ def build_initramfs(kernel: str, dest: Path) -> Path:
     return dest
 
 
-def boot(kernel: str, script: str, out: Path, cache_dir: Path, append: str = "", timeout: float = 600,
-         memory_mb: int = 1536, files: Optional[Dict[str, str]] = None) -> VmResult:
+def boot(
+    kernel: str,
+    script: str,
+    out: Path,
+    cache_dir: Path,
+    append: str = "",
+    timeout: float = 600,
+    memory_mb: int = 1536,
+    files: Optional[Dict[str, str]] = None,
+) -> VmResult:
     """Boot ``kernel``, run ``script`` as root in the guest, power off."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "guest.sh").write_text(script)
     for name, text in (files or {}).items():
         (out / name).write_text(text)
     initrd = build_initramfs(kernel, cache_dir / ("initramfs-%s.cpio.gz" % kernel))
-    argv = ["timeout", str(int(timeout)), QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(memory_mb), "-smp", "1",
-            "-nographic", "-no-reboot", "-nic", "none",
-            "-kernel", "/boot/vmlinuz-%s" % kernel, "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 loglevel=4 " + append,
-            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", "local,path=%s,mount_tag=out,security_model=none,multidevs=remap" % out]
+    argv = [
+        "timeout",
+        str(int(timeout)),
+        QEMU,
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        str(memory_mb),
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        "/boot/vmlinuz-%s" % kernel,
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 loglevel=4 " + append,
+        "-virtfs",
+        "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs",
+        "local,path=%s,mount_tag=out,security_model=none,multidevs=remap" % out,
+    ]
     t0 = time.monotonic()
     p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
     took = time.monotonic() - t0
@@ -150,10 +201,15 @@ def boot(kernel: str, script: str, out: Path, cache_dir: Path, append: str = "",
         return f.read_text(errors="replace") if f.is_file() else ""
 
     rc_text = read("rc").strip()
-    return VmResult(rc=int(rc_text) if rc_text.lstrip("-").isdigit() else None, stdout=read("stdout"),
-                    stderr=read("stderr"), dmesg=read("dmesg"),
-                    console=p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace"),
-                    seconds=took, out=out)
+    return VmResult(
+        rc=int(rc_text) if rc_text.lstrip("-").isdigit() else None,
+        stdout=read("stdout"),
+        stderr=read("stderr"),
+        dmesg=read("dmesg"),
+        console=p.stdout.decode(errors="replace") + p.stderr.decode(errors="replace"),
+        seconds=took,
+        out=out,
+    )
 
 
 if __name__ == "__main__":  # manual use: python tests/vm.py KERNEL 'sh commands'

@@ -28,8 +28,7 @@ def run(settings: Settings, options: InitOptions) -> int:
 
     def body(service: Service) -> Optional[ModuleTree]:
         fp = decide_fast_path(settings)
-        userspace_install(settings, service.runner, service.log, accept_license=options.accept_license,
-                          cancel=cancel)
+        userspace_install(settings, service.runner, service.log, accept_license=options.accept_license, cancel=cancel)
         if fp.applies:
             service.log.info("fast path: the driver is loaded with this configuration", **fp.facts)
             return None

@@ -29,14 +29,22 @@ def reload(settings: Settings, options: NoOptions) -> int:
     cancel = Cancellation().install()  # before any wait (the reference's trap came too late)
     log = get_logger(side="driver")
     try:
-        wait_until(lambda: True if _ready(settings) else None, directory=settings.paths.validations_dir,
-                   what="the MOFED driver and the NVIDIA driver container to be ready", timeout_s=float("inf"),
-                   cancel=cancel, recheck_s=10.0, progress_s=300, log=log)
+        wait_until(
+            lambda: True if _ready(settings) else None,
+            directory=settings.paths.validations_dir,
+            what="the MOFED driver and the NVIDIA driver container to be ready",
+            timeout_s=float("inf"),
+            cancel=cancel,
+            recheck_s=10.0,
+            progress_s=300,
+            log=log,
+        )
         if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
             log.info("nvidia-peermem module already loaded, skipping modprobe")
         else:
-            Runner().run(["chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem"], timeout=300,
-                         cancel=cancel)
+            Runner().run(
+                ["chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem"], timeout=300, cancel=cancel
+            )
             log.info("successfully loaded nvidia-peermem module, now waiting for signal")
         while not cancel.cancelled:
             cancel.sleep(0.5)

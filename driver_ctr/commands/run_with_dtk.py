@@ -50,8 +50,9 @@ def run(settings: Settings, options: RunWithDtkOptions) -> int:
         except Cancelled as exc:
             get_logger(side="driver").info("stopping", reason=str(exc))
             return 0
-        get_logger(side="driver").info("dry run: stopping before loading", fast_path=tree is None,
-                                       tree=str(tree.root) if tree else None)
+        get_logger(side="driver").info(
+            "dry run: stopping before loading", fast_path=tree is None, tree=str(tree.root) if tree else None
+        )
         return 0
 
     def body(service: Service) -> Optional[ModuleTree]:

@@ -19,15 +19,20 @@ from ..toolkit.versions import parse_kernel_release
 from .options import StatusOptions
 
 
-
 def collect(settings: Settings) -> Dict[str, Any]:
     paths = settings.paths
     release = settings.running_kernel()
     kernel: Dict[str, Any] = {"release": release}
     try:
         kr = parse_kernel_release(release)
-        kernel.update(distro=kr.distro, version=kr.version, release_part=kr.release, arch=kr.arch,
-                      flavour=kr.flavour, rhel_version=kr.rhel_version)
+        kernel.update(
+            distro=kr.distro,
+            version=kr.version,
+            release_part=kr.release,
+            arch=kr.arch,
+            flavour=kr.flavour,
+            rhel_version=kr.rhel_version,
+        )
     except InvalidValue as exc:
         kernel["parse_error"] = exc.expected
     fp = decide_fast_path(settings)
@@ -58,14 +63,26 @@ def collect(settings: Settings) -> Dict[str, Any]:
 def render_text(info: Dict[str, Any]) -> str:
     lines = ["driver-ctr %s" % info["driver_ctr_version"]]
     d, k, l, s = info["driver"], info["kernel"], info["loaded"], info["shared_dir"]
-    lines.append("driver:  %s (branch %s, modules %s, %s)" % (d["version"], d["branch"], d["kernel_module_type"], d["target_arch"]))
+    lines.append(
+        "driver:  %s (branch %s, modules %s, %s)"
+        % (d["version"], d["branch"], d["kernel_module_type"], d["target_arch"])
+    )
     if "parse_error" in k:
         lines.append("kernel:  %s (not a supported release form: expected %s)" % (k["release"], k["parse_error"]))
     else:
-        lines.append("kernel:  %s (%s, flavour %s%s)" % (
-            k["release"], k["distro"], k["flavour"], ", RHEL %s" % k["rhel_version"] if k.get("rhel_version") else ""))
-    lines.append("loaded:  nvidia %s, state digest %s, fast path %s" % (
-        l["nvidia_version"] or "not loaded", l["state_digest"] or "none", "yes" if l["fast_path"] else "no"))
+        lines.append(
+            "kernel:  %s (%s, flavour %s%s)"
+            % (
+                k["release"],
+                k["distro"],
+                k["flavour"],
+                ", RHEL %s" % k["rhel_version"] if k.get("rhel_version") else "",
+            )
+        )
+    lines.append(
+        "loaded:  nvidia %s, state digest %s, fast path %s"
+        % (l["nvidia_version"] or "not loaded", l["state_digest"] or "none", "yes" if l["fast_path"] else "no")
+    )
     lines.append("shared:  %s [%s]" % (s["path"], ", ".join(s["flags"]) or "no flags"))
     lines.append("settings:")
     for key, value in sorted(info["settings"].items()):

@@ -46,12 +46,17 @@ class BuildOptions:
 
     @classmethod
     def from_settings(cls, settings: "Settings", max_jobs: Optional[int] = None) -> "BuildOptions":
-        return cls(driver_version=settings.driver_version.raw, driver_branch=settings.driver_branch,
-                   target_arch=settings.target_arch, module_type=settings.kernel_module_type,
-                   modules=build_set(settings.gpu_direct_rdma_enabled),
-                   ignore_preempt_rt=settings.ignore_preempt_rt_presence,
-                   max_jobs=max_jobs or settings.max_threads, timeout_s=settings.build_timeout_s,
-                   signing=Signing.from_settings(settings))
+        return cls(
+            driver_version=settings.driver_version.raw,
+            driver_branch=settings.driver_branch,
+            target_arch=settings.target_arch,
+            module_type=settings.kernel_module_type,
+            modules=build_set(settings.gpu_direct_rdma_enabled),
+            ignore_preempt_rt=settings.ignore_preempt_rt_presence,
+            max_jobs=max_jobs or settings.max_threads,
+            timeout_s=settings.build_timeout_s,
+            signing=Signing.from_settings(settings),
+        )
 
 
 @dataclass(frozen=True)
@@ -107,8 +112,11 @@ def find_source(source_dir: str, search_dirs: Sequence[Path], arch: str, version
     for d in search_dirs:
         if (d / name).is_file():
             return d / name
-    raise BuildFailed("sources", "no NVIDIA driver sources: %s is not in %s, and DRIVER_CTR_SOURCE_DIR is not set"
-                      % (name, " or ".join(str(d) for d in search_dirs)))
+    raise BuildFailed(
+        "sources",
+        "no NVIDIA driver sources: %s is not in %s, and DRIVER_CTR_SOURCE_DIR is not set"
+        % (name, " or ".join(str(d) for d in search_dirs)),
+    )
 
 
 BUILDER_VARIABLE = "DRIVER_CTR_BUILDER"

@@ -142,8 +142,12 @@ def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDec
     try:
         node = parse_kernel_release(node_kernel)
     except InvalidValue as exc:
-        return DtkDecision(BROKEN, node_kernel, reasons=("node kernel %r cannot be parsed: expected %s" % (node_kernel, exc.expected),),
-                           rhcos_version=rhcos_version)
+        return DtkDecision(
+            BROKEN,
+            node_kernel,
+            reasons=("node kernel %r cannot be parsed: expected %s" % (node_kernel, exc.expected),),
+            rhcos_version=rhcos_version,
+        )
     if facts.release_json_error:
         reasons.append(facts.release_json_error)
     rj = facts.release_json
@@ -155,7 +159,9 @@ def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDec
         fieldname, dtk_v = _dtk_kernel_for(node, rj)
         if not dtk_v:
             flavour = {"rt": "real-time (+rt)", "64k": "64k-page (+64k)"}.get(node.flavour, "standard")
-            reasons.append("node runs a %s kernel %s but the DTK release file has no %s" % (flavour, node_kernel, fieldname))
+            reasons.append(
+                "node runs a %s kernel %s but the DTK release file has no %s" % (flavour, node_kernel, fieldname)
+            )
             cause = CAUSE_NO_TREE
         else:
             try:
@@ -165,14 +171,18 @@ def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDec
                 dtk = None
             if dtk is not None:
                 if dtk.distro != node.distro or dtk.arch != node.arch:
-                    reasons.append("DTK %s %s is for %s/%s, the node kernel %s for %s/%s" % (
-                        fieldname, dtk_v, dtk.distro, dtk.arch, node_kernel, node.distro, node.arch))
+                    reasons.append(
+                        "DTK %s %s is for %s/%s, the node kernel %s for %s/%s"
+                        % (fieldname, dtk_v, dtk.distro, dtk.arch, node_kernel, node.distro, node.arch)
+                    )
                 else:
                     c = compare_kernel_releases(node, dtk)
                     newer = "same" if c == 0 else ("node" if c > 0 else "dtk")
                     if c != 0:
-                        reasons.append("node kernel %s differs from the DTK's %s %s (%s is newer)" % (
-                            node.base, fieldname, dtk.base, "the node" if c > 0 else "the DTK"))
+                        reasons.append(
+                            "node kernel %s differs from the DTK's %s %s (%s is newer)"
+                            % (node.base, fieldname, dtk.base, "the node" if c > 0 else "the DTK")
+                        )
                         cause = CAUSE_STALE_LABEL if c > 0 else CAUSE_NODE_OLDER
     elif not facts.release_json_error:
         notes.append("no /etc/driver-toolkit-release.json: the kernel trees alone decide")
@@ -183,8 +193,10 @@ def decide(node_kernel: str, facts: DtkFacts, rhcos_version: str = "") -> DtkDec
         if facts.kernels_present:
             notes.append("kernel trees present in the DTK: %s" % ", ".join(facts.kernels_present))
         if facts.usr_src_kernel:
-            notes.append("/usr/src/kernels/%s exists: kernel-devel is installed but %s/build does not lead to it"
-                         % (node_kernel, "/lib/modules/" + node_kernel))
+            notes.append(
+                "/usr/src/kernels/%s exists: kernel-devel is installed but %s/build does not lead to it"
+                % (node_kernel, "/lib/modules/" + node_kernel)
+            )
     if not facts.vmlinuz:
         notes.append("no /lib/modules/%s/vmlinuz (the reference's only check): not needed to build" % node_kernel)
     return DtkDecision(

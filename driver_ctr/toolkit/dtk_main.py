@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import List, Mapping, NoReturn, Optional
 
 from . import log as logmod
-from .log import first_line
 from . import protocol as proto
 from .dtk_side import DtkSide
 from .errors import DriverCtrError, InvalidValue
+from .log import first_line
 from .paths import HostPaths
 from .waiting import Cancellation
 
@@ -30,8 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 def shared_dir_from_env(env: Mapping[str, str]) -> Path:
     """Before settings.json is read: the same rule as ``Settings.paths.shared_dir``."""
-    return HostPaths(root=env.get("DRIVER_CTR_ROOT", "").strip() or None,
-                     shared_dir_override=env.get("DRIVER_CTR_SHARED_DIR", "").strip() or None).shared_dir
+    return HostPaths(
+        root=env.get("DRIVER_CTR_ROOT", "").strip() or None,
+        shared_dir_override=env.get("DRIVER_CTR_SHARED_DIR", "").strip() or None,
+    ).shared_dir
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -50,20 +52,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     cancel = Cancellation().install()
     shared = shared_dir_from_env(env)
     if not shared.is_dir():
-        sys.stderr.write("ocp_dtk_entrypoint: the shared directory %s is not mounted (a directory is expected)\n" % shared)
+        sys.stderr.write(
+            "ocp_dtk_entrypoint: the shared directory %s is not mounted (a directory is expected)\n" % shared
+        )
         return 1
+    side: Optional[DtkSide] = None
     try:
-        return DtkSide(shared, env, cancel).run()
+        side = DtkSide(shared, env, cancel)
+        return side.run()
     except DriverCtrError as exc:
         sys.stderr.write("ocp_dtk_entrypoint %s: %s\n" % (args.command, exc))
-        _signal_failure(shared, exc)
+        _signal_failure(shared, exc, side.generation if side is not None else None)
         return 1
 
 
-def _signal_failure(shared: Path, exc: DriverCtrError) -> None:
-    """Tell the driver side, so it fails fast instead of waiting for its deadline."""
+def _signal_failure(shared: Path, exc: DriverCtrError, generation: Optional[int]) -> None:
+    """Tell the driver side, so it fails fast instead of waiting for its deadline.
+    The flag names the generation the failure was about (None: read before any
+    manifest, so it speaks of whichever is current), never a newer one."""
     sd = proto.SharedDir(shared)
     try:
-        sd.write_flag(proto.Failed(generation=sd.generation(), phase="protocol", message=first_line(exc)))
+        sd.write_flag(proto.Failed(generation=generation, phase="protocol", message=first_line(exc)))
     except (OSError, DriverCtrError):
         pass

@@ -19,13 +19,14 @@ then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional
 
 from . import protocol as proto
 from .builders import Builder, BuildOptions, BuildRequest, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
-from .errors import BuildFailed, Cancelled, DriverCtrError, ProtocolError, tail_lines
+from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
 from .fsio import remove_tree
 from .host_cache import HostCache, store_build
 from .log import first_line, get_logger, phase
@@ -51,13 +52,15 @@ def merged_settings(shared_env: Mapping[str, str], own_env: Mapping[str, str]) -
 
 
 class DtkSide:
-    def __init__(self, shared_dir: Path, own_env: Mapping[str, str], cancel: Cancellation,
-                 builder: Optional[Builder] = None) -> None:
+    def __init__(
+        self, shared_dir: Path, own_env: Mapping[str, str], cancel: Cancellation, builder: Optional[Builder] = None
+    ) -> None:
         self.shared = proto.SharedDir(shared_dir)
         self.own_env = dict(own_env)
         self.cancel = cancel
         self.builder = builder or choose_builder(own_env)
         self.log = get_logger(side="dtk")
+        self.generation: Optional[int] = None  # the generation being worked on, once read
 
     # -- helpers -----------------------------------------------------------
 
@@ -68,11 +71,21 @@ class DtkSide:
         def check() -> Optional[bool]:
             return True if until is not None and until() else None
 
-        wait_until(check, directory=self.shared.path, what=why, timeout_s=float("inf"),
-                   cancel=self.cancel, recheck_s=IDLE_RECHECK_S, progress_s=3600)
+        wait_until(
+            check,
+            directory=self.shared.path,
+            what=why,
+            timeout_s=float("inf"),
+            cancel=self.cancel,
+            recheck_s=IDLE_RECHECK_S,
+            progress_s=3600,
+        )
 
     def _generation_changed(self, generation: int) -> bool:
         return self.shared.generation() != generation
+
+    def _built_gone_or_changed(self, generation: int) -> bool:
+        return not self.shared.has(proto.BUILT) or self._generation_changed(generation)
 
     # -- main --------------------------------------------------------------
 
@@ -86,9 +99,11 @@ class DtkSide:
     def _run(self) -> int:
         own_missing = self.own_env.get("RHCOS_IMAGE_MISSING", "").strip().lower() == "true"
         if own_missing:
-            self.log.warning("RHCOS image tag missing: this container runs the driver image, not a DTK; "
-                             "the driver container takes the entitlement-based fallback",
-                             rhcos_version=self.own_env.get("RHCOS_VERSION", ""))
+            self.log.warning(
+                "RHCOS image tag missing: this container runs the driver image, not a DTK; "
+                "the driver container takes the entitlement-based fallback",
+                rhcos_version=self.own_env.get("RHCOS_VERSION", ""),
+            )
             self._idle("RHCOS_IMAGE_MISSING=true: nothing to build here")
             return 0
         self.shared.clean_staging()
@@ -98,38 +113,78 @@ class DtkSide:
             if manifest is None:
                 # The driver side is starting a new generation (it moved the
                 # last one aside and writes the manifest next).
-                self._idle("waiting for the driver side's new manifest",
-                           until=lambda: self.shared.manifest_path.exists())
+                self._idle(
+                    "waiting for the driver side's new manifest", until=lambda: self.shared.manifest_path.exists()
+                )
                 continue
-            generation = manifest.generation
+            generation = self.generation = manifest.generation
             kernel = settings.running_kernel()
             inputs = proto.BuildInputs.from_settings(settings, kernel)
             diff = manifest.inputs.differences(inputs)
             if diff:
-                raise ProtocolError(self.shared.manifest_path, "inputs of generation %d are not this node's: %s"
-                                    % (generation, "; ".join(diff)))
+                self._wait_for_new_generation(generation, diff, settings.start_timeout_s)
+                continue
             facts = inspect_dtk(settings.paths, kernel)
             decision = decide(kernel, facts, settings.rhcos_version)
             if decision.broken:
-                self.shared.write_flag(proto.Broken(generation=generation, reasons=decision.reasons,
-                                                    likely_cause=decision.likely_cause, decision=decision.as_dict()))
-                self.log.warning("broken Driver Toolkit image detected: informing the driver container to fall back",
-                                 **decision.as_dict())
-                self._idle("broken DTK", until=lambda: self._generation_changed(generation))
+                self.shared.write_flag(
+                    proto.Broken(
+                        generation=generation,
+                        reasons=decision.reasons,
+                        likely_cause=decision.likely_cause,
+                        decision=decision.as_dict(),
+                    )
+                )
+                self.log.warning(
+                    "broken Driver Toolkit image detected: informing the driver container to fall back",
+                    **decision.as_dict(),
+                )
+                self._idle("broken DTK", until=partial(self._generation_changed, generation))
                 continue
             failed = self.shared.read_flag(proto.Failed)
             if failed is not None and failed.generation == generation:
-                self.log.warning("the build of this generation failed before; waiting for the driver side to request a retry",
-                                 generation=generation)
-                self._idle("failed build", until=lambda: self._generation_changed(generation))
+                self.log.warning(
+                    "the build of this generation failed before; waiting for the driver side to request a retry",
+                    generation=generation,
+                )
+                self._idle("failed build", until=partial(self._generation_changed, generation))
                 continue
             if self.shared.has(proto.BUILT) and self._reusable(inputs, generation):
                 self.log.info("NVIDIA drivers already built for these inputs, nothing to do", generation=generation)
             elif not self._build(settings, inputs, generation, decision, facts.build_tree):
                 return 1
-            self._idle("built; watching driver_built",
-                       until=lambda: not self.shared.has(proto.BUILT) or self._generation_changed(generation))
+            self._idle(
+                "built; watching driver_built",
+                until=partial(self._built_gone_or_changed, generation),
+            )
             self.log.warning("driver_built disappeared or a new generation was prepared: rebuilding")
+
+    def _wait_for_new_generation(self, generation: int, diff: List[str], timeout_s: float) -> None:
+        """The prepared generation is for other inputs: most often the last
+        generation before a node reboot onto a new kernel (the shared dir
+        survived it), which the driver side is about to replace. Wait for that;
+        only when no new generation comes is it an error (the two containers
+        disagree), and it never fails a generation it did not read."""
+        self.log.info(
+            "the prepared generation is for other inputs: waiting for the driver side's new one",
+            generation=generation,
+            differences=diff,
+        )
+        try:
+            wait_until(
+                lambda: True if self._generation_changed(generation) else None,
+                directory=self.shared.path,
+                what="the driver side to prepare a generation for this node",
+                timeout_s=timeout_s,
+                cancel=self.cancel,
+                recheck_s=IDLE_RECHECK_S,
+                log=self.log,
+            )
+        except HandoffTimeout:
+            raise ProtocolError(
+                self.shared.manifest_path,
+                "inputs of generation %d are not this node's: %s" % (generation, "; ".join(diff)),
+            ) from None
 
     def _reusable(self, inputs: proto.BuildInputs, generation: int) -> bool:
         try:
@@ -139,11 +194,17 @@ class DtkSide:
             self.log.warning("existing build not reusable, rebuilding", reason=str(exc))
             return False
 
-    def _build(self, settings: Settings, inputs: proto.BuildInputs, generation: int, decision: DtkDecision,
-               build_tree: Optional[str]) -> bool:
+    def _build(
+        self,
+        settings: Settings,
+        inputs: proto.BuildInputs,
+        generation: int,
+        decision: DtkDecision,
+        build_tree: Optional[str],
+    ) -> bool:
         sh = self.shared
-        for f in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
-            sh.remove_flag(f)
+        for flag in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
+            sh.remove_flag(flag)
         sh.write_flag(proto.Started(generation=generation, pid=os.getpid(), builder=self.builder.name))
         for note in decision.notes:
             self.log.info("dtk note", note=note)
@@ -155,12 +216,25 @@ class DtkSide:
             with phase(self.log, "build", generation=generation, kernel=kernel, builder=self.builder.name):
                 remove_tree(staging)
                 staging.mkdir()
-                source = find_source(settings.source_dir, [sh.drivers, settings.paths.drivers_dir],
-                                     settings.target_arch, settings.driver_version.raw)
-                result = self.builder.build(BuildRequest(
-                    target_kernel=kernel, source=source, paths=settings.paths, staging_dir=staging,
-                    log_path=sh.build_log, scratch=default_scratch(), options=BuildOptions.from_settings(settings),
-                    build_tree=Path(build_tree) if build_tree else None, cancel=self.cancel))
+                source = find_source(
+                    settings.source_dir,
+                    [sh.drivers, settings.paths.drivers_dir],
+                    settings.target_arch,
+                    settings.driver_version.raw,
+                )
+                result = self.builder.build(
+                    BuildRequest(
+                        target_kernel=kernel,
+                        source=source,
+                        paths=settings.paths,
+                        staging_dir=staging,
+                        log_path=sh.build_log,
+                        scratch=default_scratch(),
+                        options=BuildOptions.from_settings(settings),
+                        build_tree=Path(build_tree) if build_tree else None,
+                        cancel=self.cancel,
+                    )
+                )
             current = "verify"
             with phase(self.log, "verify", generation=generation):
                 files = proto.describe_tree(staging)
@@ -171,10 +245,14 @@ class DtkSide:
                     problem = vermagic_problem(staging / f.path, f.vermagic, kernel)
                     if problem:
                         raise BuildFailed("verify", problem)
-                wanted = [c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on]
+                wanted = [
+                    c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on
+                ]
                 missing = [c for c in wanted if c not in result.components]
                 if missing:
-                    raise BuildFailed("build", "%s requested but not built by the %s builder" % (", ".join(missing), result.builder))
+                    raise BuildFailed(
+                        "build", "%s requested but not built by the %s builder" % (", ".join(missing), result.builder)
+                    )
             current = "publish"
             with phase(self.log, "publish", generation=generation):
                 if self._generation_changed(generation):
@@ -186,9 +264,14 @@ class DtkSide:
                     os.replace(str(sh.modules), str(old))
                 os.replace(str(staging), str(sh.modules))
                 remove_tree(old)
-                build = proto.BuildRecord(builder=result.builder, files=files, components=result.components,
-                                          dtk_kernels=dict(decision.dtk_kernels), finished_at=proto.now(),
-                                          details=dict(result.details))
+                build = proto.BuildRecord(
+                    builder=result.builder,
+                    files=files,
+                    components=result.components,
+                    dtk_kernels=dict(decision.dtk_kernels),
+                    finished_at=proto.now(),
+                    details=dict(result.details),
+                )
                 sh.write_manifest(proto.Manifest(generation=generation, inputs=inputs, build=build))
                 # Before driver_built: the driver side then finds it stored.
                 store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)

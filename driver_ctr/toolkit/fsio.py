@@ -66,7 +66,13 @@ def regular_file_exists(path: Path) -> bool:
 
     if _stat.S_ISREG(st.st_mode):
         return True
-    kind = "a directory" if _stat.S_ISDIR(st.st_mode) else "a symlink" if _stat.S_ISLNK(st.st_mode) else "not a regular file"
+    kind = (
+        "a directory"
+        if _stat.S_ISDIR(st.st_mode)
+        else "a symlink"
+        if _stat.S_ISLNK(st.st_mode)
+        else "not a regular file"
+    )
     raise ProtocolError(path, "is %s where a regular file is expected" % kind)
 
 

@@ -134,10 +134,20 @@ class HostCache:
             files = describe_tree(tmp / MODULES)
             if build.files and {f.path: f.sha256 for f in build.files} != {f.path: f.sha256 for f in files}:
                 raise DriverCtrError("the tree copied into the host cache differs from the verified build")
-            record = CacheRecord(key=key, inputs=inputs, signing_fingerprint=fingerprint, stored_at=now(),
-                                 build=BuildRecord(builder=build.builder, files=files, components=build.components,
-                                                   dtk_kernels=build.dtk_kernels, finished_at=build.finished_at,
-                                                   details=build.details))
+            record = CacheRecord(
+                key=key,
+                inputs=inputs,
+                signing_fingerprint=fingerprint,
+                stored_at=now(),
+                build=BuildRecord(
+                    builder=build.builder,
+                    files=files,
+                    components=build.components,
+                    dtk_kernels=build.dtk_kernels,
+                    finished_at=build.finished_at,
+                    details=build.details,
+                ),
+            )
             atomic_write_json(tmp / ENTRY_JSON, record.to_json())
             final.parent.mkdir(parents=True, exist_ok=True)
             old = self.dir / (".tmp-old-%s-%d" % (key, os.getpid()))
@@ -194,8 +204,9 @@ class HostCache:
         remove_tree(aside)
 
 
-def store_build(cache: Optional[HostCache], inputs: BuildInputs, build: BuildRecord, tree: Path,
-                log: Logger) -> Optional[CacheEntry]:
+def store_build(
+    cache: Optional[HostCache], inputs: BuildInputs, build: BuildRecord, tree: Path, log: Logger
+) -> Optional[CacheEntry]:
     """The one host-cache store policy, for every side that builds: store a
     verified build when the cache is mounted, unless it came from the cache or
     an entry already exists; a failure to store is a warning (the build itself

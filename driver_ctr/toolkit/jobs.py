@@ -88,8 +88,11 @@ def memory_bytes(proc: Path, sys: Path) -> Optional[int]:
     """Memory a build may use: the smaller of the cgroup limit and MemAvailable."""
     values = []
     v2, v1 = _cgroup_dirs(proc, sys)
-    raw = _read(v2 / "memory.max") if v2 is not None else (
-        _read(v1["memory"] / "memory.limit_in_bytes") if "memory" in v1 else "")
+    raw = (
+        _read(v2 / "memory.max")
+        if v2 is not None
+        else (_read(v1["memory"] / "memory.limit_in_bytes") if "memory" in v1 else "")
+    )
     if raw.isdigit() and int(raw) < (1 << 60):
         values.append(int(raw))
     for line in _read(proc / "meminfo").splitlines():

@@ -32,17 +32,25 @@ from .staging import stage_modules
 
 
 def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str]) -> List[str]:
-    return ["make", "-j%d" % jobs, "SYSSRC=%s" % tree.syssrc, "SYSOUT=%s" % tree.sysout,
-            "NV_KERNEL_MODULES=%s" % " ".join(modules), "modules"]
+    return [
+        "make",
+        "-j%d" % jobs,
+        "SYSSRC=%s" % tree.syssrc,
+        "SYSOUT=%s" % tree.sysout,
+        "NV_KERNEL_MODULES=%s" % " ".join(modules),
+        "modules",
+    ]
 
 
 def first_error(text: str, workdir: Path) -> str:
     """The line that says why a build failed: the first compiler error, else
     the first ``***`` line (conftest, make), else the last line."""
     lines = [l.strip() for l in text.splitlines() if l.strip()]
-    picked = next((l for l in lines if ": error:" in l or "fatal error:" in l), None) \
-        or next((l for l in lines if "***" in l), None) \
+    picked = (
+        next((l for l in lines if ": error:" in l or "fatal error:" in l), None)
+        or next((l for l in lines if "***" in l), None)
         or (lines[-1] if lines else "the build printed nothing")
+    )
     return picked.replace(str(workdir) + "/", "")
 
 
@@ -68,28 +76,48 @@ class KbuildBuilder(Builder):
         self._note(logf, "kernel %s: SYSSRC=%s SYSOUT=%s" % (kernel, tree.syssrc, tree.sysout))
         if tree.preempt_rt:
             if not o.ignore_preempt_rt:
-                raise BuildFailed("prepare", "kernel %s is a PREEMPT_RT kernel (CONFIG_PREEMPT_RT=y in %s/.config), which "
-                                  "NVIDIA does not support; set IGNORE_PREEMPT_RT_PRESENCE=1 to build anyway"
-                                  % (kernel, tree.sysout))
+                raise BuildFailed(
+                    "prepare",
+                    "kernel %s is a PREEMPT_RT kernel (CONFIG_PREEMPT_RT=y in %s/.config), which "
+                    "NVIDIA does not support; set IGNORE_PREEMPT_RT_PRESENCE=1 to build anyway" % (kernel, tree.sysout),
+                )
             self.log.warning("building for a PREEMPT_RT kernel: IGNORE_PREEMPT_RT_PRESENCE=1 is set", kernel=kernel)
         kernel_cc = compiler_version(tree.compiler_text)
         here_cc = present_compiler_version(self.runner, tree.compiler) or present_compiler_version(self.runner, "gcc")
         if not here_cc:
-            raise BuildFailed("prepare", "no C compiler: neither %s nor gcc runs here (the kernel was built with %r)"
-                              % (tree.compiler, tree.compiler_text))
+            raise BuildFailed(
+                "prepare",
+                "no C compiler: neither %s nor gcc runs here (the kernel was built with %r)"
+                % (tree.compiler, tree.compiler_text),
+            )
         if kernel_cc and here_cc != kernel_cc:
-            self.log.warning("compiler differs from the kernel's", kernel_compiler=kernel_cc, compiler=here_cc,
-                             kernel_compiler_text=tree.compiler_text)
+            self.log.warning(
+                "compiler differs from the kernel's",
+                kernel_compiler=kernel_cc,
+                compiler=here_cc,
+                kernel_compiler_text=tree.compiler_text,
+            )
             self._note(logf, "compiler %s differs from the kernel's %s (%s)" % (here_cc, kernel_cc, tree.compiler_text))
 
         sources = open_sources(req.source, req.scratch, self.runner)
         flavour = resolve_flavour(o.module_type, o.driver_branch, sources, self.runner)
         modules = list(o.modules)
         plan = plan_jobs(req.paths.proc, req.paths.sys, o.max_jobs)
-        self.log.info("building", flavour=flavour.name, tree=flavour.subdir, reason=flavour.reason,
-                      sources=sources.origin, modules=modules, jobs=plan.jobs, job_limits=plan.limits)
-        self._note(logf, "%s modules from %s/%s (%s), -j%d (limits %s)" % (
-            flavour.name, sources.root, flavour.subdir, flavour.reason, plan.jobs, plan.limits))
+        self.log.info(
+            "building",
+            flavour=flavour.name,
+            tree=flavour.subdir,
+            reason=flavour.reason,
+            sources=sources.origin,
+            modules=modules,
+            jobs=plan.jobs,
+            job_limits=plan.limits,
+        )
+        self._note(
+            logf,
+            "%s modules from %s/%s (%s), -j%d (limits %s)"
+            % (flavour.name, sources.root, flavour.subdir, flavour.reason, plan.jobs, plan.limits),
+        )
 
         work = req.scratch / ("build-%d" % os.getpid())
         remove_tree(work)
@@ -105,8 +133,7 @@ class KbuildBuilder(Builder):
             self._note(logf, "$ " + " ".join(argv))
             compile_start = time.monotonic()
             try:
-                self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=o.timeout_s,
-                                cancel=req.cancel)
+                self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=o.timeout_s, cancel=req.cancel)
             except CommandFailed as exc:
                 text = req.log_path.read_text(errors="replace")
                 why = first_error(text, work) if exc.returncode is not None else exc.summary
@@ -126,19 +153,38 @@ class KbuildBuilder(Builder):
             if o.signing is not None:
                 fingerprint = o.signing.fingerprint()
                 sign_modules(built, tree.sign_file(), o.signing, self.runner, logf)
-                self._note(logf, "signed %d modules (%s, certificate sha256 %s)" % (
-                    len(built), o.signing.hash_algo, fingerprint))
-            staged = stage_modules(infos, tree.module_dir, kernel, req.staging_dir, self.runner,
-                                   symvers=tree.sysout / "Module.symvers", log_file=logf)
+                self._note(
+                    logf,
+                    "signed %d modules (%s, certificate sha256 %s)" % (len(built), o.signing.hash_algo, fingerprint),
+                )
+            staged = stage_modules(
+                infos,
+                tree.module_dir,
+                kernel,
+                req.staging_dir,
+                self.runner,
+                symvers=tree.sysout / "Module.symvers",
+                log_file=logf,
+            )
         finally:
             remove_tree(work)
         details: Dict[str, Any] = {
-            "flavour": flavour.name, "tree": flavour.subdir, "flavour_reason": flavour.reason,
-            "sources": sources.origin, "modules": modules, "from_kernel": list(staged.from_kernel),
-            "jobs": plan.jobs, "job_limits": plan.limits, "kernel_compiler": tree.compiler_text,
-            "compiler": here_cc, "preempt_rt": tree.preempt_rt, "reference_vermagic": reference,
-            "signed": o.signing is not None, "signing_fingerprint": fingerprint,
-            "compile_seconds": round(compile_s, 1), "seconds": round(time.monotonic() - started, 1),
+            "flavour": flavour.name,
+            "tree": flavour.subdir,
+            "flavour_reason": flavour.reason,
+            "sources": sources.origin,
+            "modules": modules,
+            "from_kernel": list(staged.from_kernel),
+            "jobs": plan.jobs,
+            "job_limits": plan.limits,
+            "kernel_compiler": tree.compiler_text,
+            "compiler": here_cc,
+            "preempt_rt": tree.preempt_rt,
+            "reference_vermagic": reference,
+            "signed": o.signing is not None,
+            "signing_fingerprint": fingerprint,
+            "compile_seconds": round(compile_s, 1),
+            "seconds": round(time.monotonic() - started, 1),
         }
         self._note(logf, "built %s in %.1f s" % (", ".join(modules), details["seconds"]))
         return BuildResult(builder=self.name, details=details)

@@ -24,7 +24,7 @@ from .nvidia_modules import is_module
 from .paths import HostPaths
 from .runner import Runner
 
-_CONFIG_LINE = re.compile(r'^(CONFIG_[A-Za-z0-9_]+)=(.*)$')
+_CONFIG_LINE = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _CC_VERSION = re.compile(r"\)\s+(\d+\.\d+(?:\.\d+)?)")
 _ANY_VERSION = re.compile(r"(\d+\.\d+(?:\.\d+)?)")
 
@@ -96,8 +96,12 @@ class KernelTree:
         """The vermagic feature flags the configuration implies (include/linux/vermagic.h),
         or None when they cannot be derived (RANDSTRUCT, 32-bit x86, no config)."""
         c = self.config
-        if not c or c.get("CONFIG_RANDSTRUCT") == "y" or c.get("CONFIG_GCC_PLUGIN_RANDSTRUCT") == "y" \
-                or c.get("CONFIG_X86_32") == "y":
+        if (
+            not c
+            or c.get("CONFIG_RANDSTRUCT") == "y"
+            or c.get("CONFIG_GCC_PLUGIN_RANDSTRUCT") == "y"
+            or c.get("CONFIG_X86_32") == "y"
+        ):
             return None
         flags = []
         if c.get("CONFIG_SMP") == "y":
@@ -143,14 +147,17 @@ def open_kernel_tree(paths: HostPaths, release: str, build_tree: Optional[Path] 
     build = module_dir / "build"
     sysout = Path(build_tree) if build_tree else paths.follow(build)
     if not sysout.is_dir():
-        raise NoKernelTree("no kernel build tree for %s: %s does not resolve to a directory (install "
-                           "kernel-devel-%s, or linux-headers-%s on Debian/Ubuntu)" % (release, build, release, release))
+        raise NoKernelTree(
+            "no kernel build tree for %s: %s does not resolve to a directory (install "
+            "kernel-devel-%s, or linux-headers-%s on Debian/Ubuntu)" % (release, build, release, release)
+        )
     source = module_dir / "source"
     syssrc = paths.follow(source) if (source.exists() or source.is_symlink()) else sysout
     for tree, what in ((sysout, "build"), (syssrc, "source")):
         if not (tree / "Makefile").is_file():
-            raise BuildFailed("prepare", "kernel %s tree %s for %s has no Makefile: not a kernel build tree"
-                              % (what, tree, release))
+            raise BuildFailed(
+                "prepare", "kernel %s tree %s for %s has no Makefile: not a kernel build tree" % (what, tree, release)
+            )
     cfg = sysout / ".config"
     if not cfg.is_file():
         raise BuildFailed("prepare", "kernel build tree %s for %s has no .config" % (sysout, release))

@@ -128,12 +128,14 @@ def read_modinfo(path: Path, raw: Optional[bytes] = None) -> ModInfo:
             continue
         k, _, v = raw.decode("utf-8", "replace").partition("=")
         fields.setdefault(k, []).append(v)
-    return ModInfo(path=str(path), fields={k: tuple(v) for k, v in fields.items()},
-                   signed=data.endswith(SIGNATURE_TRAILER))
+    return ModInfo(
+        path=str(path), fields={k: tuple(v) for k, v in fields.items()}, signed=data.endswith(SIGNATURE_TRAILER)
+    )
 
 
-def vermagic_problem(path: object, vermagic: str, kernel_release: str,
-                     reference_vermagic: Optional[str] = None) -> Optional[str]:
+def vermagic_problem(
+    path: object, vermagic: str, kernel_release: str, reference_vermagic: Optional[str] = None
+) -> Optional[str]:
     """Why the module at ``path`` with ``vermagic`` cannot load on
     ``kernel_release`` (None when it can).
 

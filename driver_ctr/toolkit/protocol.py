@@ -51,7 +51,15 @@ BUILD_FAILED = "driver_build_failed"
 BUILT = "driver_built"
 NVIDIA_FS_BUILT = "nvidia_fs_built"
 GDRCOPY_BUILT = "gdrcopy_built"
-FLAGS = (DIR_PREPARED, BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)  # status shows these
+FLAGS = (
+    DIR_PREPARED,
+    BUILD_STARTED,
+    TOOLKIT_BROKEN,
+    BUILD_FAILED,
+    BUILT,
+    NVIDIA_FS_BUILT,
+    GDRCOPY_BUILT,
+)  # status shows these
 # Flags of one generation's outcome: moved aside when a new generation starts.
 OUTCOME_FLAGS = (BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)
 
@@ -81,8 +89,14 @@ _MISSING = object()
 def _type_name(t: Any) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)
-    return {str: "a string", int: "a whole number", bool: "true or false", list: "a list", dict: "an object",
-            type(None): "null"}.get(t, getattr(t, "__name__", str(t)))
+    return {
+        str: "a string",
+        int: "a whole number",
+        bool: "true or false",
+        list: "a list",
+        dict: "an object",
+        type(None): "null",
+    }.get(t, getattr(t, "__name__", str(t)))
 
 
 def take(where: object, data: Mapping[str, Any], key: str, typ: Any, default: Any = _MISSING) -> Any:
@@ -143,10 +157,16 @@ class BuildInputs(_Record):
 
     @classmethod
     def from_settings(cls, settings: "Settings", target_kernel: str) -> "BuildInputs":
-        return cls(kernel_release=target_kernel, driver_version=settings.driver_version.raw,
-                   kernel_module_type=settings.kernel_module_type, driver_config_digest=settings.driver_config_digest,
-                   gpu_direct_rdma_enabled=settings.gpu_direct_rdma_enabled, gds_enabled=settings.gds_enabled,
-                   gdrcopy_enabled=settings.gdrcopy_enabled, target_arch=settings.target_arch)
+        return cls(
+            kernel_release=target_kernel,
+            driver_version=settings.driver_version.raw,
+            kernel_module_type=settings.kernel_module_type,
+            driver_config_digest=settings.driver_config_digest,
+            gpu_direct_rdma_enabled=settings.gpu_direct_rdma_enabled,
+            gds_enabled=settings.gds_enabled,
+            gdrcopy_enabled=settings.gdrcopy_enabled,
+            target_arch=settings.target_arch,
+        )
 
     def to_json(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -162,14 +182,21 @@ class BuildInputs(_Record):
 
     def differences(self, other: "BuildInputs") -> List[str]:
         """``key built=… wanted=…`` for each input that differs from ``other``'s."""
-        return ["%s built=%r wanted=%r" % (f.name, getattr(self, f.name), getattr(other, f.name))
-                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+        return [
+            "%s built=%r wanted=%r" % (f.name, getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
 
 
 def _rel_ok(rel: str) -> bool:
     """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
-    return bool(rel) and "\x00" not in rel and not rel.startswith("/") and all(
-        part not in ("", ".", "..") for part in rel.split("/"))
+    return (
+        bool(rel)
+        and "\x00" not in rel
+        and not rel.startswith("/")
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
 
 
 @dataclass(frozen=True)
@@ -203,9 +230,15 @@ class FileRecord(_Record):
         digest = take(where, d, "sha256", str)
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise ProtocolError(where, "sha256 of %s is not a sha256 digest" % path)
-        return cls(path=path, sha256=digest, size=take(where, d, "size", int, 0),
-                   name=take(where, d, "name", str, ""), version=take(where, d, "version", str, ""),
-                   vermagic=take(where, d, "vermagic", str, ""), signed=take(where, d, "signed", bool, False))
+        return cls(
+            path=path,
+            sha256=digest,
+            size=take(where, d, "size", int, 0),
+            name=take(where, d, "name", str, ""),
+            version=take(where, d, "version", str, ""),
+            vermagic=take(where, d, "vermagic", str, ""),
+            signed=take(where, d, "signed", bool, False),
+        )
 
 
 def _files(where: object, data: Mapping[str, Any]) -> Tuple[FileRecord, ...]:
@@ -234,9 +267,14 @@ class BuildRecord(_Record):
         return v if isinstance(v, str) else ""
 
     def to_json(self) -> Dict[str, Any]:
-        return {"builder": self.builder, "components": list(self.components), "dtk_kernels": dict(self.dtk_kernels),
-                "finished_at": self.finished_at, "details": dict(self.details),
-                "files": [f.to_json() for f in self.files]}
+        return {
+            "builder": self.builder,
+            "components": list(self.components),
+            "dtk_kernels": dict(self.dtk_kernels),
+            "finished_at": self.finished_at,
+            "details": dict(self.details),
+            "files": [f.to_json() for f in self.files],
+        }
 
     @classmethod
     def from_json(cls, where: object, data: Any) -> "BuildRecord":
@@ -244,9 +282,14 @@ class BuildRecord(_Record):
         kernels = take(where, d, "dtk_kernels", dict, {})
         if not all(isinstance(v, str) for v in kernels.values()):
             raise ProtocolError(where, "field 'dtk_kernels': expected an object of strings")
-        return cls(builder=take(where, d, "builder", str), files=_files(where, d),
-                   components=_str_list(where, d, "components") or ("nvidia",), dtk_kernels=dict(kernels),
-                   finished_at=take(where, d, "finished_at", str, ""), details=dict(take(where, d, "details", dict, {})))
+        return cls(
+            builder=take(where, d, "builder", str),
+            files=_files(where, d),
+            components=_str_list(where, d, "components") or ("nvidia",),
+            dtk_kernels=dict(kernels),
+            finished_at=take(where, d, "finished_at", str, ""),
+            details=dict(take(where, d, "details", dict, {})),
+        )
 
 
 @dataclass(frozen=True)
@@ -274,8 +317,11 @@ class Manifest(_Record):
         if gen < 1:
             raise ProtocolError(where, "manifest generation must be a whole number >= 1, got %r" % gen)
         build = d.get("build")
-        return cls(generation=gen, inputs=BuildInputs.from_json("%s inputs" % where, take(where, d, "inputs", dict)),
-                   build=None if build is None else BuildRecord.from_json("%s build" % where, build))
+        return cls(
+            generation=gen,
+            inputs=BuildInputs.from_json("%s inputs" % where, take(where, d, "inputs", dict)),
+            build=None if build is None else BuildRecord.from_json("%s build" % where, build),
+        )
 
 
 @dataclass(frozen=True)
@@ -291,19 +337,27 @@ class CacheRecord(_Record):
     stored_at: str = ""
 
     def to_json(self) -> Dict[str, Any]:
-        return {"format": self.FORMAT, "key": self.key, "inputs": self.inputs.to_json(),
-                "signing_fingerprint": self.signing_fingerprint, "stored_at": self.stored_at,
-                "build": self.build.to_json()}
+        return {
+            "format": self.FORMAT,
+            "key": self.key,
+            "inputs": self.inputs.to_json(),
+            "signing_fingerprint": self.signing_fingerprint,
+            "stored_at": self.stored_at,
+            "build": self.build.to_json(),
+        }
 
     @classmethod
     def from_json(cls, where: object, data: Any) -> "CacheRecord":
         d = _object(where, data)
         if take(where, d, "format", int, None) != cls.FORMAT:
             raise ProtocolError(where, "not a host cache entry of format %d" % cls.FORMAT)
-        return cls(key=take(where, d, "key", str), inputs=BuildInputs.from_json(where, take(where, d, "inputs", dict)),
-                   signing_fingerprint=take(where, d, "signing_fingerprint", str, ""),
-                   build=BuildRecord.from_json(where, take(where, d, "build", dict)),
-                   stored_at=take(where, d, "stored_at", str, ""))
+        return cls(
+            key=take(where, d, "key", str),
+            inputs=BuildInputs.from_json(where, take(where, d, "inputs", dict)),
+            signing_fingerprint=take(where, d, "signing_fingerprint", str, ""),
+            build=BuildRecord.from_json(where, take(where, d, "build", dict)),
+            stored_at=take(where, d, "stored_at", str, ""),
+        )
 
 
 # -- flag bodies -----------------------------------------------------------------
@@ -376,8 +430,12 @@ class Broken(Flag):
     @classmethod
     def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Broken":
         decision = {k: v for k, v in d.items() if k not in ("generation", "time", "reasons", "likely_cause")}
-        return cls(generation=generation, reasons=_str_list(where, d, "reasons"),
-                   likely_cause=take(where, d, "likely_cause", str, ""), decision=decision)
+        return cls(
+            generation=generation,
+            reasons=_str_list(where, d, "reasons"),
+            likely_cause=take(where, d, "likely_cause", str, ""),
+            decision=decision,
+        )
 
 
 @dataclass(frozen=True)
@@ -392,9 +450,12 @@ class Failed(Flag):
 
     @classmethod
     def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Failed":
-        return cls(generation=generation, phase=take(where, d, "phase", str, "build"),
-                   message=take(where, d, "message", str, "no reason given"),
-                   log_tail=take(where, d, "log_tail", str, ""))
+        return cls(
+            generation=generation,
+            phase=take(where, d, "phase", str, "build"),
+            message=take(where, d, "message", str, "no reason given"),
+            log_tail=take(where, d, "log_tail", str, ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -408,7 +469,9 @@ class Built(Flag):
 
     @classmethod
     def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "Built":
-        return cls(generation=generation, files=take(where, d, "files", int, 0), source=take(where, d, "source", str, "dtk"))
+        return cls(
+            generation=generation, files=take(where, d, "files", int, 0), source=take(where, d, "source", str, "dtk")
+        )
 
 
 @dataclass(frozen=True)
@@ -549,8 +612,11 @@ class SharedDir:
     def move_aside(self, generation: int) -> Optional[Path]:
         """Move the outcome of an earlier generation (flags, modules, manifest)
         into ``stale/gen-N-<ms>`` so nothing trusts it any more. Returns the dir."""
-        names = [n for n in OUTCOME_FLAGS + (MODULES_DIR, MANIFEST_JSON, BUILD_LOG)
-                 if (self.path / n).exists() or (self.path / n).is_symlink()]
+        names = [
+            n
+            for n in OUTCOME_FLAGS + (MODULES_DIR, MANIFEST_JSON, BUILD_LOG)
+            if (self.path / n).exists() or (self.path / n).is_symlink()
+        ]
         if not names:
             return None
         dest = self.path / STALE_DIR / stale_name(generation)
@@ -586,8 +652,15 @@ def _hash_and_record(path: Path, rel: str) -> FileRecord:
     if not is_module(rel):
         return FileRecord(path=rel, sha256=digest, size=len(raw))
     info = read_modinfo(path, raw)
-    return FileRecord(path=rel, sha256=digest, size=len(raw), name=info.name, version=info.version,
-                      vermagic=info.vermagic, signed=info.signed)
+    return FileRecord(
+        path=rel,
+        sha256=digest,
+        size=len(raw),
+        name=info.name,
+        version=info.version,
+        vermagic=info.vermagic,
+        signed=info.signed,
+    )
 
 
 def describe_tree(root: Path) -> Tuple[FileRecord, ...]:

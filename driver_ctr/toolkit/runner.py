@@ -68,10 +68,14 @@ class Runner:
         _log.debug("run", argv=args, cwd=str(cwd) if cwd else None)
         try:
             proc = subprocess.Popen(
-                args, stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+                args,
+                stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
                 stdout=stdout_file if stdout_file is not None else subprocess.PIPE,
                 stderr=subprocess.STDOUT if stdout_file is not None else subprocess.PIPE,
-                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=cancel is not None)
+                env=dict(env) if env is not None else None,
+                cwd=cwd,
+                start_new_session=cancel is not None,
+            )
         except FileNotFoundError:
             raise CommandFailed(args, None, reason="could not start: %s not found" % args[0]) from None
         except PermissionError as exc:
@@ -84,8 +88,13 @@ class Runner:
         return Result(tuple(args), proc.returncode, stdout, stderr, out)
 
     @staticmethod
-    def _communicate(proc: "subprocess.Popen[bytes]", args: List[str], input_bytes: Optional[bytes],
-                     timeout: Optional[float], cancel: Optional["Cancellation"]) -> Tuple[bytes, bytes]:
+    def _communicate(
+        proc: "subprocess.Popen[bytes]",
+        args: List[str],
+        input_bytes: Optional[bytes],
+        timeout: Optional[float],
+        cancel: Optional["Cancellation"],
+    ) -> Tuple[bytes, bytes]:
         deadline = None if timeout is None else time.monotonic() + timeout
         outs: List[bytes] = []
         errs: List[bytes] = []
@@ -108,8 +117,13 @@ class Runner:
                     cancel.check()
                 if deadline is not None and time.monotonic() >= deadline:
                     _stop(proc, cancel is not None)
-                    raise CommandFailed(args, None, _text(partial[0]), _text(partial[1]),
-                                        reason="timed out after %.0f s" % (timeout or 0))
+                    raise CommandFailed(
+                        args,
+                        None,
+                        _text(partial[0]),
+                        _text(partial[1]),
+                        reason="timed out after %.0f s" % (timeout or 0),
+                    )
         finally:
             if proc.poll() is None:
                 _stop(proc, cancel is not None)

@@ -171,51 +171,63 @@ class Var:
 
 
 def _nvfm_field(name: str, raw: str) -> Tuple[str, str]:
-    fld = name[len(NVFM_PREFIX):]
+    fld = name[len(NVFM_PREFIX) :]
     if not _NVFM_FIELD.match(fld):
         raise InvalidValue(name, raw, "NVFM_CONFIG_<FIELD> with FIELD in upper case letters, digits and _")
     return fld, _one_line(name, raw).strip()
 
 
 VARIABLES: Tuple[Var, ...] = (
-    Var("DRIVER_VERSION", "driver_version", _driver_version, required=True, shared=True),
-    Var("TARGETARCH", "target_arch", _arch, required=True, shared=True),
-    Var("DRIVER_BRANCH", "driver_branch", _branch, shared=True),
-    Var("DRIVER_TYPE", "driver_type", _choice(DRIVER_TYPES), shared=True),
-    Var("KERNEL_MODULE_TYPE", "kernel_module_type", _choice(KERNEL_MODULE_TYPES), shared=True),
-    Var("GPU_DIRECT_RDMA_ENABLED", "gpu_direct_rdma_enabled", parse_bool, shared=True),
-    Var("USE_HOST_MOFED", "use_host_mofed", parse_bool, shared=True),
-    Var("GDS_ENABLED", "gds_enabled", parse_bool, shared=True),
-    Var("GDRCOPY_ENABLED", "gdrcopy_enabled", parse_bool, shared=True),
-    Var("OPEN_KERNEL_MODULES_ENABLED", "open_kernel_modules_enabled", parse_bool),
-    Var("DRIVER_CONFIG_DIGEST", "driver_config_digest", _pattern(_DIGEST, "one word without spaces"), shared=True),
-    Var("RHCOS_IMAGE_MISSING", "rhcos_image_missing", parse_bool),
-    Var("RHCOS_VERSION", "rhcos_version",
-        _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0"), shared=True),
-    Var("OPENSHIFT_VERSION", "openshift_version", _pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"),
-        shared=True),
-    Var("RHEL_VERSION", "rhel_version", _pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"), shared=True),
-    Var("DNF_RELEASEVER", "dnf_releasever", _pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4")),
-    Var("VGPU_LICENSE_SERVER_TYPE", "vgpu_license_server_type", _upper_choice(("nls", "fne"))),
-    Var("DISABLE_VGPU_VERSION_CHECK", "disable_vgpu_version_check", parse_bool),
-    Var("IGNORE_PREEMPT_RT_PRESENCE", "ignore_preempt_rt_presence", parse_bool, shared=True),
-    Var(NVFM_PREFIX, "nvfm_config", _nvfm_field, prefix=True, into=True),
-) + tuple(Var(v, "proxies", _proxy, secret=True, into=True) for v in PROXY_VARIABLES) + (
-    # driver-ctr's own
-    Var("DRIVER_CTR_ROOT", "root", _abs_path),
-    Var("DRIVER_CTR_KERNEL_RELEASE", "running_kernel_override", _kernel_release),
-    Var("DRIVER_CTR_LOG_FORMAT", "log_format", _choice(("json", "console"))),
-    Var("DRIVER_CTR_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error"))),
-    Var("DRIVER_CTR_SHARED_DIR", "shared_dir", _abs_path),
-    Var("DRIVER_CTR_BUILD_TIMEOUT", "build_timeout_s", _positive_seconds, shared=True),
-    Var("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds),
-    Var("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int, shared=True),
-    Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
-    Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
-    Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
-    Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
-    Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
-    Var("DRIVER_CTR_SIGNING_HASH", "signing_hash", _choice(("sha256", "sha384", "sha512", "sha224", "sha1"))),
+    (
+        Var("DRIVER_VERSION", "driver_version", _driver_version, required=True, shared=True),
+        Var("TARGETARCH", "target_arch", _arch, required=True, shared=True),
+        Var("DRIVER_BRANCH", "driver_branch", _branch, shared=True),
+        Var("DRIVER_TYPE", "driver_type", _choice(DRIVER_TYPES), shared=True),
+        Var("KERNEL_MODULE_TYPE", "kernel_module_type", _choice(KERNEL_MODULE_TYPES), shared=True),
+        Var("GPU_DIRECT_RDMA_ENABLED", "gpu_direct_rdma_enabled", parse_bool, shared=True),
+        Var("USE_HOST_MOFED", "use_host_mofed", parse_bool, shared=True),
+        Var("GDS_ENABLED", "gds_enabled", parse_bool, shared=True),
+        Var("GDRCOPY_ENABLED", "gdrcopy_enabled", parse_bool, shared=True),
+        Var("OPEN_KERNEL_MODULES_ENABLED", "open_kernel_modules_enabled", parse_bool),
+        Var("DRIVER_CONFIG_DIGEST", "driver_config_digest", _pattern(_DIGEST, "one word without spaces"), shared=True),
+        Var("RHCOS_IMAGE_MISSING", "rhcos_image_missing", parse_bool),
+        Var(
+            "RHCOS_VERSION",
+            "rhcos_version",
+            _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0"),
+            shared=True,
+        ),
+        Var(
+            "OPENSHIFT_VERSION",
+            "openshift_version",
+            _pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"),
+            shared=True,
+        ),
+        Var("RHEL_VERSION", "rhel_version", _pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"), shared=True),
+        Var("DNF_RELEASEVER", "dnf_releasever", _pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4")),
+        Var("VGPU_LICENSE_SERVER_TYPE", "vgpu_license_server_type", _upper_choice(("nls", "fne"))),
+        Var("DISABLE_VGPU_VERSION_CHECK", "disable_vgpu_version_check", parse_bool),
+        Var("IGNORE_PREEMPT_RT_PRESENCE", "ignore_preempt_rt_presence", parse_bool, shared=True),
+        Var(NVFM_PREFIX, "nvfm_config", _nvfm_field, prefix=True, into=True),
+    )
+    + tuple(Var(v, "proxies", _proxy, secret=True, into=True) for v in PROXY_VARIABLES)
+    + (
+        # driver-ctr's own
+        Var("DRIVER_CTR_ROOT", "root", _abs_path),
+        Var("DRIVER_CTR_KERNEL_RELEASE", "running_kernel_override", _kernel_release),
+        Var("DRIVER_CTR_LOG_FORMAT", "log_format", _choice(("json", "console"))),
+        Var("DRIVER_CTR_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error"))),
+        Var("DRIVER_CTR_SHARED_DIR", "shared_dir", _abs_path),
+        Var("DRIVER_CTR_BUILD_TIMEOUT", "build_timeout_s", _positive_seconds, shared=True),
+        Var("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds),
+        Var("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int, shared=True),
+        Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
+        Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
+        Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
+        Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
+        Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
+        Var("DRIVER_CTR_SIGNING_HASH", "signing_hash", _choice(("sha256", "sha384", "sha512", "sha224", "sha1"))),
+    )
 )
 
 SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
@@ -310,8 +322,9 @@ class Settings:
     def describe(self) -> Dict[str, Any]:
         """A redacted view for logs and ``status``."""
         secret = {v.name for v in VARIABLES if v.secret}
-        return {k: (redact_url_credentials(redact_value(k, v)) if k in secret else redact_value(k, v))
-                for k, v in self.raw}
+        return {
+            k: (redact_url_credentials(redact_value(k, v)) if k in secret else redact_value(k, v)) for k, v in self.raw
+        }
 
     # ------------------------------------------------------------------
 
@@ -340,7 +353,9 @@ class Settings:
                     values[var.attr] = values.get(var.attr, ()) + ((value if var.prefix else (name, value)),)
                 else:
                     values[var.attr] = value
-        key_set, cert_set = (bool(env.get(n, "").strip()) for n in ("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT"))
+        key_set, cert_set = (
+            bool(env.get(n, "").strip()) for n in ("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT")
+        )
         if key_set != cert_set:
             missing = "DRIVER_CTR_SIGNING_CERT" if key_set else "DRIVER_CTR_SIGNING_KEY"
             problems.append(InvalidValue(missing, "", "to be set too: signing needs both a key and a certificate"))

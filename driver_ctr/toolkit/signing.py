@@ -59,8 +59,13 @@ def signing_fingerprint(signing: Optional[Signing]) -> str:
     return signing.fingerprint() if signing is not None else ""
 
 
-def sign_modules(modules: Sequence[Path], sign_file: Optional[Path], signing: Signing, runner: Runner,
-                 log_file: Optional[IO[bytes]] = None) -> None:
+def sign_modules(
+    modules: Sequence[Path],
+    sign_file: Optional[Path],
+    signing: Signing,
+    runner: Runner,
+    log_file: Optional[IO[bytes]] = None,
+) -> None:
     """Sign each module in place, then check each carries the signature trailer."""
     if sign_file is None:
         raise BuildFailed("sign", "signing was asked for but the kernel build tree has no executable scripts/sign-file")
@@ -69,8 +74,11 @@ def sign_modules(modules: Sequence[Path], sign_file: Optional[Path], signing: Si
             raise BuildFailed("sign", "signing file %s does not exist or is not a regular file" % p)
     for m in modules:
         try:
-            runner.run([str(sign_file), signing.hash_algo, str(signing.key), str(signing.cert), str(m)], timeout=120,
-                       stdout_file=log_file)
+            runner.run(
+                [str(sign_file), signing.hash_algo, str(signing.key), str(signing.cert), str(m)],
+                timeout=120,
+                stdout_file=log_file,
+            )
         except CommandFailed as exc:
             raise BuildFailed("sign", "sign-file failed for %s: %s" % (m.name, exc.summary), exc.tail) from None
         if not has_signature(m):

@@ -50,8 +50,11 @@ def open_sources(source: Path, scratch: Path, runner: Runner) -> DriverSources:
     if source.is_dir():
         src = DriverSources(root=source, origin="DRIVER_CTR_SOURCE_DIR=%s" % source)
         if not src.flavours():
-            raise BuildFailed("sources", "DRIVER_CTR_SOURCE_DIR=%s: expected a directory holding kernel/ and/or "
-                              "kernel-open/ (each with NVIDIA's Makefile), as an extracted .run does" % source)
+            raise BuildFailed(
+                "sources",
+                "DRIVER_CTR_SOURCE_DIR=%s: expected a directory holding kernel/ and/or "
+                "kernel-open/ (each with NVIDIA's Makefile), as an extracted .run does" % source,
+            )
         return src
     if source.is_file():
         return extract_run(source, scratch, runner)
@@ -108,9 +111,17 @@ def resolve_flavour(requested: str, branch: int, sources: DriverSources, runner:
     else:
         flavour = _auto(branch, sources, runner)
     if flavour.name not in sources.flavours():
-        raise BuildFailed("sources", "%s asks for the %s modules but %s has no %s/ (it has: %s)" % (
-            flavour.reason, flavour.name, sources.root, flavour.subdir,
-            ", ".join(SUBDIRS[f] + "/" for f in sources.flavours()) or "neither"))
+        raise BuildFailed(
+            "sources",
+            "%s asks for the %s modules but %s has no %s/ (it has: %s)"
+            % (
+                flavour.reason,
+                flavour.name,
+                sources.root,
+                flavour.subdir,
+                ", ".join(SUBDIRS[f] + "/" for f in sources.flavours()) or "neither",
+            ),
+        )
     return flavour
 
 
@@ -119,8 +130,10 @@ def _auto(branch: int, sources: DriverSources, runner: Runner) -> Flavour:
         try:
             out = runner.run([str(sources.installer), "--print-recommended-kernel-module-type"], timeout=120)
             word = out.stdout.strip()
-            return Flavour("open" if word == "open" else "proprietary",
-                           "KERNEL_MODULE_TYPE=auto: nvidia-installer recommends %r" % word)
+            return Flavour(
+                "open" if word == "open" else "proprietary",
+                "KERNEL_MODULE_TYPE=auto: nvidia-installer recommends %r" % word,
+            )
         except CommandFailed:
             pass
         why = "nvidia-installer could not tell the recommended type"

@@ -84,8 +84,11 @@ def dependency_closure(built: Dict[str, List[str]], kernel: KernelModules, relea
             continue
         else:
             where = kernel.root / "modules.dep"
-            raise BuildFailed("stage", "%s depends on %s, which kernel %s has neither as a module (%s%s) nor built in"
-                              % (parent, dep, release, where, "" if where.is_file() else ": missing"))
+            raise BuildFailed(
+                "stage",
+                "%s depends on %s, which kernel %s has neither as a module (%s%s) nor built in"
+                % (parent, dep, release, where, "" if where.is_file() else ": missing"),
+            )
     return sorted(need)
 
 
@@ -96,8 +99,15 @@ class StageResult:
     warnings: Tuple[str, ...] = ()
 
 
-def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release: str, staging: Path, runner: Runner,
-                  symvers: Optional[Path] = None, log_file: Optional[IO[bytes]] = None) -> StageResult:
+def stage_modules(
+    built_infos: Mapping[Path, ModInfo],
+    module_dir: Path,
+    release: str,
+    staging: Path,
+    runner: Runner,
+    symvers: Optional[Path] = None,
+    log_file: Optional[IO[bytes]] = None,
+) -> StageResult:
     """Fill the empty directory ``staging`` with the hand-off tree; ``built_infos``
     maps each built module to its modinfo (read once by the builder)."""
     kernel = KernelModules.read(module_dir)
@@ -106,8 +116,11 @@ def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release
     closure = dependency_closure({n: i.depends for n, i in infos.items()}, kernel, release)
     companions = [c for c in COMPANIONS if c in kernel.paths and c not in closure]
     for c in list(companions):
-        companions.extend(d for d in dependency_closure({c: list(kernel.deps.get(c, ()))}, kernel, release)
-                          if d not in closure and d not in companions)
+        companions.extend(
+            d
+            for d in dependency_closure({c: list(kernel.deps.get(c, ()))}, kernel, release)
+            if d not in closure and d not in companions
+        )
     root = staging.parent / (staging.name + ".root")
     remove_tree(root)
     kdir = root / "lib" / "modules" / release
@@ -139,15 +152,20 @@ def stage_modules(built_infos: Mapping[Path, ModInfo], module_dir: Path, release
         os.replace(str(kdir), str(staging))
     finally:
         remove_tree(root)
-    return StageResult(modules=tuple(sorted(staged)), from_kernel=tuple(sorted(set(closure) | set(companions))),
-                       warnings=tuple(_short(w, root) for w in warnings))
+    return StageResult(
+        modules=tuple(sorted(staged)),
+        from_kernel=tuple(sorted(set(closure) | set(companions))),
+        warnings=tuple(_short(w, root) for w in warnings),
+    )
 
 
 def _short(line: str, root: Path) -> str:
     return line.replace(str(root), "")
 
 
-def _depmod(runner: Runner, root: Path, release: str, symvers: Optional[Path], log_file: Optional[IO[bytes]]) -> List[str]:
+def _depmod(
+    runner: Runner, root: Path, release: str, symvers: Optional[Path], log_file: Optional[IO[bytes]]
+) -> List[str]:
     argv = ["depmod", "-b", str(root)]
     if symvers is not None and symvers.is_file():
         argv += ["-e", "-E", str(symvers)]

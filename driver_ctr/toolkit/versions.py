@@ -133,11 +133,11 @@ def _split_evr(evr: str) -> Tuple[str, str, Optional[str]]:
         k += 1
     if k < len(rest) and rest[k] == ":":
         epoch = rest[:k]
-        rest = rest[k + 1:]
+        rest = rest[k + 1 :]
     release: Optional[str] = None
     if "-" in rest:
         dash = rest.rfind("-")
-        rest, release = rest[:dash], rest[dash + 1:]
+        rest, release = rest[:dash], rest[dash + 1 :]
     return epoch, rest, release
 
 
@@ -293,9 +293,7 @@ _DEBIAN_RE = re.compile(
     r"-(?:(?P<variant>rt|cloud)-)?(?P<arch>amd64|arm64|armmp|armmp-lpae|686-pae|686|s390x|ppc64el|riscv64)$"
 )
 # Ubuntu: 6.8.0-45-generic, 5.15.0-1050-aws, 6.8.0-1012-nvidia-64k, -lowlatency
-_UBUNTU_RE = re.compile(
-    r"^(?P<version>\d+\.\d+\.\d+)-(?P<abi>\d+)-(?P<variant>[a-z][a-z0-9]*(?:-[a-z0-9]+)*)$"
-)
+_UBUNTU_RE = re.compile(r"^(?P<version>\d+\.\d+\.\d+)-(?P<abi>\d+)-(?P<variant>[a-z][a-z0-9]*(?:-[a-z0-9]+)*)$")
 
 
 @dataclass(frozen=True)
@@ -420,9 +418,7 @@ def compare_kernel_releases(a: KernelRelease, b: KernelRelease) -> int:
     the order: callers check them separately.
     """
     if a.distro != b.distro:
-        raise InvalidValue(
-            "kernel release pair", "%s / %s" % (a.raw, b.raw), "two kernels of the same distribution"
-        )
+        raise InvalidValue("kernel release pair", "%s / %s" % (a.raw, b.raw), "two kernels of the same distribution")
     if a.distro == "rhel":
         return rpm_evr_compare(a.version_release, b.version_release)
     if a.release.isdigit() != b.release.isdigit():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from .errors import Cancelled, HandoffTimeout
+from .log import Logger
 
 T = TypeVar("T")
 
@@ -64,11 +65,19 @@ class DirWatch:
         self.directory = directory
         self._ino: Any = None
         try:
-            from inotify_simple import INotify, flags  # type: ignore
+            from inotify_simple import INotify, flags
 
             ino = INotify()
-            mask = (flags.CREATE | flags.MODIFY | flags.CLOSE_WRITE | flags.MOVED_TO
-                    | flags.MOVED_FROM | flags.DELETE | flags.ATTRIB | flags.DELETE_SELF)
+            mask = (
+                flags.CREATE
+                | flags.MODIFY
+                | flags.CLOSE_WRITE
+                | flags.MOVED_TO
+                | flags.MOVED_FROM
+                | flags.DELETE
+                | flags.ATTRIB
+                | flags.DELETE_SELF
+            )
             directory.mkdir(parents=True, exist_ok=True)
             ino.add_watch(str(directory), mask)
             self._ino = ino
@@ -106,7 +115,7 @@ def wait_until(
     what: str,
     timeout_s: float,
     cancel: Cancellation,
-    log: Any = None,
+    log: Optional[Logger] = None,
     recheck_s: float = 5.0,
     progress_s: float = 60.0,
     clock: Callable[[], float] = time.monotonic,
