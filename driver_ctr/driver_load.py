@@ -1,4 +1,4 @@
-"""Loading a verified module tree on the node, and keeping it loaded.
+"""Loading a verified module tree on the running kernel.
 
 ``load_tree`` (the order of reference §2.5, from the staged tree with
 ``modprobe -d``, as KMM does):
@@ -15,9 +15,8 @@
    "Unknown symbol" errors nvidia-uvm would hit after nvidia failed are
    never reported as a cause.
 
-``serve`` then starts the daemons, mounts the driver root, writes the state
-and readiness files and waits for SIGTERM/SIGINT; ``shutdown`` undoes it in
-reverse and refuses (keeping the container running) while the driver is in use.
+What comes before and after (the lock, readiness, daemons, driver root,
+waiting for a signal, shutdown) is the lifecycle in ``service``.
 """
 
 from __future__ import annotations
