@@ -155,7 +155,7 @@ class Loader:
         nouveau_loaded = (self.paths.sys / "module/nouveau").is_dir()
         nvidia_pci_devices = pci_devices(self.paths, "0x10de")
         for m in mods:
-            klog = KernelLog().mark()
+            klog = KernelLog(self.paths.kmsg).mark()
             try:
                 res = self.runner.run(base + ["--first-time", m], timeout=600, check=False)
                 if res.returncode != 0:

@@ -43,7 +43,7 @@ class LoadFailed(DriverCtrError):
 class KernelLog:
     """Kernel log records written after :meth:`mark` (``/dev/kmsg``)."""
 
-    def __init__(self, dev: Path = Path("/dev/kmsg")) -> None:
+    def __init__(self, dev: Path) -> None:
         self.dev = dev
         self.fd: Optional[int] = None
 

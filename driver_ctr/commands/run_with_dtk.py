@@ -3,8 +3,8 @@
 Lifecycle (``service``): lock, NotReady, then the body below, then load,
 serve and wait for a signal.
 
-1. ``RHCOS_IMAGE_MISSING=true``: no DTK for this RHCOS; fall back.
-2. The fast path, decided once: the loaded driver is ours and its digest matches.
+1. The fast path, decided once: the loaded driver is ours and its digest matches.
+2. ``RHCOS_IMAGE_MISSING=true``: no DTK for this RHCOS; fall back.
 3. The module tree through the two-container protocol (``module_trees.for_dtk``):
    the host cache handed over to the DTK side, or the DTK's build, verified;
    a broken DTK falls back.
@@ -34,11 +34,10 @@ def _tree(settings: Settings, cancel: Cancellation) -> Optional[ModuleTree]:
     """The tree to load, or None on the fast path."""
     log = get_logger(side="driver")
     fp = decide_fast_path(settings)
-    if fp.applies and not settings.rhcos_image_missing:
+    if fp.applies:  # before RHCOS_IMAGE_MISSING, as the reference's fallback (init) takes its fast path too
         log.info("fast path: the driver is loaded with this configuration; userspace-only install", **fp.facts)
         return None
-    if not fp.applies:
-        log.info("fast path not taken: building driver and modules", reason=fp.reason)
+    log.info("fast path not taken: building driver and modules", reason=fp.reason)
     return module_trees.for_dtk(settings, cancel)
 
 

@@ -23,6 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
+from . import nvidia_modules as nv
 from . import protocol as proto
 from .builders import Builder, BuildOptions, BuildRequest, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
@@ -239,7 +240,7 @@ class DtkSide:
             with phase(self.log, "verify", generation=generation):
                 files = proto.describe_tree(staging)
                 mods = [f for f in files if f.is_module]
-                if not any(f.name == "nvidia" for f in mods):
+                if not any(f.name == nv.NVIDIA for f in mods):
                     raise BuildFailed("verify", "the build produced no nvidia module")
                 for f in mods:
                     problem = vermagic_problem(staging / f.path, f.vermagic, kernel)

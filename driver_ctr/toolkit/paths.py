@@ -91,6 +91,11 @@ class HostPaths:
         return self.host("/proc")
 
     @property
+    def kmsg(self) -> Path:
+        """``/dev/kmsg``: the kernel log a module load failure is explained from."""
+        return self.host("/dev/kmsg")
+
+    @property
     def modprobe_d(self) -> Path:
         return self.host("/etc/modprobe.d")
 
