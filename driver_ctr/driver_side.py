@@ -18,14 +18,13 @@ this module only speaks the protocol.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from . import payload
 from .toolkit import protocol as proto
 from .toolkit.errors import BuildFailed, ProtocolError
-from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import HOST_CACHE_BUILDER, CacheEntry, HostCache
 from .toolkit.log import get_logger, phase
 from .toolkit.modinfo import preload as preload_modinfo
@@ -44,9 +43,11 @@ class FallbackReason:
 
 @dataclass(frozen=True)
 class Handoff:
-    """What the protocol ended with: a verified build in the shared dir, or a fallback."""
+    """What the protocol ended with: a verified build (``tree``: the driver
+    side's own verified copy of it), or a fallback."""
 
     manifest: Optional[proto.Manifest] = None
+    tree: Optional[Path] = None
     fallback: Optional[FallbackReason] = None
 
 
@@ -55,14 +56,19 @@ class DriverSide:
         self.settings = settings
         self.cancel = cancel
         self.paths = settings.paths
-        self.shared = proto.SharedDir(self.paths.shared_dir)
+        self.shared = proto.SharedDir(self.paths.shared_dir, tag="%s%d" % (proto.DRIVER_TAG, os.getpid()))
+        self.trees = self.paths.adopted_trees
         self.kernel = settings.running_kernel()
         self.inputs = proto.BuildInputs.from_settings(settings, self.kernel)
         self.log = get_logger(side="driver")
 
     def require_mounted(self) -> None:
-        if not self.shared.path.is_dir():
+        """The shared directory is a real directory; this side's leftovers (temp
+        files, staging of an earlier incarnation) are swept."""
+        if not self.shared.path.is_dir() or self.shared.path.is_symlink():
             raise ProtocolError(self.shared.path, "the shared directory is not mounted (a directory is expected)")
+        self.shared.fs.sweep_temporaries(proto.DRIVER_TAG)
+        self.shared.clean_staging(lambda tag: tag.startswith(proto.DRIVER_TAG))
 
     def build(self) -> Handoff:
         """Prepare, wait for the DTK side, verify."""
@@ -90,34 +96,34 @@ class DriverSide:
         except ProtocolError:
             return False
 
-    def hand_over(self, cache: HostCache, entry: CacheEntry) -> Optional[proto.Manifest]:
-        """Publish a cache entry as a new generation's build; the copy in the
-        shared dir is verified (the one read of every file). A corrupt entry is
-        discarded, its generation moved aside, and None returned: the DTK builds."""
+    def hand_over(self, cache: HostCache, entry: CacheEntry) -> Optional[Handoff]:
+        """Use a cache entry: copy it into this side's own trees, verifying the
+        copy (the one read of every file); then publish it as a new generation's
+        build so the DTK side finds it complete and idles. A corrupt entry is
+        discarded and None returned: the DTK builds."""
         sh = self.shared
-        gen = self._next_generation()
-        with phase(self.log, "restore from host cache", generation=gen, entry=str(entry.path)):
+        with phase(self.log, "restore from host cache", entry=str(entry.path)):
+            tree = cache.adopt(entry, self.trees)
+            if tree is None:
+                return None
+            gen = self._next_generation()
             self._start_generation(gen)
-            staging = sh.staging("cache-%d" % os.getpid())
-            remove_tree(staging)
-            cache.restore(entry, staging)
-            os.replace(str(staging), str(sh.modules))
+            staging = sh.staging("%scache-%d" % (proto.DRIVER_TAG, os.getpid()))
+            sh.fs.remove(staging)
+            for f in entry.record.build.files:
+                sh.fs.copy_in(tree / f.path, "%s/%s" % (staging, f.path))
+            sh.fs.replace(staging, proto.MODULES_DIR)
             details = dict(entry.record.build.details)
             details["host_cache_entry"] = str(entry.path)
             build = proto.BuildRecord(
                 builder=HOST_CACHE_BUILDER, files=entry.record.build.files, finished_at=proto.now(), details=details
             )
-            sh.write_manifest(proto.Manifest(generation=gen, inputs=self.inputs, build=build))
-            try:
-                manifest = proto.verify_build(sh, self.inputs, gen)
-            except ProtocolError as exc:
-                cache.discard(entry.path, str(exc))
-                sh.move_aside(gen)
-                return None
+            manifest = proto.Manifest(generation=gen, inputs=self.inputs, build=build)
+            sh.write_manifest(manifest)
             sh.write_flag(proto.Built(generation=gen, files=len(build.files), source=HOST_CACHE_BUILDER))
             sh.write_flag(proto.Prepared(generation=gen))
         self.log.info("hand-off verified from the host cache: no build needed", generation=gen, kernel=self.kernel)
-        return manifest
+        return Handoff(manifest=manifest, tree=tree)
 
     # -- prepare -------------------------------------------------------------
 
@@ -169,20 +175,15 @@ class DriverSide:
         src = self.paths.drivers_dir
         if not src.is_dir():
             return
-        dest = self.shared.drivers
-        dest.mkdir(exist_ok=True)
+        fs = self.shared.fs
+        fs.ensure_dir(proto.DRIVERS_DIR)
         for f in sorted(src.iterdir()):
             if f.is_file() and (f.name.endswith(".run") or f.name.endswith(".conf")):
-                target = dest / f.name
-                if (
-                    target.is_file()
-                    and target.stat().st_size == f.stat().st_size
-                    and target.stat().st_mtime >= f.stat().st_mtime
-                ):
+                rel = "%s/%s" % (proto.DRIVERS_DIR, f.name)
+                have, want = fs.stat(rel), f.stat()
+                if have is not None and have.st_size == want.st_size and have.st_mtime >= want.st_mtime:
                     continue
-                tmp = dest / (".%s.tmp" % f.name)
-                shutil.copy2(str(f), str(tmp))
-                tmp.replace(target)
+                fs.copy_in(f, rel)
 
     # -- waits ---------------------------------------------------------------
 
@@ -230,7 +231,8 @@ class DriverSide:
             built = self.shared.read_flag(proto.Built)
             if built is None or not built.of(generation):
                 return None  # not yet, or an older generation's flag being replaced
-            return Handoff(manifest=proto.verify_build(self.shared, self.inputs, generation))
+            manifest, tree = proto.adopt_build(self.shared, self.inputs, generation, self.trees)
+            return Handoff(manifest=manifest, tree=tree)
 
         with phase(self.log, "wait build", generation=generation) as extra:
             handoff = wait_until(

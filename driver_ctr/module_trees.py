@@ -19,6 +19,7 @@ Every build is stored in the host cache by the one policy,
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import HostCache, store_build
 from .toolkit.log import Logger, first_line, get_logger, phase
 from .toolkit.settings import Settings
+from .toolkit.shared_fs import Confined
 from .toolkit.signing import Signing, signing_fingerprint
 from .toolkit.waiting import Cancellation
 
@@ -80,24 +82,27 @@ class Sources:
 
 
 def shared_dir_build(src: Sources) -> Found:
-    shared = proto.SharedDir(src.settings.paths.shared_dir)
+    shared = proto.SharedDir(src.settings.paths.shared_dir, tag="%s%d" % (proto.DRIVER_TAG, os.getpid()))
     try:
         m = shared.read_manifest()
         if m is None or m.build is None or not shared.has(proto.BUILT):
             return Miss("shared dir", "%s holds no finished build" % shared.path)
-        proto.verify_build(shared, src.inputs, m.generation)
+        _, tree = proto.adopt_build(shared, src.inputs, m.generation, src.settings.paths.adopted_trees)
     except ProtocolError as exc:
         return Miss("shared dir", first_line(exc))
-    return ModuleTree(shared.modules, src.kernel, "shared dir")
+    return ModuleTree(tree, src.kernel, "shared dir")
 
 
 def host_cache_entry(src: Sources) -> Found:
     if src.cache is None:
         return Miss("host cache", "not mounted")
-    entry = src.cache.lookup(src.inputs, src.signing_fingerprint())
+    entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
     if entry is None:
         return Miss("host cache", "no entry for these inputs")
-    return ModuleTree(entry.modules, src.kernel, "host cache")
+    tree = src.cache.adopt(entry, src.settings.paths.adopted_trees)
+    if tree is None:
+        return Miss("host cache", "the entry was corrupt (discarded)")
+    return ModuleTree(tree, src.kernel, "host cache")
 
 
 def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
@@ -131,14 +136,11 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
             finished_at=proto.now(),
             details=dict(result.details),
         )
-        entry = store_build(src.cache, src.inputs, build, staging, src.log)
-    except BaseException:
+        store_build(src.cache, src.inputs, build, staging, src.log)
+        tree = proto.adopt(Confined(work), "modules", build.files, src.kernel, s.paths.adopted_trees)
+    finally:
         remove_tree(work)
-        raise
-    if entry is None:
-        return ModuleTree(staging, src.kernel, "local build")
-    remove_tree(work)
-    return ModuleTree(entry.modules, src.kernel, "local build")
+    return ModuleTree(tree, src.kernel, "local build")
 
 
 def dtk_build(src: Sources) -> ModuleTree:
@@ -148,14 +150,15 @@ def dtk_build(src: Sources) -> ModuleTree:
     side.require_mounted()
     if src.cache is not None and not side.prepared_for_inputs():
         entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
-        if entry is not None and side.hand_over(src.cache, entry) is not None:
-            return ModuleTree(side.shared.modules, src.kernel, "host cache")
+        handed = side.hand_over(src.cache, entry) if entry is not None else None
+        if handed is not None and handed.tree is not None:
+            return ModuleTree(handed.tree, src.kernel, "host cache")
     handoff = side.build()
     if handoff.fallback is not None:
         fallback_build(src, handoff.fallback)
-    assert handoff.manifest is not None and handoff.manifest.build is not None
-    store_build(src.cache, src.inputs, handoff.manifest.build, side.shared.modules, src.log)
-    return ModuleTree(side.shared.modules, src.kernel, "dtk")
+    assert handoff.manifest is not None and handoff.manifest.build is not None and handoff.tree is not None
+    store_build(src.cache, src.inputs, handoff.manifest.build, handoff.tree, src.log)
+    return ModuleTree(handoff.tree, src.kernel, "dtk")
 
 
 def fallback_build(src: Sources, reason: FallbackReason) -> NoReturn:

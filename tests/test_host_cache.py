@@ -73,9 +73,9 @@ def test_store_then_lookup_round_trip(tmp_path):
     assert sorted(f.path for f in e.files) == sorted(f.path for f in describe_tree(path / "modules"))
     assert cache.lookup(_inputs(k), "other-fingerprint") is None  # signed with another key: a miss
     assert cache.lookup(_inputs(k, driver_version="550.54.14"), "") is None
-    dest = tmp_path / "restored"
-    cache.restore(e, dest)
-    assert list(describe_tree(dest)) == e.files
+    tree = cache.adopt(e, tmp_path / "trees")
+    assert tree is not None and tree.parent == tmp_path / "trees"
+    assert list(describe_tree(tree)) == e.files
 
 
 def test_entry_for_other_inputs_is_discarded(tmp_path):

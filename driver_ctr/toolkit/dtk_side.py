@@ -28,7 +28,6 @@ from . import protocol as proto
 from .builders import Builder, BuildOptions, BuildRequest, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
-from .fsio import remove_tree
 from .host_cache import HostCache, store_build
 from .log import first_line, get_logger, phase
 from .modinfo import vermagic_problem
@@ -56,7 +55,7 @@ class DtkSide:
     def __init__(
         self, shared_dir: Path, own_env: Mapping[str, str], cancel: Cancellation, builder: Optional[Builder] = None
     ) -> None:
-        self.shared = proto.SharedDir(shared_dir)
+        self.shared = proto.SharedDir(shared_dir, tag="%s%d" % (proto.DTK_TAG, os.getpid()))
         self.own_env = dict(own_env)
         self.cancel = cancel
         self.builder = builder or choose_builder(own_env)
@@ -107,7 +106,9 @@ class DtkSide:
             )
             self._idle("RHCOS_IMAGE_MISSING=true: nothing to build here")
             return 0
-        self.shared.clean_staging()
+        self._take_lock()
+        self.shared.fs.sweep_temporaries(proto.DTK_TAG)
+        self.shared.clean_staging(lambda tag: tag.startswith(proto.DTK_TAG))
         while True:
             settings = merged_settings(self.shared.read_settings(), self.own_env)
             manifest = self.shared.read_manifest()
@@ -160,6 +161,18 @@ class DtkSide:
             )
             self.log.warning("driver_built disappeared or a new generation was prepared: rebuilding")
 
+    def _take_lock(self) -> None:
+        """Be the one DTK side at work: a restarted container may overlap its
+        predecessor, which ends on its SIGTERM; wait for that (cancellably)."""
+        told = False
+        while self.shared.fs.try_lock(proto.DTK_LOCK) is None:
+            if not told:
+                self.log.info("another DTK side holds the shared directory: waiting for it to stop")
+                told = True
+            self.cancel.check()
+            self.cancel.sleep(0.5)
+        self.cancel.check()
+
     def _wait_for_new_generation(self, generation: int, diff: List[str], timeout_s: float) -> None:
         """The prepared generation is for other inputs: most often the last
         generation before a node reboot onto a new kernel (the shared dir
@@ -209,14 +222,15 @@ class DtkSide:
         sh.write_flag(proto.Started(generation=generation, pid=os.getpid(), builder=self.builder.name))
         for note in decision.notes:
             self.log.info("dtk note", note=note)
-        sh.build_log.write_text("")
-        staging = sh.staging("%d-%d" % (generation, os.getpid()))
+        sh.fs.write_atomic(proto.BUILD_LOG, b"")
+        staging_name = sh.staging("%s%d-%d" % (proto.DTK_TAG, generation, os.getpid()))
+        staging = sh.path / staging_name
         kernel = inputs.kernel_release
         current = "build"
         try:
             with phase(self.log, "build", generation=generation, kernel=kernel, builder=self.builder.name):
-                remove_tree(staging)
-                staging.mkdir()
+                sh.fs.remove(staging_name)
+                sh.fs.ensure_dir(staging_name)
                 source = find_source(
                     settings.source_dir,
                     [sh.drivers, settings.paths.drivers_dir],
@@ -258,13 +272,13 @@ class DtkSide:
             with phase(self.log, "publish", generation=generation):
                 if self._generation_changed(generation):
                     self.log.warning("a new generation was prepared during the build: discarding this one")
-                    remove_tree(staging)
+                    sh.fs.remove(staging_name)
                     return True
-                old = sh.staging("old-%d" % os.getpid())
-                if sh.modules.exists():
-                    os.replace(str(sh.modules), str(old))
-                os.replace(str(staging), str(sh.modules))
-                remove_tree(old)
+                old = sh.staging("%sold-%d" % (proto.DTK_TAG, os.getpid()))
+                if sh.fs.kind(proto.MODULES_DIR) is not None:
+                    sh.fs.replace(proto.MODULES_DIR, old)
+                sh.fs.replace(staging_name, proto.MODULES_DIR)
+                sh.fs.remove(old)
                 build = proto.BuildRecord(
                     builder=result.builder,
                     files=files,
@@ -283,10 +297,10 @@ class DtkSide:
                     sh.write_flag(proto.GdrcopyBuilt(generation=generation))
             return True
         except Cancelled:
-            remove_tree(staging)
+            sh.fs.remove(staging_name)
             raise
         except DriverCtrError as exc:
-            remove_tree(staging)
+            sh.fs.remove(staging_name)
             if isinstance(exc, BuildFailed):
                 phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(sh.build_log)
             else:

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, List, Optional
 from .errors import DriverCtrError, ProtocolError
 from .fsio import atomic_write_json, read_json, remove_tree
 from .log import Logger, get_logger
-from .protocol import BuildInputs, BuildRecord, CacheRecord, FileRecord, describe_tree, now, verify_files
+from .protocol import BuildInputs, BuildRecord, CacheRecord, FileRecord, adopt, describe_tree, now, verify_files
+from .shared_fs import Confined
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -105,7 +106,7 @@ class HostCache:
             if record.key != key or record.inputs != inputs:
                 raise ProtocolError(path / ENTRY_JSON, "not an entry for these inputs")
             if verify:
-                verify_files(path / MODULES, record.build.files, kernel)
+                verify_files(Confined(path), MODULES, record.build.files, kernel)
         except DriverCtrError as exc:
             self.discard(path, str(exc))
             return None
@@ -162,9 +163,16 @@ class HostCache:
         self.prune(kernel)
         return CacheEntry(final, record)
 
-    def restore(self, entry: CacheEntry, dest: Path) -> None:
-        """Copy an entry's tree to ``dest`` (which must not exist)."""
-        shutil.copytree(str(entry.modules), str(dest))
+    def adopt(self, entry: CacheEntry, trees: Path) -> Optional[Path]:
+        """Copy an entry's tree into ``trees`` (the driver side's own), verifying the
+        copy; a corrupt entry is discarded and None returned."""
+        try:
+            return adopt(
+                Confined(entry.path), MODULES, entry.record.build.files, entry.record.inputs.kernel_release, trees
+            )
+        except DriverCtrError as exc:
+            self.discard(entry.path, str(exc))
+            return None
 
     def prune(self, current_kernel: str) -> List[str]:
         """Keep ``keep`` kernels: the current one and the most recently used others."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -82,10 +83,6 @@ def preload() -> None:
     import elftools.elf.elffile  # noqa: F401
 
 
-def _module_bytes(path: Path) -> bytes:
-    return _decompress(path, path.read_bytes())
-
-
 def _decompress(path: Path, raw: bytes) -> bytes:
     name = path.name
     if name.endswith(".xz"):
@@ -102,35 +99,48 @@ def _decompress(path: Path, raw: bytes) -> bytes:
 def read_modinfo(path: Path, raw: Optional[bytes] = None) -> ModInfo:
     """Parse ``.modinfo``; a file that is not a module is a ProtocolError naming it.
 
-    ``raw`` is the file's content when the caller already read it (to hash it):
-    each module is then read from disk once.
+    An uncompressed module is parsed from the file: only its ELF headers and
+    ``.modinfo`` are read, never the whole (80 MB) file into memory. A
+    compressed one is decompressed in memory (the kernel's own modules: small).
+    ``raw`` is the content when the caller already holds it.
     """
     path = Path(path)
-    try:
-        data = _module_bytes(path) if raw is None else _decompress(path, raw)
-    except (OSError, lzma.LZMAError, EOFError, CommandFailed) as exc:
-        raise ProtocolError(path, "cannot read kernel module: %s" % exc) from None
     # Imported here: pyelftools costs ~0.3 s to import from the zipapp, and the
     # DTK side must reach driver_build_started without paying it.
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
+    compressed = path.name.endswith((".xz", ".gz", ".zst"))
     try:
-        elf = ELFFile(io.BytesIO(data))
-        sec = elf.get_section_by_name(".modinfo")
-    except ELFError as exc:
-        raise ProtocolError(path, "not an ELF kernel module: %s" % exc) from None
-    if sec is None:
+        if raw is None and not compressed:
+            with open(str(path), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                try:
+                    sec = ELFFile(f).get_section_by_name(".modinfo")
+                    data = sec.data() if sec is not None else None
+                except ELFError as exc:
+                    raise ProtocolError(path, "not an ELF kernel module: %s" % exc) from None
+                f.seek(max(0, size - len(SIGNATURE_TRAILER)))
+                signed = f.read() == SIGNATURE_TRAILER
+        else:
+            content = _decompress(path, raw if raw is not None else path.read_bytes())
+            signed = content.endswith(SIGNATURE_TRAILER)
+            try:
+                sec = ELFFile(io.BytesIO(content)).get_section_by_name(".modinfo")
+                data = sec.data() if sec is not None else None
+            except ELFError as exc:
+                raise ProtocolError(path, "not an ELF kernel module: %s" % exc) from None
+    except (OSError, lzma.LZMAError, EOFError, CommandFailed) as exc:
+        raise ProtocolError(path, "cannot read kernel module: %s" % exc) from None
+    if data is None:
         raise ProtocolError(path, "no .modinfo section: not a kernel module")
     fields: Dict[str, List[str]] = {}
-    for raw in sec.data().split(b"\0"):
-        if not raw or b"=" not in raw:
+    for item in data.split(b"\0"):
+        if not item or b"=" not in item:
             continue
-        k, _, v = raw.decode("utf-8", "replace").partition("=")
+        k, _, v = item.decode("utf-8", "replace").partition("=")
         fields.setdefault(k, []).append(v)
-    return ModInfo(
-        path=str(path), fields={k: tuple(v) for k, v in fields.items()}, signed=data.endswith(SIGNATURE_TRAILER)
-    )
+    return ModInfo(path=str(path), fields={k: tuple(v) for k, v in fields.items()}, signed=signed)
 
 
 def vermagic_problem(

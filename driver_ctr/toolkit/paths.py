@@ -54,6 +54,11 @@ class HostPaths:
         return self.host("/run/nvidia/driver")
 
     @property
+    def adopted_trees(self) -> Path:
+        """Where the driver side keeps the verified copies of module trees it loads from."""
+        return self.host("/run/nvidia/driver-ctr/trees")
+
+    @property
     def validations_dir(self) -> Path:
         return self.host("/run/nvidia/validations")
 

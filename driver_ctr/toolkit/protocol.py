@@ -31,13 +31,28 @@ import json
 import os
 import time
 from dataclasses import dataclass, field, fields
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    BinaryIO,
+    Callable,
+    ClassVar,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Type,
+    TypeVar,
+)
 
 from .errors import ProtocolError
-from .fsio import atomic_write_json, read_json, read_json_optional, regular_file_exists, remove_tree
+from .fsio import remove_tree
 from .modinfo import read_modinfo, vermagic_problem
 from .nvidia_modules import is_module
+from .shared_fs import RECORD_LIMIT, Confined, rel_ok
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -73,6 +88,8 @@ ZIPAPP = "driver-ctr-toolkit.pyz"
 BUILD_LOG = "build.log"
 STALE_DIR = "stale"
 STALE_KEEP = 3
+DTK_LOCK = ".dtk-side.lock"  # held by the one DTK side at work (a restart may overlap its predecessor)
+DRIVER_TAG, DTK_TAG = "drv-", "dtk-"  # prefixes of each side's temporary and staging names
 
 R = TypeVar("R", bound="_Record")
 
@@ -189,16 +206,6 @@ class BuildInputs(_Record):
         ]
 
 
-def _rel_ok(rel: str) -> bool:
-    """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
-    return (
-        bool(rel)
-        and "\x00" not in rel
-        and not rel.startswith("/")
-        and all(part not in ("", ".", "..") for part in rel.split("/"))
-    )
-
-
 @dataclass(frozen=True)
 class FileRecord(_Record):
     """One staged file: its path below the tree, sha256 and, for a module, its modinfo."""
@@ -225,7 +232,7 @@ class FileRecord(_Record):
     def from_json(cls, where: object, data: Any) -> "FileRecord":
         d = _object(where, data)
         path = take(where, d, "path", str)
-        if not _rel_ok(path):
+        if not rel_ok(path):
             raise ProtocolError(where, "unsafe staged path %r" % path)
         digest = take(where, d, "sha256", str)
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -490,19 +497,6 @@ F = TypeVar("F", bound=Flag)
 # -- paths -----------------------------------------------------------------------
 
 
-def safe_relative_path(base: Path, rel: str) -> Path:
-    """``base/rel`` after checking ``rel`` stays inside ``base``: no absolute
-    path, no ``..``, no symlink anywhere on the way."""
-    if not _rel_ok(rel):
-        raise ProtocolError(base, "unsafe staged path %r" % rel)
-    cur = base
-    for part in PurePosixPath(rel).parts:
-        cur = cur / part
-        if cur.is_symlink():
-            raise ProtocolError(cur, "staged path contains a symlink")
-    return cur
-
-
 def stale_name(generation: int) -> str:
     return "gen-%d-%d" % (generation, int(time.time() * 1000))
 
@@ -512,9 +506,22 @@ def stale_generation(name: str) -> Optional[int]:
     return int(parts[1]) if len(parts) >= 2 and parts[0] == "gen" and parts[1].isdigit() else None
 
 
+def _stale_order(name: str) -> Tuple[int, int]:
+    parts = name.split("-")
+    return (int(parts[2]) if len(parts) >= 3 and parts[2].isdigit() else 0, stale_generation(name) or 0)
+
+
 @dataclass(frozen=True)
 class SharedDir:
+    """The shared directory; every operation goes through :class:`Confined`
+    (no symlink followed at any level, bounded reads, renames inside it)."""
+
     path: Path
+    tag: str = ""  # the writer's tag on its temporary files ("drv-<pid>", "dtk-<pid>")
+
+    @property
+    def fs(self) -> Confined:
+        return Confined(self.path, self.tag)
 
     @property
     def modules(self) -> Path:
@@ -532,53 +539,65 @@ class SharedDir:
     def manifest_path(self) -> Path:
         return self.path / MANIFEST_JSON
 
-    def staging(self, tag: str) -> Path:
-        """A private staging directory name (``tag`` holds the writer's pid)."""
-        return self.path / (STAGING_PREFIX + tag)
+    def staging(self, tag: str) -> str:
+        """A private staging directory's name (``tag`` holds the writer's pid)."""
+        return STAGING_PREFIX + tag
 
     def flag(self, name: str) -> Path:
         return self.path / name
 
     def has(self, name: str) -> bool:
-        """Whether a flag is present; a flag that is a directory or a symlink
-        is a ProtocolError naming it."""
-        return regular_file_exists(self.flag(name))
+        """Whether a flag is present; a flag that is a directory, a symlink or a
+        special file is a ProtocolError naming it."""
+        return self.fs.is_file(name)
+
+    def _json(self, name: str, what: str) -> Optional[Any]:
+        """A JSON file's content, None when absent; bounded, never through a symlink."""
+        if not self.fs.is_file(name):
+            return None
+        raw = self.fs.read_bytes(name, RECORD_LIMIT)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(self.path / name, "%s is not UTF-8 text (%d bytes)" % (what, len(raw))) from None
+        except ValueError as exc:
+            raise ProtocolError(self.path / name, "%s is not valid JSON: %s" % (what, exc)) from None
 
     def read_flag(self, kind: Type[F]) -> Optional[F]:
         """The typed body of a flag, None when absent; an empty body (a
         reference-style ``touch``) reads as a body naming no generation."""
-        p = self.flag(kind.NAME)
-        if not regular_file_exists(p):
+        if not self.fs.is_file(kind.NAME):
             return None
-        raw = p.read_bytes()
+        raw = self.fs.read_bytes(kind.NAME, RECORD_LIMIT)
         if not raw.strip():
             return kind()
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
-            raise ProtocolError(p, "flag body is not JSON (%d bytes)" % len(raw)) from None
-        return kind.from_json(p, data)
+            raise ProtocolError(self.flag(kind.NAME), "flag body is not JSON (%d bytes)" % len(raw)) from None
+        return kind.from_json(self.flag(kind.NAME), data)
+
+    def _write_json(self, name: str, data: Any) -> None:
+        self.fs.write_atomic(name, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
     def write_flag(self, body: Flag) -> None:
-        atomic_write_json(self.flag(body.NAME), body.to_json())
+        self._write_json(body.NAME, body.to_json())
 
     def remove_flag(self, name: str) -> None:
-        p = self.flag(name)
-        if p.is_dir() and not p.is_symlink():
-            raise ProtocolError(p, "is a directory where a flag file is expected")
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+        if self.fs.kind(name) == "dir":
+            raise ProtocolError(self.flag(name), "is a directory where a flag file is expected")
+        self.fs.remove(name)
 
     # -- settings.json ---------------------------------------------------
 
     def write_settings(self, shared_settings: Mapping[str, str]) -> None:
-        atomic_write_json(self.path / SETTINGS_JSON, {"protocol": PROTOCOL_VERSION, "env": dict(shared_settings)})
+        self._write_json(SETTINGS_JSON, {"protocol": PROTOCOL_VERSION, "env": dict(shared_settings)})
 
     def read_settings(self) -> Dict[str, str]:
         p = self.path / SETTINGS_JSON
-        data = read_json(p, "settings.json")
+        data = self._json(SETTINGS_JSON, "settings.json")
+        if data is None:
+            raise ProtocolError(p, "settings.json is missing")
         if not isinstance(data, dict) or not isinstance(data.get("env"), dict):
             raise ProtocolError(p, 'expected an object {"protocol": 1, "env": {NAME: value, ...}}')
         if data.get("protocol") != PROTOCOL_VERSION:
@@ -592,9 +611,8 @@ class SharedDir:
     # -- manifest.json ---------------------------------------------------
 
     def read_manifest(self) -> Optional[Manifest]:
-        p = self.manifest_path
-        data = read_json_optional(p, "manifest.json")
-        return None if data is None else Manifest.from_json(p, data)
+        data = self._json(MANIFEST_JSON, "manifest.json")
+        return None if data is None else Manifest.from_json(self.manifest_path, data)
 
     def generation(self) -> Optional[int]:
         """The manifest's generation; None when it is missing or unreadable."""
@@ -605,57 +623,59 @@ class SharedDir:
         return None if m is None else m.generation
 
     def write_manifest(self, manifest: Manifest) -> None:
-        atomic_write_json(self.manifest_path, manifest.to_json())
+        self._write_json(MANIFEST_JSON, manifest.to_json())
 
     # -- generations ---------------------------------------------------------
 
-    def move_aside(self, generation: int) -> Optional[Path]:
+    def move_aside(self, generation: int) -> Optional[str]:
         """Move the outcome of an earlier generation (flags, modules, manifest)
-        into ``stale/gen-N-<ms>`` so nothing trusts it any more. Returns the dir."""
-        names = [
-            n
-            for n in OUTCOME_FLAGS + (MODULES_DIR, MANIFEST_JSON, BUILD_LOG)
-            if (self.path / n).exists() or (self.path / n).is_symlink()
-        ]
+        into ``stale/gen-N-<ms>`` so nothing trusts it any more. ``stale`` that
+        is not a real directory is replaced, never followed. Returns the name."""
+        fs = self.fs
+        here = set(fs.listdir())
+        names = [n for n in OUTCOME_FLAGS + (MODULES_DIR, MANIFEST_JSON, BUILD_LOG) if n in here]
         if not names:
             return None
-        dest = self.path / STALE_DIR / stale_name(generation)
-        dest.mkdir(parents=True, exist_ok=True)
+        fs.ensure_dir(STALE_DIR)
+        dest = "%s/%s" % (STALE_DIR, stale_name(generation))
+        fs.ensure_dir(dest)
         # driver_built goes first: from that instant nobody trusts the rest.
         names.sort(key=lambda n: 0 if n == BUILT else 1)
         for n in names:
-            os.replace(str(self.path / n), str(dest / n))
-        olds = sorted((self.path / STALE_DIR).iterdir(), key=lambda p: p.stat().st_mtime)
+            fs.replace(n, "%s/%s" % (dest, n))
+        olds = sorted(fs.listdir(STALE_DIR), key=_stale_order)
         for old in olds[:-STALE_KEEP]:
-            remove_tree(old)
+            fs.remove("%s/%s" % (STALE_DIR, old))
         return dest
 
     def highest_stale_generation(self) -> int:
         """Highest generation seen in stale/ (so numbers never repeat after a lost manifest)."""
-        stale = self.path / STALE_DIR
-        if not stale.is_dir():
+        if self.fs.kind(STALE_DIR) != "dir":
             return 0
-        return max([g for g in (stale_generation(d.name) for d in stale.iterdir()) if g is not None], default=0)
+        gens = [stale_generation(n) for n in self.fs.listdir(STALE_DIR)]
+        return max([g for g in gens if g is not None], default=0)
 
-    def clean_staging(self) -> None:
-        for p in self.path.glob(STAGING_PREFIX + "*"):
-            remove_tree(p)
+    def clean_staging(self, owned: Callable[[str], bool]) -> None:
+        """Remove the staging directories ``owned`` says belong to a writer that is gone."""
+        for n in self.fs.listdir():
+            if n.startswith(STAGING_PREFIX) and owned(n[len(STAGING_PREFIX) :]):
+                self.fs.remove(n)
 
 
 # -- trees -----------------------------------------------------------------------
 
+MODULE_LIMIT = 1 << 30  # no staged file is larger (nvidia.ko: ~80 MB); DRIVER_CTR_MODULE_SIZE_LIMIT
 
-def _hash_and_record(path: Path, rel: str) -> FileRecord:
-    """sha256 of a staged file and, for a module, its modinfo, from one read."""
-    raw = path.read_bytes()
-    digest = hashlib.sha256(raw).hexdigest()
+
+def _record(rel: str, digest: str, size: int, path: Path) -> FileRecord:
+    """The record of a file already hashed; modinfo read from ``path`` (a copy we own, or the staging tree)."""
     if not is_module(rel):
-        return FileRecord(path=rel, sha256=digest, size=len(raw))
-    info = read_modinfo(path, raw)
+        return FileRecord(path=rel, sha256=digest, size=size)
+    info = read_modinfo(path)
     return FileRecord(
         path=rel,
         sha256=digest,
-        size=len(raw),
+        size=size,
         name=info.name,
         version=info.version,
         vermagic=info.vermagic,
@@ -663,20 +683,32 @@ def _hash_and_record(path: Path, rel: str) -> FileRecord:
     )
 
 
-def describe_tree(root: Path) -> Tuple[FileRecord, ...]:
+def _copy_hashing(src: BinaryIO, dest: Optional[Path]) -> Tuple[str, int]:
+    """sha256 and size of ``src``, streamed (and written to ``dest`` when given)."""
+    h = hashlib.sha256()
+    size = 0
+    out = open(str(dest), "wb") if dest is not None else None
+    try:
+        for chunk in iter(lambda: src.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+            if out is not None:
+                out.write(chunk)
+    finally:
+        if out is not None:
+            out.close()
+    return h.hexdigest(), size
+
+
+def describe_tree(root: Path, limit: int = MODULE_LIMIT) -> Tuple[FileRecord, ...]:
     """Every file under ``root`` with sha256, and vermagic/name/version for
     modules; symlinks and special files are refused."""
+    fs = Confined(root.parent)
     out: List[FileRecord] = []
-    for dirpath, dirnames, filenames in os.walk(str(root)):
-        dirnames.sort()
-        for d in dirnames:
-            if os.path.islink(os.path.join(dirpath, d)):
-                raise ProtocolError(Path(dirpath) / d, "staged tree contains a symlink")
-        for name in sorted(filenames):
-            full = Path(dirpath) / name
-            if full.is_symlink() or not full.is_file():
-                raise ProtocolError(full, "staged tree holds a symlink or special file")
-            out.append(_hash_and_record(full, full.relative_to(root).as_posix()))
+    for rel in fs.walk_files(root.name):
+        with fs.open("%s/%s" % (root.name, rel), limit) as f:
+            digest, size = _copy_hashing(f, None)
+        out.append(_record(rel, digest, size, root / rel))
     return tuple(out)
 
 
@@ -684,10 +716,95 @@ class VerificationError(ProtocolError):
     """A built manifest or staged tree does not match what the driver side needs."""
 
 
-def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int) -> Manifest:
-    """Check a finished build before anything uses it: same generation and
-    inputs, every listed file present with its sha256, every module's vermagic
-    naming the target kernel, no unlisted module. Returns the manifest."""
+def _check_listing(root: Path, present: Sequence[str], files: Sequence[FileRecord]) -> None:
+    listed = {f.path for f in files}
+    unlisted = [p for p in present if p not in listed]
+    if unlisted:
+        raise VerificationError(
+            root / unlisted[0],
+            "not listed in the manifest (%d unlisted file(s): every file of the tree must be)" % len(unlisted),
+        )
+    missing = sorted(listed - set(present))
+    if missing:
+        raise VerificationError(root / missing[0], "listed in the manifest but missing")
+
+
+def _check_file(where: Path, f: FileRecord, digest: str, record: FileRecord, target_kernel: str) -> None:
+    if digest != f.sha256:
+        raise VerificationError(where, "sha256 differs from the manifest (corrupt or replaced)")
+    if record.is_module:
+        problem = vermagic_problem(where, record.vermagic, target_kernel)
+        if problem:
+            raise VerificationError(where, problem)
+
+
+def verify_files(
+    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, limit: int = MODULE_LIMIT
+) -> None:
+    """Every file of directory ``rel`` of ``fs`` listed, with its sha256, every
+    module built for ``target_kernel``, nothing unlisted; in place."""
+    root = fs.root / rel
+    if fs.kind(rel) != "dir":
+        raise VerificationError(root, "is missing or not a directory")
+    _check_listing(root, fs.walk_files(rel), files)
+    for f in files:
+        with fs.open("%s/%s" % (rel, f.path), limit) as src:
+            digest, size = _copy_hashing(src, None)
+        _check_file(root / f.path, f, digest, _record(f.path, digest, size, root / f.path), target_kernel)
+
+
+def adopt_tree(
+    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, dest: Path, limit: int = MODULE_LIMIT
+) -> None:
+    """Copy directory ``rel`` of ``fs`` to ``dest`` (a new directory the caller
+    owns, outside anyone else's reach), verifying the copy: what is checked is
+    exactly what will be loaded. ``dest`` is complete or absent."""
+    root = fs.root / rel
+    if fs.kind(rel) != "dir":
+        raise VerificationError(root, "is missing or not a directory")
+    _check_listing(root, fs.walk_files(rel), files)
+    tmp = dest.parent / (".%s.partial-%d" % (dest.name, os.getpid()))
+    remove_tree(tmp)
+    try:
+        for f in files:
+            out = tmp / f.path
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open("%s/%s" % (rel, f.path), limit) as src:
+                digest, size = _copy_hashing(src, out)
+            _check_file(root / f.path, f, digest, _record(f.path, digest, size, out), target_kernel)
+        remove_tree(dest)
+        os.replace(str(tmp), str(dest))
+    finally:
+        remove_tree(tmp)
+
+
+def tree_name(kernel: str, files: Sequence[FileRecord]) -> str:
+    """The name of an adopted tree: the kernel and a digest of its listing."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(("%s\0%s\n" % (f.path, f.sha256)).encode())
+    return "%s-%s" % (kernel, h.hexdigest()[:12])
+
+
+def adopt(
+    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, trees: Path, limit: int = MODULE_LIMIT
+) -> Path:
+    """:func:`adopt_tree` into ``trees/<tree_name>``; the two newest adopted
+    trees are kept (the one loaded and its predecessor). Returns the tree."""
+    dest = trees / tree_name(target_kernel, files)
+    trees.mkdir(parents=True, exist_ok=True)
+    adopt_tree(fs, rel, files, target_kernel, dest, limit)
+    olds = sorted(
+        (d for d in trees.iterdir() if d.is_dir() and d != dest and not d.name.startswith(".")),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for old in olds[1:]:
+        remove_tree(old)
+    return dest
+
+
+def _finished_manifest(shared: SharedDir, inputs: BuildInputs, generation: int) -> Manifest:
     mpath = shared.manifest_path
     manifest = shared.read_manifest()
     if manifest is None:
@@ -699,32 +816,25 @@ def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int) -> Man
     diff = manifest.inputs.differences(inputs)
     if diff:
         raise VerificationError(mpath, "build inputs differ from this node's: " + "; ".join(diff))
-    verify_files(shared.modules, manifest.build.files, inputs.kernel_release)
     return manifest
 
 
-def verify_files(modules: Path, files: Sequence[FileRecord], target_kernel: str) -> None:
-    """Every listed file present under ``modules`` with its sha256, every
-    module built for ``target_kernel``, no module that is not listed."""
-    listed = set()
-    for f in files:
-        full = safe_relative_path(modules, f.path)
-        listed.add(f.path)
-        if not full.is_file():
-            raise VerificationError(full, "listed in the manifest but missing")
-        rec = _hash_and_record(full, f.path)
-        if rec.sha256 != f.sha256:
-            raise VerificationError(full, "sha256 differs from the manifest (corrupt or replaced)")
-        if rec.is_module:
-            problem = vermagic_problem(full, rec.vermagic, target_kernel)
-            if problem:
-                raise VerificationError(full, problem)
-    for rel in tree_paths(modules):
-        if is_module(rel) and rel not in listed:
-            raise VerificationError(modules / rel, "module not listed in the manifest")
+def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int, limit: int = MODULE_LIMIT) -> Manifest:
+    """Check a finished build in place: same generation and inputs, every
+    listed file present with its sha256, every module's vermagic naming the
+    target kernel, nothing unlisted. Returns the manifest."""
+    manifest = _finished_manifest(shared, inputs, generation)
+    assert manifest.build is not None
+    verify_files(shared.fs, MODULES_DIR, manifest.build.files, inputs.kernel_release, limit)
+    return manifest
 
 
-def tree_paths(root: Path) -> List[str]:
-    if not root.is_dir():
-        return []
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
+def adopt_build(
+    shared: SharedDir, inputs: BuildInputs, generation: int, trees: Path, limit: int = MODULE_LIMIT
+) -> Tuple[Manifest, Path]:
+    """:func:`verify_build` by copying: the build's tree is copied to a tree of
+    ``trees`` (the driver side's own, out of the DTK's reach) and the copy is
+    what is verified, so what is loaded is exactly what was checked."""
+    manifest = _finished_manifest(shared, inputs, generation)
+    assert manifest.build is not None
+    return manifest, adopt(shared.fs, MODULES_DIR, manifest.build.files, inputs.kernel_release, trees, limit)

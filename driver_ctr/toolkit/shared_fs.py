@@ -1,0 +1,381 @@
+"""Every path operation inside the shared directory, confined to it.
+
+The shared directory is written by another container (an operator-chosen,
+sometimes broken Driver Toolkit image) and read by a privileged one: it is a
+trust boundary. Here every path is walked one component at a time with
+``O_NOFOLLOW`` directory descriptors (``openat``), so no symlink is ever
+followed, at any level; only regular files and directories are accepted, and
+anything else is a :class:`ProtocolError` naming the path and what was found.
+Files are opened non-blocking (a FIFO never hangs a read) and read with a
+size bound. Renames and removals happen relative to descriptors of
+directories inside the tree, so they never touch anything outside it.
+
+Temporary files carry the writer's tag (``.NAME.<tag>.tmp``): each side
+sweeps its own at start (:meth:`Confined.sweep_temporaries`).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import stat
+import uuid
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator, List, Optional, Tuple
+
+from .errors import ProtocolError
+
+RECORD_LIMIT = 1 << 20  # flags, the manifest, settings.json: 1 MiB is far above any real one
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def describe_mode(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def rel_ok(rel: str) -> bool:
+    """A plain relative path: no leading /, no empty, . or .. segment, no NUL."""
+    return (
+        bool(rel)
+        and "\x00" not in rel
+        and not rel.startswith("/")
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
+    )
+
+
+def _parts(rel: str) -> Tuple[str, ...]:
+    if not rel_ok(rel):
+        raise ProtocolError(rel, "unsafe path %r: expected a plain relative path" % rel)
+    return PurePosixPath(rel).parts
+
+
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """Read a file outside the shared dir (an image's or a ConfigMap's: symlinks
+    allowed, as Kubernetes mounts ConfigMaps through them) that must be a regular
+    file of at most ``limit`` bytes; opened non-blocking, so a FIFO is an error,
+    never a hang."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ProtocolError(path, "%s cannot be opened: %s" % (what, exc.strerror)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProtocolError(path, "%s is %s, not a regular file" % (what, describe_mode(st.st_mode)))
+        if st.st_size > limit:
+            raise ProtocolError(path, "%s is %d bytes, over the bound of %d" % (what, st.st_size, limit))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ProtocolError(path, "%s grew over the bound of %d bytes while read" % (what, limit))
+    return data
+
+
+def _remove_tree_at(dfd: int, name: str) -> None:
+    """Remove directory ``name`` of ``dfd`` and everything below it, through
+    descriptors only: a symlink inside is removed as a link, never followed.
+    (``shutil.rmtree(dir_fd=)`` does this from Python 3.11; the DTK side runs 3.9.)"""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    try:
+        for entry in os.listdir(fd):
+            st = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree_at(fd, entry)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dfd)
+
+
+class Confined:
+    """A directory tree operated on without ever following a symlink."""
+
+    def __init__(self, root: Path, tag: str = "") -> None:
+        self.root = root
+        self.tag = tag or "p%d" % os.getpid()  # names this writer's temporary files
+
+    # -- descriptors ------------------------------------------------------------
+
+    def _open_root(self) -> int:
+        try:
+            return os.open(str(self.root), _DIR_FLAGS)
+        except OSError as exc:
+            raise self._error(self.root, exc, "the shared directory") from None
+
+    def _error(self, path: Path, exc: OSError, what: str = "") -> ProtocolError:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                found = describe_mode(os.lstat(str(path)).st_mode)
+            except OSError:
+                found = "not a directory"
+            return ProtocolError(
+                path, "%sis %s where a directory is expected (never followed)" % (what + " " if what else "", found)
+            )
+        return ProtocolError(path, "%s%s" % (what + ": " if what else "", exc.strerror or exc))
+
+    @contextmanager
+    def _parent(self, rel: str, create: bool = False) -> Iterator[Tuple[int, str]]:
+        """A descriptor of ``rel``'s parent directory (each component opened
+        without following symlinks) and ``rel``'s last component."""
+        parts = _parts(rel)
+        fd = self._open_root()
+        path = self.root
+        try:
+            for part in parts[:-1]:
+                path = path / part
+                try:
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    raise self._error(path, exc) from None
+                os.close(fd)
+                fd = nfd
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _lstat(self, dfd: int, name: str) -> Optional[os.stat_result]:
+        try:
+            return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    # -- questions --------------------------------------------------------------
+
+    def kind(self, rel: str) -> Optional[str]:
+        """``"file"``, ``"dir"`` or None (absent); anything else is a ProtocolError."""
+        try:
+            with self._parent(rel) as (dfd, name):
+                st = self._lstat(dfd, name)
+        except FileNotFoundError:
+            return None
+        if st is None:
+            return None
+        if stat.S_ISREG(st.st_mode):
+            return "file"
+        if stat.S_ISDIR(st.st_mode):
+            return "dir"
+        raise ProtocolError(
+            self.root / rel, "is %s where a regular file or directory is expected" % describe_mode(st.st_mode)
+        )
+
+    def stat(self, rel: str) -> Optional[os.stat_result]:
+        """``lstat`` of ``rel`` (None when absent), reached without following symlinks."""
+        try:
+            with self._parent(rel) as (dfd, name):
+                return self._lstat(dfd, name)
+        except FileNotFoundError:
+            return None
+
+    def is_file(self, rel: str) -> bool:
+        """A regular file is there; absent is False; a directory, symlink or special file is an error."""
+        k = self.kind(rel)
+        if k == "dir":
+            raise ProtocolError(self.root / rel, "is a directory where a regular file is expected")
+        return k == "file"
+
+    # -- reading ----------------------------------------------------------------
+
+    @contextmanager
+    def open(self, rel: str, limit: Optional[int] = None) -> Iterator[BinaryIO]:
+        """A regular file opened for reading (non-blocking, never through a symlink)."""
+        with self._parent(rel) as (dfd, name):
+            try:
+                fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise ProtocolError(
+                        self.root / rel, "is a symlink where a regular file is expected (never followed)"
+                    ) from None
+                raise ProtocolError(self.root / rel, exc.strerror or str(exc)) from None
+        f = os.fdopen(fd, "rb")
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError(
+                    self.root / rel, "is %s where a regular file is expected" % describe_mode(st.st_mode)
+                )
+            if limit is not None and st.st_size > limit:
+                raise ProtocolError(self.root / rel, "is %d bytes, over the bound of %d" % (st.st_size, limit))
+            yield f
+        finally:
+            f.close()
+
+    def read_bytes(self, rel: str, limit: int = RECORD_LIMIT) -> bytes:
+        with self.open(rel, limit) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ProtocolError(self.root / rel, "grew over the bound of %d bytes while read" % limit)
+        return data
+
+    def walk_files(self, rel: str) -> List[str]:
+        """Every regular file below directory ``rel`` (paths relative to it),
+        sorted; a symlink or special file anywhere is a ProtocolError."""
+        out: List[str] = []
+        with self._parent(rel) as (dfd, name):
+            try:
+                top = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+            except FileNotFoundError:
+                return out
+            except OSError as exc:
+                raise self._error(self.root / rel, exc) from None
+        try:
+            self._walk(top, self.root / rel, "", out)
+        finally:
+            os.close(top)
+        return sorted(out)
+
+    def _walk(self, fd: int, path: Path, prefix: str, out: List[str]) -> None:
+        for name in sorted(os.listdir(fd)):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                out.append(prefix + name)
+            elif stat.S_ISDIR(st.st_mode):
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                try:
+                    self._walk(sub, path / name, prefix + name + "/", out)
+                finally:
+                    os.close(sub)
+            else:
+                raise ProtocolError(
+                    path / name, "is %s: only regular files and directories are accepted" % describe_mode(st.st_mode)
+                )
+
+    # -- writing ----------------------------------------------------------------
+
+    def write_atomic(self, rel: str, data: bytes, mode: int = 0o644) -> None:
+        """Temp file (tagged with this writer), fsync, rename over ``rel``, fsync the directory."""
+        with self._parent(rel, create=True) as (dfd, name):
+            st = self._lstat(dfd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                raise ProtocolError(self.root / rel, "is a directory where a file is expected")
+            tmp = ".%s.%s-%s.tmp" % (name, self.tag, uuid.uuid4().hex[:8])
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, mode, dir_fd=dfd)
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                raise
+            os.fsync(dfd)
+
+    def copy_in(self, src: Path, rel: str, mode: int = 0o644) -> None:
+        """Copy the file ``src`` (from outside the tree) to ``rel``, streamed through a tagged temp file."""
+        with self._parent(rel, create=True) as (dfd, name):
+            tmp = ".%s.%s-%s.tmp" % (name, self.tag, uuid.uuid4().hex[:8])
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
+            try:
+                with os.fdopen(fd, "wb") as out, open(str(src), "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                raise
+
+    def ensure_dir(self, rel: str) -> None:
+        """``rel`` is a real directory afterwards: anything else there (a file, a
+        symlink: never followed) is removed first."""
+        with self._parent(rel, create=True) as (dfd, name):
+            st = self._lstat(dfd, name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                return
+            if st is not None:
+                os.unlink(name, dir_fd=dfd)
+            os.mkdir(name, 0o755, dir_fd=dfd)
+
+    def replace(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst`` (parents created as real directories); a
+        symlink is moved as the link itself, never through it."""
+        with self._parent(src) as (sfd, sname), self._parent(dst, create=True) as (dfd, dname):
+            os.replace(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd)
+
+    def remove(self, rel: str) -> None:
+        """Remove a file, a symlink (the link) or a whole tree; absent is fine."""
+        try:
+            with self._parent(rel) as (dfd, name):
+                st = self._lstat(dfd, name)
+                if st is None:
+                    return
+                if stat.S_ISDIR(st.st_mode):
+                    _remove_tree_at(dfd, name)
+                else:
+                    os.unlink(name, dir_fd=dfd)
+        except FileNotFoundError:
+            return
+
+    def listdir(self, rel: str = "") -> List[str]:
+        """Names in directory ``rel`` ("" for the root); absent is empty."""
+        if not rel:
+            fd = self._open_root()
+        else:
+            with self._parent(rel) as (dfd, name):
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                except FileNotFoundError:
+                    return []
+                except OSError as exc:
+                    raise self._error(self.root / rel, exc) from None
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def try_lock(self, rel: str) -> Optional[int]:
+        """An exclusive flock on file ``rel`` (created, never through a symlink): its
+        descriptor, held for the life of the process; None when another holds it."""
+        with self._parent(rel, create=True) as (dfd, name):
+            try:
+                fd = os.open(
+                    name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dfd
+                )
+            except OSError as exc:
+                raise ProtocolError(self.root / rel, "cannot open the lock file: %s" % exc.strerror) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def sweep_temporaries(self, prefix: str) -> List[str]:
+        """Remove the temporary files of writers whose tag starts with ``prefix``
+        (this side's earlier incarnations), in the root and one level below."""
+        removed = []
+        for d in ("",) + tuple(n for n in self.listdir() if self.kind(n) == "dir"):
+            for n in self.listdir(d):
+                if n.startswith(".") and n.endswith(".tmp") and (".%s" % prefix) in n:
+                    rel = "%s/%s" % (d, n) if d else n
+                    self.remove(rel)
+                    removed.append(rel)
+        return removed
