@@ -103,7 +103,7 @@ class DriverSide:
         discarded and None returned: the DTK builds."""
         sh = self.shared
         with phase(self.log, "restore from host cache", entry=str(entry.path)):
-            tree = cache.adopt(entry, self.trees)
+            tree = cache.adopt(entry, self.trees, self.settings.module_size_limit)
             if tree is None:
                 return None
             gen = self._next_generation()
@@ -231,7 +231,9 @@ class DriverSide:
             built = self.shared.read_flag(proto.Built)
             if built is None or not built.of(generation):
                 return None  # not yet, or an older generation's flag being replaced
-            manifest, tree = proto.adopt_build(self.shared, self.inputs, generation, self.trees)
+            manifest, tree = proto.adopt_build(
+                self.shared, self.inputs, generation, self.trees, self.settings.module_size_limit
+            )
             return Handoff(manifest=manifest, tree=tree)
 
         with phase(self.log, "wait build", generation=generation) as extra:

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .toolkit.errors import DriverCtrError
+from .toolkit.errors import DriverCtrError, ProtocolError
 from .toolkit.fsio import atomic_write_text
 from .toolkit.modinfo import ModInfo
 from .toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
+from .toolkit.shared_fs import read_regular_file
 
 CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
+PARAMETER_FILE_LIMIT = 64 << 10
 
 _INT = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
 _UINT = re.compile(r"^\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
@@ -82,10 +84,14 @@ def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MOD
     out: Dict[str, List[Param]] = {}
     for mod in modules:
         f = drivers_dir / parameter_file(mod)
-        if not f.is_file():
+        if not (f.exists() or f.is_symlink()):
             continue
+        try:  # a ConfigMap file is a symlink to a regular file; a FIFO or directory is named, never read
+            content = read_regular_file(f, PARAMETER_FILE_LIMIT, "parameter file").decode("utf-8", "replace")
+        except ProtocolError as exc:
+            raise ParameterError("%s: %s" % (f, exc.message)) from None
         params: List[Param] = []
-        for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(content.splitlines(), 1):
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue

@@ -87,7 +87,9 @@ def shared_dir_build(src: Sources) -> Found:
         m = shared.read_manifest()
         if m is None or m.build is None or not shared.has(proto.BUILT):
             return Miss("shared dir", "%s holds no finished build" % shared.path)
-        _, tree = proto.adopt_build(shared, src.inputs, m.generation, src.settings.paths.adopted_trees)
+        _, tree = proto.adopt_build(
+            shared, src.inputs, m.generation, src.settings.paths.adopted_trees, src.settings.module_size_limit
+        )
     except ProtocolError as exc:
         return Miss("shared dir", first_line(exc))
     return ModuleTree(tree, src.kernel, "shared dir")
@@ -99,7 +101,7 @@ def host_cache_entry(src: Sources) -> Found:
     entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
     if entry is None:
         return Miss("host cache", "no entry for these inputs")
-    tree = src.cache.adopt(entry, src.settings.paths.adopted_trees)
+    tree = src.cache.adopt(entry, src.settings.paths.adopted_trees, src.settings.module_size_limit)
     if tree is None:
         return Miss("host cache", "the entry was corrupt (discarded)")
     return ModuleTree(tree, src.kernel, "host cache")
@@ -137,7 +139,9 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
             details=dict(result.details),
         )
         store_build(src.cache, src.inputs, build, staging, src.log)
-        tree = proto.adopt(Confined(work), "modules", build.files, src.kernel, s.paths.adopted_trees)
+        tree = proto.adopt(
+            Confined(work), "modules", build.files, src.kernel, s.paths.adopted_trees, s.module_size_limit
+        )
     finally:
         remove_tree(work)
     return ModuleTree(tree, src.kernel, "local build")

@@ -60,7 +60,8 @@ class Service:
         self.settings = settings
         self.paths = settings.paths
         self.cancel = cancel
-        self.runner = runner or Runner()
+        self.runner = (runner or Runner()).with_cancel(cancel)  # start-up work: stops on a TERM
+        self.undo_runner = (runner or Runner()).with_cancel(None)  # undo work: runs after it
         self.log: Logger = get_logger(side="driver")
         self.lock: Optional[PidLock] = None
         self.touched = False  # the node's driver state was changed by us
@@ -98,8 +99,8 @@ class Service:
     def unload_ours(self) -> None:
         """Stop the daemons (they hold the devices), unload the NVIDIA modules, unmount the driver root."""
         stop_daemons(self.paths, self.log)
-        unload(self.paths, self.runner, self.log)
-        unmount_rootfs(self.paths, self.runner, self.log)
+        unload(self.paths, self.undo_runner, self.log)
+        unmount_rootfs(self.paths, self.undo_runner, self.log)
 
     def serve(self) -> None:
         """After a load (or the fast path): daemons, driver root, state, Ready."""

@@ -22,6 +22,7 @@ class FakeRunner(Runner):
 
     answers: List[Tuple[Tuple[str, ...], Handler]] = field(default_factory=list)
     calls: List[Tuple[str, ...]] = field(default_factory=list)
+    cancel: Any = None
 
     def expect(self, prefix: Sequence[str], returncode: int = 0, stdout: str = "", stderr: str = "") -> None:
         def handler(argv: Sequence[str]) -> Result:

@@ -14,8 +14,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .errors import InvalidValue
+from .errors import InvalidValue, ProtocolError
 from .paths import HostPaths
+from .shared_fs import RECORD_LIMIT, read_regular_file
 from .versions import KernelRelease, compare_kernel_releases, parse_kernel_release
 
 USABLE = "usable"
@@ -75,15 +76,17 @@ def inspect_dtk(paths: HostPaths, node_kernel: str) -> DtkFacts:
     rj: Optional[Dict[str, Any]] = None
     rj_error = ""
     p = paths.dtk_release_json
-    if p.exists():
+    if p.exists() or p.is_symlink():
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(read_regular_file(p, RECORD_LIMIT, "the DTK release file").decode("utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             for k in ("KERNEL_VERSION", "RT_KERNEL_VERSION", "RHEL_VERSION"):
                 if k in data and not isinstance(data[k], str):
                     raise ValueError("%s is not a string" % k)
             rj = data
+        except ProtocolError as exc:
+            rj_error = "%s is malformed: %s" % (p, exc.message)
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             rj_error = "%s is malformed: %s" % (p, exc)
     mod = paths.module_dir(node_kernel)

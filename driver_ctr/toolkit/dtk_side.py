@@ -151,7 +151,7 @@ class DtkSide:
                 )
                 self._idle("failed build", until=partial(self._generation_changed, generation))
                 continue
-            if self.shared.has(proto.BUILT) and self._reusable(inputs, generation):
+            if self.shared.has(proto.BUILT) and self._reusable(inputs, generation, settings.module_size_limit):
                 self.log.info("NVIDIA drivers already built for these inputs, nothing to do", generation=generation)
             elif not self._build(settings, inputs, generation, decision, facts.build_tree):
                 return 1
@@ -200,9 +200,9 @@ class DtkSide:
                 "inputs of generation %d are not this node's: %s" % (generation, "; ".join(diff)),
             ) from None
 
-    def _reusable(self, inputs: proto.BuildInputs, generation: int) -> bool:
+    def _reusable(self, inputs: proto.BuildInputs, generation: int, limit: int) -> bool:
         try:
-            proto.verify_build(self.shared, inputs, generation)
+            proto.verify_build(self.shared, inputs, generation, limit)
             return True
         except ProtocolError as exc:
             self.log.warning("existing build not reusable, rebuilding", reason=str(exc))
@@ -252,7 +252,7 @@ class DtkSide:
                 )
             current = "verify"
             with phase(self.log, "verify", generation=generation):
-                files = proto.describe_tree(staging)
+                files = proto.describe_tree(staging, settings.module_size_limit)
                 mods = [f for f in files if f.is_module]
                 if not any(f.name == nv.NVIDIA for f in mods):
                     raise BuildFailed("verify", "the build produced no nvidia module")

@@ -25,7 +25,7 @@ class InvalidValue(DriverCtrError, ValueError):
         self.name = name
         self.value = value
         self.expected = expected
-        super().__init__("%s: invalid value %r: expected %s" % (name, value, expected))
+        super().__init__("%s: invalid value %s: expected %s" % (name, echo(value), expected))
 
 
 class SettingsError(DriverCtrError):
@@ -94,6 +94,7 @@ class ProtocolError(DriverCtrError):
 
     def __init__(self, path: object, message: str) -> None:
         self.path = str(path)
+        self.message = message
         super().__init__("%s: %s" % (path, message))
 
 
@@ -142,6 +143,19 @@ class FallbackRequired(DriverCtrError):
         if self.reasons:
             text += "\n" + "\n".join("  - %s" % r for r in self.reasons)
         super().__init__(text)
+
+
+ECHO_LIMIT = 200  # characters of a bad value shown back in an error
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)``, cut to ``limit`` characters with the full length said:
+    a 120,000-character variable is not echoed whole."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    length = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return "%s... (%d characters)" % (text[:limit], length)
 
 
 def tail_lines(text: str, n: int) -> str:

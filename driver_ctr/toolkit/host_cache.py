@@ -30,7 +30,17 @@ from typing import TYPE_CHECKING, List, Optional
 from .errors import DriverCtrError, ProtocolError
 from .fsio import atomic_write_json, read_json, remove_tree
 from .log import Logger, get_logger
-from .protocol import BuildInputs, BuildRecord, CacheRecord, FileRecord, adopt, describe_tree, now, verify_files
+from .protocol import (
+    MODULE_LIMIT,
+    BuildInputs,
+    BuildRecord,
+    CacheRecord,
+    FileRecord,
+    adopt,
+    describe_tree,
+    now,
+    verify_files,
+)
 from .shared_fs import Confined
 
 if TYPE_CHECKING:
@@ -163,12 +173,17 @@ class HostCache:
         self.prune(kernel)
         return CacheEntry(final, record)
 
-    def adopt(self, entry: CacheEntry, trees: Path) -> Optional[Path]:
+    def adopt(self, entry: CacheEntry, trees: Path, limit: int = MODULE_LIMIT) -> Optional[Path]:
         """Copy an entry's tree into ``trees`` (the driver side's own), verifying the
         copy; a corrupt entry is discarded and None returned."""
         try:
             return adopt(
-                Confined(entry.path), MODULES, entry.record.build.files, entry.record.inputs.kernel_release, trees
+                Confined(entry.path),
+                MODULES,
+                entry.record.build.files,
+                entry.record.inputs.kernel_release,
+                trees,
+                limit,
             )
         except DriverCtrError as exc:
             self.discard(entry.path, str(exc))

@@ -11,6 +11,7 @@ the same kernel; sign when a key is configured; stage the hand-off tree.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -62,8 +63,12 @@ class KbuildBuilder(Builder):
         self.log = get_logger(builder=self.name)
 
     def build(self, request: BuildRequest) -> BuildResult:
+        """Every child of the build (extraction, compiler checks, make, signing,
+        depmod) runs bound to the request's cancellation."""
+        builder = copy.copy(self)
+        builder.runner = self.runner.with_cancel(request.cancel)
         with open(str(request.log_path), "ab", buffering=0) as logf:
-            return self._build(request, logf)
+            return builder._build(request, logf)
 
     def _note(self, logf: IO[bytes], text: str) -> None:
         logf.write(("driver-ctr: %s\n" % text).encode())

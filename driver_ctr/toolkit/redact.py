@@ -8,8 +8,9 @@ from typing import Any
 REDACTED = "***"
 
 _SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|KEY|CREDENTIAL)", re.IGNORECASE)
-# scheme://user:password@host -> scheme://***@host ; also user@host.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+# Where a URL token ends: whitespace or a quote (a JSON string, a shell word).
+_TOKEN_END = re.compile(r"[\s\"'`]")
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 
 
 def is_secret_name(name: str) -> bool:
@@ -18,8 +19,38 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_url_credentials(text: str) -> str:
-    """Replace the user-info part of every URL in ``text`` with ``***``."""
-    return _URL_USERINFO.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+    """Replace the user-info of every URL in ``text`` with ``***``:
+    ``scheme://user:password@host`` -> ``scheme://***@host``.
+
+    The user-info is everything from ``://`` to the *last* ``@`` of the URL
+    token (up to whitespace or a quote), so a password holding ``@``, ``/``,
+    ``:`` or percent-escapes is hidden whole; a path holding ``@`` is hidden
+    too (more than needed, never less). Linear in the length of ``text``:
+    every character is looked at a bounded number of times.
+    """
+    if "://" not in text:
+        return text
+    out = []
+    pos = 0  # everything before pos is already in out
+    i = text.find("://")
+    while i != -1:
+        start = i
+        while start > pos and text[start - 1] in _SCHEME_CHARS:
+            start -= 1
+        body = i + 3
+        if start == i or not text[start].isalpha():
+            i = text.find("://", body)
+            continue
+        m = _TOKEN_END.search(text, body)
+        end = m.start() if m else len(text)
+        at = text.rfind("@", body, end)
+        if at != -1:
+            out.append(text[pos:body])
+            out.append(REDACTED)
+            pos = at  # keeps the "@host..."
+        i = text.find("://", end)
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def redact_value(name: str, value: Any) -> Any:

@@ -13,6 +13,7 @@ level (``DRIVER_CTR_LOG_LEVEL=debug``: a full transcript) and raises
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -41,7 +42,19 @@ class Result:
 
 
 class Runner:
-    """Runs real processes."""
+    """Runs real processes; with a cancellation (``Runner(cancel)`` or
+    :meth:`with_cancel`) every run is cancellable and none starts after a TERM.
+    Undo work (unload, unmount) uses a runner without one: it must still run
+    after the signal."""
+
+    def __init__(self, cancel: Optional["Cancellation"] = None) -> None:
+        self.cancel = cancel
+
+    def with_cancel(self, cancel: Optional["Cancellation"]) -> "Runner":
+        """This runner, with every run bound to ``cancel``."""
+        other = copy.copy(self)
+        other.cancel = cancel
+        return other
 
     def run(
         self,
@@ -63,6 +76,7 @@ class Runner:
         exits non-zero with ``check``.
         """
         args = [str(a) for a in argv]
+        cancel = cancel if cancel is not None else self.cancel
         if cancel is not None:
             cancel.check()  # nothing new starts after a TERM
         _log.debug("run", argv=args, cwd=str(cwd) if cwd else None)

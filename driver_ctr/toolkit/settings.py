@@ -31,6 +31,7 @@ NVFM_PREFIX = "NVFM_CONFIG_"
 DEFAULT_BUILD_TIMEOUT_S = 40 * 60.0
 DEFAULT_START_TIMEOUT_S = 20 * 60.0
 DEFAULT_CACHE_DIR = "/var/lib/driver-ctr/cache"
+DEFAULT_MODULE_SIZE_LIMIT = 1 << 30  # bytes: no staged file is larger (nvidia.ko: ~80 MB)
 
 _RHCOS_VERSION = re.compile(r"^\d+\.\d+\.\d+-\d+$")
 _OPENSHIFT_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
@@ -222,6 +223,7 @@ VARIABLES: Tuple[Var, ...] = (
         Var("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds),
         Var("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int, shared=True),
         Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
+        Var("DRIVER_CTR_MODULE_SIZE_LIMIT", "module_size_limit", _positive_int, shared=True),
         Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
         Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
         Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
@@ -285,6 +287,7 @@ class Settings:
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S
     max_threads: Optional[int] = None
     source_dir: str = ""
+    module_size_limit: int = DEFAULT_MODULE_SIZE_LIMIT
     cache_dir: str = DEFAULT_CACHE_DIR
     cache_keep: int = 3
     signing_key: str = ""
