@@ -73,12 +73,13 @@ def read_regular_file(path: Path, limit: int, what: str) -> bytes:
         fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ProtocolError(path, "%s cannot be opened: %s" % (what, exc.strerror)) from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ProtocolError(path, "%s is %s, not a regular file" % (what, describe_mode(st.st_mode)))
-        if st.st_size > limit:
-            raise ProtocolError(path, "%s is %d bytes, over the bound of %d" % (what, st.st_size, limit))
+        raise ProtocolError(path, "%s is %d bytes, over the bound of %d" % (what, st.st_size, limit))
+    with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ProtocolError(path, "%s grew over the bound of %d bytes while read" % (what, limit))
@@ -207,9 +208,12 @@ class Confined:
                         self.root / rel, "is a symlink where a regular file is expected (never followed)"
                     ) from None
                 raise ProtocolError(self.root / rel, exc.strerror or str(exc)) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ProtocolError(self.root / rel, "is %s where a regular file is expected" % describe_mode(st.st_mode))
         f = os.fdopen(fd, "rb")
         try:
-            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ProtocolError(
                     self.root / rel, "is %s where a regular file is expected" % describe_mode(st.st_mode)
@@ -372,7 +376,12 @@ class Confined:
         """Remove the temporary files of writers whose tag starts with ``prefix``
         (this side's earlier incarnations), in the root and one level below."""
         removed = []
-        for d in ("",) + tuple(n for n in self.listdir() if self.kind(n) == "dir"):
+        subdirs = []
+        for n in self.listdir():
+            st = self.stat(n)
+            if st is not None and stat.S_ISDIR(st.st_mode):  # a symlink here is left to whoever reads it
+                subdirs.append(n)
+        for d in [""] + subdirs:
             for n in self.listdir(d):
                 if n.startswith(".") and n.endswith(".tmp") and (".%s" % prefix) in n:
                     rel = "%s/%s" % (d, n) if d else n
