@@ -167,7 +167,7 @@ class DriverSide:
                 inputs=self.inputs.to_json(),
             )
         sh.move_aside(gen - 1)
-        payload.install(sh.path)
+        payload.install(sh)
         sh.write_settings(self.settings.shared())
 
     def _copy_drivers(self) -> None:

@@ -13,10 +13,12 @@ import importlib
 import io
 import zipfile
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Tuple
 
 from .toolkit import protocol as proto
-from .toolkit.fsio import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from .toolkit.protocol import SharedDir
 
 VENDORED = ("structlog", "elftools", "inotify_simple")
 ZIP_MAIN = (
@@ -107,7 +109,7 @@ def zipapp_bytes() -> bytes:
     return buf.getvalue()
 
 
-def install(shared_dir: Path) -> None:
-    """Write the zipapp and its launcher into the shared directory."""
-    atomic_write_bytes(shared_dir / proto.ZIPAPP, zipapp_bytes(), mode=0o644)
-    atomic_write_text(shared_dir / proto.LAUNCHER, launcher_text(), mode=0o755)
+def install(shared: "SharedDir") -> None:
+    """Write the zipapp and its launcher into the shared directory (never through a symlink)."""
+    shared.fs.write_atomic(proto.ZIPAPP, zipapp_bytes(), mode=0o644)
+    shared.fs.write_atomic(proto.LAUNCHER, launcher_text().encode(), mode=0o755)

@@ -24,6 +24,7 @@ from harness import (
 )
 
 from driver_ctr import payload
+from driver_ctr.toolkit.protocol import SharedDir
 
 TOOLKIT = REPO / "driver_ctr/toolkit"
 VENDORED_TOP = {"structlog", "elftools", "inotify_simple"}
@@ -128,7 +129,7 @@ def test_launcher_without_python_signals_broken(tmp_path):
     """No Python >= 3.9 in the DTK image: driver_toolkit_broken names the reason."""
     shared = tmp_path / "shared"
     shared.mkdir()
-    payload.install(shared)
+    payload.install(SharedDir(shared))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     for tool in ("sh", "dirname", "mv", "printf", "sleep"):
