@@ -48,3 +48,42 @@ def _cli_env(root: Path) -> dict:
     env["DRIVER_CTR_LOG_FORMAT"] = "json"
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+@pytest.fixture(name="built_template", scope="session")
+def _built_template(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """One completed hand-off (both sides, fixture modules), made once per session."""
+    from harness import (
+        RHEL_KERNEL,
+        env_for,
+        finish,
+        make_dtk_image,
+        make_fixture_modules,
+        make_shared_dir,
+        start_driver,
+        start_dtk,
+        stop,
+    )
+
+    base = tmp_path_factory.mktemp("built")
+    root = base / "root"
+    root.mkdir()
+    make_dtk_image(root)
+    mods = make_fixture_modules(base / "fixture", RHEL_KERNEL)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
+    shared = make_shared_dir(root)
+    drv, dtk = start_driver(env), start_dtk(env, shared)
+    d = finish(drv)
+    assert d.returncode == 0, d.stderr
+    stop(dtk)
+    return root, mods
+
+
+@pytest.fixture(name="built")
+def _built(built_template: tuple, root: Path) -> tuple:
+    """A completed hand-off in this test's own root (a copy of the session's): (env, shared)."""
+    from harness import copy_root, env_for, make_shared_dir
+
+    template, mods = built_template
+    copy_root(template, root)
+    return env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods)), make_shared_dir(root)

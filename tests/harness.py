@@ -257,3 +257,8 @@ def run_both(root: Path, env: Dict[str, str], timeout: float = 180):
         if dtk.poll() is None:
             stop(dtk)
     return d, finish(dtk, 10)
+
+
+def copy_root(template: Path, root: Path) -> None:
+    """A copy of a prepared temporary root (symlinks kept: they name image paths, re-rooted)."""
+    shutil.copytree(str(template), str(root), symlinks=True, dirs_exist_ok=True)

@@ -6,11 +6,9 @@ import json
 
 import pytest
 from harness import (
-    RHEL_KERNEL,
     env_for,
     finish,
     make_dtk_image,
-    make_fixture_modules,
     make_shared_dir,
     start_driver,
     start_dtk,
@@ -19,19 +17,6 @@ from harness import (
 
 from driver_ctr.toolkit import protocol as proto
 from driver_ctr.toolkit.errors import ProtocolError
-
-
-@pytest.fixture(name="built")
-def _built(root, tmp_path):
-    """A completed hand-off: returns (env, shared)."""
-    make_dtk_image(root)
-    mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
-    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
-    shared = make_shared_dir(root)
-    drv, dtk = start_driver(env), start_dtk(env, shared)
-    assert finish(drv).returncode == 0
-    stop(dtk)
-    return env, shared
 
 
 def test_malformed_release_json_is_named_and_signals_fallback(root, tmp_path):

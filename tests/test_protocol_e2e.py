@@ -296,7 +296,7 @@ def test_after_a_reboot_the_dtk_waits_for_the_new_generation_and_never_fails_it(
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     shared = make_shared_dir(root)
     dtk = start_dtk(env, shared)  # dir_prepared of generation 1 is there: it starts at once
-    time.sleep(2.0)
+    time.sleep(1.0)
     assert dtk.poll() is None, "the DTK side exited on the old generation"
     assert not (shared / "driver_build_failed").exists()
     d = finish(start_driver(env))
