@@ -262,3 +262,15 @@ def run_both(root: Path, env: Dict[str, str], timeout: float = 180):
 def copy_root(template: Path, root: Path) -> None:
     """A copy of a prepared temporary root (symlinks kept: they name image paths, re-rooted)."""
     shutil.copytree(str(template), str(root), symlinks=True, dirs_exist_ok=True)
+
+
+def nvd(env: Dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``nvidia-driver ARGS`` as a process, to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "driver_ctr", "nvidia-driver", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

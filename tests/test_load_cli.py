@@ -10,18 +10,7 @@ import time
 
 import pytest
 from conftest import REPO
-from harness import PROMPT_S, RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, make_shared_dir, run_both
-
-
-def nvd(env, *args, timeout=60):
-    return subprocess.run(
-        [sys.executable, "-m", "driver_ctr", "nvidia-driver", *args],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from harness import PROMPT_S, RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, make_shared_dir, nvd, run_both
 
 
 def test_load_without_any_build_says_where_it_looked(root):

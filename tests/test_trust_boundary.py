@@ -23,6 +23,8 @@ from harness import (
     make_dtk_image,
     make_fixture_modules,
     make_shared_dir,
+    nvd,
+    run_both,
     start_driver,
     start_dtk,
     stop,
@@ -32,16 +34,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 NV = "kernel/drivers/video"
-
-
-def _both(env, shared, timeout=60):
-    drv, dtk = start_driver(env), start_dtk(env, shared)
-    try:
-        d = finish(drv, timeout)
-    finally:
-        if dtk.poll() is None:
-            stop(dtk)
-    return d, finish(dtk, 10)
 
 
 def _outside(tmp_path, n=4):
@@ -55,14 +47,14 @@ def _outside(tmp_path, n=4):
 # -- escapes and data loss -----------------------------------------------------------
 
 
-def test_1_stale_symlink_is_replaced_not_followed(built, tmp_path):
+def test_1_stale_symlink_is_replaced_not_followed(built, root, tmp_path):
     """stale/ pointing outside: the old generation is moved into a real stale/ and
     nothing outside is moved into or deleted."""
     env, shared = built
     outside = _outside(tmp_path)
     assert not (shared / "stale").exists()  # one generation so far
     (shared / "stale").symlink_to(outside)
-    d, _ = _both(dict(env, DRIVER_CONFIG_DIGEST="other-config"), shared)  # new inputs: a new generation
+    d, _ = run_both(root, dict(env, DRIVER_CONFIG_DIGEST="other-config"))  # new inputs: a new generation
     assert d.returncode == 0, d.stderr
     assert sorted(p.name for p in outside.iterdir()) == ["keep-%d" % i for i in range(4)]
     assert (shared / "stale").is_dir() and not (shared / "stale").is_symlink()
@@ -75,7 +67,7 @@ def test_2_drivers_symlink_is_not_written_through(built, root, tmp_path):
     (root / "drivers").mkdir(exist_ok=True)
     (root / "drivers/nvidia.conf").write_text("NVreg_Test=1\n")
     (shared / "drivers").symlink_to(outside)
-    d, _ = _both(dict(env, DRIVER_CONFIG_DIGEST="other-config"), shared)
+    d, _ = run_both(root, dict(env, DRIVER_CONFIG_DIGEST="other-config"))
     assert d.returncode == 0, d.stderr
     assert not (outside / "nvidia.conf").exists()
     assert (shared / "drivers").is_dir() and not (shared / "drivers").is_symlink()
@@ -136,14 +128,7 @@ def test_7_parameter_file_that_is_not_a_regular_file_is_named(built, root, kind)
     conf = root / "drivers/nvidia.conf"
     conf.parent.mkdir(exist_ok=True)
     conf.mkdir() if kind == "dir" else os.mkfifo(conf)
-    r = subprocess.run(
-        [sys.executable, "-m", "driver_ctr", "nvidia-driver", "load"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = nvd(env, "load")
     assert r.returncode == 1
     what = "a directory" if kind == "dir" else "a FIFO"
     assert "%s: parameter file is %s, not a regular file" % (conf, what) in r.stderr
@@ -173,11 +158,11 @@ def test_8_9_malformed_flag_bodies_are_named_at_once(built, flag, body, message)
     assert "%s: %s" % (flag, message) in d.stderr
 
 
-def test_10_stale_that_is_a_regular_file_is_replaced(built):
+def test_10_stale_that_is_a_regular_file_is_replaced(built, root):
     env, shared = built
     assert not (shared / "stale").exists()  # one generation so far
     (shared / "stale").write_text("not a directory\n")
-    d, _ = _both(dict(env, DRIVER_CONFIG_DIGEST="other-config"), shared)
+    d, _ = run_both(root, dict(env, DRIVER_CONFIG_DIGEST="other-config"))
     assert d.returncode == 0, d.stderr
     assert (shared / "stale").is_dir() and list((shared / "stale").glob("gen-1-*"))
 
@@ -231,14 +216,7 @@ def test_11_a_huge_listed_file_is_hashed_in_chunks_and_bounded(built):
 
 def test_12_an_enormous_value_is_not_echoed_whole(root):
     env = env_for(root, DRIVER_VERSION="5" * 120000)
-    r = subprocess.run(
-        [sys.executable, "-m", "driver_ctr", "nvidia-driver", "status"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    r = nvd(env, "status")
     assert r.returncode == 1
     assert "(120000 characters)" in r.stderr and len(r.stderr) < 2000
 

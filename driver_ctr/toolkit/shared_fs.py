@@ -24,7 +24,7 @@ import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator, List, Optional, Tuple
+from typing import BinaryIO, Callable, Iterator, List, Optional, Tuple
 
 from .errors import ProtocolError
 
@@ -268,6 +268,18 @@ class Confined:
 
     def write_atomic(self, rel: str, data: bytes, mode: int = 0o644) -> None:
         """Temp file (tagged with this writer), fsync, rename over ``rel``, fsync the directory."""
+        self._publish(rel, lambda out: out.write(data), mode)
+
+    def copy_in(self, src: Path, rel: str, mode: int = 0o644) -> None:
+        """Copy the file ``src`` (from outside the tree) to ``rel``, streamed, atomically."""
+
+        def write(out: BinaryIO) -> None:
+            with open(str(src), "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 20)
+
+        self._publish(rel, write, mode)
+
+    def _publish(self, rel: str, write: Callable[[BinaryIO], object], mode: int) -> None:
         with self._parent(rel, create=True) as (dfd, name):
             st = self._lstat(dfd, name)
             if st is not None and stat.S_ISDIR(st.st_mode):
@@ -275,10 +287,10 @@ class Confined:
             tmp = ".%s.%s-%s.tmp" % (name, self.tag, uuid.uuid4().hex[:8])
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                with os.fdopen(fd, "wb") as out:
+                    write(out)
+                    out.flush()
+                    os.fsync(out.fileno())
                 os.chmod(tmp, mode, dir_fd=dfd)
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
             except BaseException:
@@ -288,24 +300,6 @@ class Confined:
                     pass
                 raise
             os.fsync(dfd)
-
-    def copy_in(self, src: Path, rel: str, mode: int = 0o644) -> None:
-        """Copy the file ``src`` (from outside the tree) to ``rel``, streamed through a tagged temp file."""
-        with self._parent(rel, create=True) as (dfd, name):
-            tmp = ".%s.%s-%s.tmp" % (name, self.tag, uuid.uuid4().hex[:8])
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
-            try:
-                with os.fdopen(fd, "wb") as out, open(str(src), "rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 20)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
-                raise
 
     def ensure_dir(self, rel: str) -> None:
         """``rel`` is a real directory afterwards: anything else there (a file, a
