@@ -116,7 +116,7 @@ class Confined:
         try:
             return os.open(str(self.root), _DIR_FLAGS)
         except OSError as exc:
-            raise self._error(self.root, exc, "the shared directory") from None
+            raise self._error(self.root, exc, "the tree's root") from None
 
     def _error(self, path: Path, exc: OSError, what: str = "") -> ProtocolError:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -198,31 +198,27 @@ class Confined:
 
     @contextmanager
     def open(self, rel: str, limit: Optional[int] = None) -> Iterator[BinaryIO]:
-        """A regular file opened for reading (non-blocking, never through a symlink)."""
-        with self._parent(rel) as (dfd, name):
-            try:
+        """A regular file of at most ``limit`` bytes, opened for reading
+        (non-blocking, never through a symlink)."""
+        where = self.root / rel
+        try:
+            with self._parent(rel) as (dfd, name):
                 fd = os.open(name, _FILE_FLAGS, dir_fd=dfd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise ProtocolError(
-                        self.root / rel, "is a symlink where a regular file is expected (never followed)"
-                    ) from None
-                raise ProtocolError(self.root / rel, exc.strerror or str(exc)) from None
+        except FileNotFoundError:
+            raise ProtocolError(where, "is missing") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ProtocolError(where, "is a symlink where a regular file is expected (never followed)") from None
+            raise ProtocolError(where, exc.strerror or str(exc)) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise ProtocolError(self.root / rel, "is %s where a regular file is expected" % describe_mode(st.st_mode))
-        f = os.fdopen(fd, "rb")
-        try:
-            if not stat.S_ISREG(st.st_mode):
-                raise ProtocolError(
-                    self.root / rel, "is %s where a regular file is expected" % describe_mode(st.st_mode)
-                )
-            if limit is not None and st.st_size > limit:
-                raise ProtocolError(self.root / rel, "is %d bytes, over the bound of %d" % (st.st_size, limit))
+            raise ProtocolError(where, "is %s where a regular file is expected" % describe_mode(st.st_mode))
+        if limit is not None and st.st_size > limit:
+            os.close(fd)
+            raise ProtocolError(where, "is %d bytes, over the bound of %d" % (st.st_size, limit))
+        with os.fdopen(fd, "rb") as f:
             yield f
-        finally:
-            f.close()
 
     def read_bytes(self, rel: str, limit: int = RECORD_LIMIT) -> bytes:
         with self.open(rel, limit) as f:
