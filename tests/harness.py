@@ -145,7 +145,15 @@ def start_dtk(env: Dict[str, str], shared: Path) -> subprocess.Popen:
 
 
 def finish(p: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
-    out, err = p.communicate(timeout=timeout)
+    """Wait for ``p``; past ``timeout`` it is killed (a test never leaves a process behind) and the test fails."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(
+            "%s did not end within %.0f s:\n%s" % (" ".join(map(str, p.args)), timeout, err[-3000:])
+        ) from None
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 

@@ -1,0 +1,195 @@
+"""``scripts/fetch-driver``: the NVIDIA driver ``.run`` for a version and arch, for image builds.
+
+``<base>/<version>/NVIDIA-Linux-<arch>-<version>.run``, with ``<base>`` NVIDIA's
+download site by default (``https://us.download.nvidia.com/tesla``, as NVIDIA's
+own Dockerfiles) or a mirror for air-gapped builds. The file is:
+
+- verified against a sha256 given with ``--sha256``, else the published
+  ``<file>.sha256sum`` next to it (``<hex>  <name>``); a mismatch removes it;
+- resumed after an interruption (``<name>.part`` is continued with a Range request);
+- fetched through the proxy the environment names (``HTTPS_PROXY``, ``NO_PROXY``;
+  requests reads them) and against ``--ca-bundle`` when given;
+- published by rename only once verified, executable; progress shows on a terminal.
+
+Every failure is one message: 404 (the version does not exist for this arch at
+that base), TLS, connection, checksum mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Optional, Sequence
+
+import requests
+
+from .toolkit.errors import DriverCtrError, InvalidValue
+from .toolkit.redact import redact_url_credentials
+from .toolkit.sources import run_file_name
+from .toolkit.versions import normalize_arch, parse_driver_version
+
+DEFAULT_BASE_URL = "https://us.download.nvidia.com/tesla"
+CHUNK = 64 << 10  # small enough that a cut loses little of what arrived
+TIMEOUT_S = (15.0, 60.0)  # connect, read (between bytes)
+
+
+class FetchFailed(DriverCtrError):
+    """The driver could not be fetched; the message says why and what to check."""
+
+
+@dataclass(frozen=True)
+class Request:
+    version: str
+    arch: str  # x86_64 or aarch64
+    base_url: str = DEFAULT_BASE_URL
+    sha256: str = ""
+    dest_dir: Path = Path(".")
+    ca_bundle: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return run_file_name(self.arch, self.version)
+
+    @property
+    def url(self) -> str:
+        return "%s/%s/%s" % (self.base_url.rstrip("/"), self.version, self.name)
+
+
+def _get(session: requests.Session, req: Request, url: str, **kw: object) -> requests.Response:
+    try:
+        return session.get(url, timeout=TIMEOUT_S, verify=req.ca_bundle or True, **kw)  # type: ignore[arg-type]
+    except requests.exceptions.SSLError as exc:
+        raise FetchFailed(
+            "TLS verification failed for %s: %s (a mirror with its own CA: --ca-bundle)"
+            % (redact_url_credentials(url), _reason(exc))
+        ) from None
+    except requests.exceptions.ProxyError as exc:
+        raise FetchFailed("the proxy refused %s: %s" % (redact_url_credentials(url), _reason(exc))) from None
+    except requests.exceptions.RequestException as exc:
+        raise FetchFailed("cannot reach %s: %s" % (redact_url_credentials(url), _reason(exc))) from None
+
+
+def _reason(exc: BaseException) -> str:
+    return redact_url_credentials(str(exc).splitlines()[0])[:300]
+
+
+def published_sha256(session: requests.Session, req: Request) -> str:
+    url = req.url + ".sha256sum"
+    r = _get(session, req, url)
+    if r.status_code == 404:
+        raise FetchFailed(
+            "no checksum to verify against: %s is not published; give the driver's sha256 with "
+            "--sha256" % redact_url_credentials(url)
+        )
+    if r.status_code != 200:
+        raise FetchFailed("%s answered %d" % (redact_url_credentials(url), r.status_code))
+    words = r.text.split()
+    if not words or len(words[0]) != 64:
+        raise FetchFailed('%s does not hold a sha256 ("<hex>  <name>")' % redact_url_credentials(url))
+    return words[0].lower()
+
+
+def _progress(out: Optional[IO[str]], done: int, total: Optional[int], started: float) -> None:
+    if out is None:
+        return
+    rate = done / max(time.monotonic() - started, 1e-3) / (1 << 20)
+    if total:
+        out.write("\r%s: %5.1f%% of %d MiB, %.1f MiB/s " % ("fetch", 100.0 * done / total, total >> 20, rate))
+    else:
+        out.write("\r%s: %d MiB, %.1f MiB/s " % ("fetch", done >> 20, rate))
+    out.flush()
+
+
+def fetch(req: Request, session: Optional[requests.Session] = None, progress: Optional[IO[str]] = None) -> Path:
+    """Download, verify and publish the ``.run``; returns its path."""
+    session = session or requests.Session()
+    want = req.sha256.lower() or published_sha256(session, req)
+    req.dest_dir.mkdir(parents=True, exist_ok=True)
+    final = req.dest_dir / req.name
+    part = req.dest_dir / (req.name + ".part")
+    have = part.stat().st_size if part.is_file() else 0
+    headers = {"Range": "bytes=%d-" % have} if have else {}
+    r = _get(session, req, req.url, headers=headers, stream=True)
+    with r:
+        if r.status_code == 404:
+            raise FetchFailed(
+                "driver %s does not exist for %s at %s (404): check the version and the arch"
+                % (req.version, req.arch, redact_url_credentials(req.url))
+            )
+        if r.status_code in (206, 416) and have:  # continued, or the part is already whole
+            mode = "ab"
+        elif r.status_code == 200:
+            have, mode = 0, "wb"  # no resume from this server: start again
+        else:
+            raise FetchFailed("%s answered %d %s" % (redact_url_credentials(req.url), r.status_code, r.reason))
+        total = None
+        if r.status_code != 416 and r.headers.get("Content-Length", "").isdigit():
+            total = have + int(r.headers["Content-Length"])
+        started = time.monotonic()
+        done = have
+        try:
+            with open(part, mode) as f:
+                if r.status_code != 416:
+                    for chunk in r.iter_content(CHUNK):
+                        f.write(chunk)
+                        done += len(chunk)
+                        _progress(progress, done, total, started)
+        except requests.exceptions.RequestException as exc:
+            raise FetchFailed(
+                "the download of %s broke off after %d bytes (%s); run again to resume" % (req.name, done, _reason(exc))
+            ) from None
+    if progress is not None:
+        progress.write("\n")
+    if total is not None and done != total:
+        raise FetchFailed(
+            "the download of %s ended after %d of %d bytes; run again to resume" % (req.name, done, total)
+        )
+    got = _sha256(part)
+    if got != want:
+        part.unlink()
+        raise FetchFailed("sha256 of %s is %s, expected %s: the file was removed" % (req.name, got, want))
+    part.chmod(0o755)
+    os.replace(str(part), str(final))
+    return final
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="fetch-driver", description=__doc__.split("\n\n")[0])
+    p.add_argument("version", help="driver version, e.g. 535.261.03")
+    p.add_argument("--arch", default=os.uname().machine, help="x86_64/amd64 or aarch64/arm64 (default: this machine)")
+    p.add_argument(
+        "--base-url",
+        default=os.environ.get("DRIVER_BASE_URL", DEFAULT_BASE_URL),
+        help="where <version>/NVIDIA-Linux-<arch>-<version>.run lives (default %(default)s)",
+    )
+    p.add_argument("--sha256", default="", help="the expected sha256 (default: the published <file>.sha256sum)")
+    p.add_argument("-o", "--output-dir", default=".", help="where to put the .run (default: .)")
+    p.add_argument("--ca-bundle", default=None, help="CA bundle for a mirror with its own certificate authority")
+    a = p.parse_args(argv)
+    try:
+        version = parse_driver_version(a.version).raw
+        arch = normalize_arch(a.arch)
+        if a.sha256 and (len(a.sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in a.sha256)):
+            raise InvalidValue("--sha256", a.sha256, "64 hexadecimal digits")
+        path = fetch(
+            Request(version, arch, a.base_url, a.sha256, Path(a.output_dir), a.ca_bundle),
+            progress=sys.stderr if sys.stderr.isatty() else None,
+        )
+    except DriverCtrError as exc:
+        sys.stderr.write("fetch-driver: %s\n" % exc)
+        return 1
+    sys.stdout.write("%s\n" % path)
+    return 0
