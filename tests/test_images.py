@@ -1,0 +1,74 @@
+"""images/: the Containerfiles lint clean, say what the reference's image says, and the DTK stand-in runs
+the operator's exact DTK command; the slow test runs scripts/podman-e2e (both images built, the real 535
+modules built in the DTK container and verified by the driver container, the host cache, a broken DTK)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from conftest import REPO, need_tool
+
+CONTAINERFILES = sorted(REPO.glob("images/*/Containerfile"))
+GOLDEN = REPO / "tests/data/gpu-operator-golden-driver-openshift-drivertoolkit.yaml"
+
+
+def _instruction(path, name):
+    """The JSON argument of the last ``NAME [...]`` instruction."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith(name + " ")]
+    return json.loads(lines[-1][len(name) + 1 :])
+
+
+def test_every_containerfile_lints_clean():
+    hadolint = need_tool("hadolint")
+    assert {p.parent.name for p in CONTAINERFILES} == {"debian12", "rhel9", "dtk-standin"}
+    r = subprocess.run([hadolint, *map(str, CONTAINERFILES)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_top_level_containerfile_is_the_ubi9_image():
+    top = REPO / "Containerfile"
+    assert top.resolve() == (REPO / "images/rhel9/Containerfile").resolve()
+    assert "STUB" not in top.read_text()
+
+
+@pytest.mark.parametrize("distro", ["debian12", "rhel9"])
+def test_driver_images_start_like_the_reference(distro):
+    path = REPO / "images" / distro / "Containerfile"
+    assert _instruction(path, "ENTRYPOINT") == ["nvidia-driver"] and _instruction(path, "CMD") == ["init"]
+    text = path.read_text()
+    assert "COPY drivers/ /drivers/" in text and re.search(r"PATH=/opt/driver-ctr/bin:", text)
+    assert "--no-index" in text  # the image build needs no package index: wheels come in the context
+
+
+def test_the_dtk_standin_runs_the_operators_exact_command():
+    ds = next(d for d in yaml.safe_load_all(GOLDEN.read_text()) if d and d["kind"] == "DaemonSet")
+    dtk = next(c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "openshift-driver-toolkit-ctr")
+    assert _instruction(REPO / "images/dtk-standin/Containerfile", "CMD") == dtk["command"] + dtk["args"]
+
+
+def _podman_works() -> str:
+    """'' when podman can build and run here, else why not."""
+    if not shutil.which("podman"):
+        return "podman is not installed (scripts/test installs it)"
+    env = {"CONTAINERS_CONF": str(REPO / "images/podman/containers.conf"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    r = subprocess.run(["podman", "info"], capture_output=True, text=True, env=env)
+    return "" if r.returncode == 0 else "podman cannot run here: %s" % (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
+@pytest.mark.slow
+def test_podman_e2e():
+    why = _podman_works()
+    if why:
+        pytest.skip(why)
+    r = subprocess.run([str(REPO / "scripts/podman-e2e")], capture_output=True, text=True, timeout=3600)
+    print(r.stdout[-3000:])
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "all scenarios passed" in r.stdout
+    assert re.search(r"^build\s+built by the DTK container, verified: .*nvidia\.ko", r.stdout, re.M)
+    assert re.search(r"^cache\s+served from the host cache, no build", r.stdout, re.M)
+    assert re.search(r"^broken\s+broken DTK", r.stdout, re.M)
