@@ -55,7 +55,11 @@ def _podman_works() -> str:
     """'' when podman can build and run here, else why not."""
     if not shutil.which("podman"):
         return "podman is not installed (scripts/test installs it)"
-    env = {"CONTAINERS_CONF": str(REPO / "images/podman/containers.conf"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = {
+        "CONTAINERS_CONF": str(REPO / "images/podman/containers.conf"),
+        "CONTAINERS_STORAGE_CONF": str(REPO / "images/podman/storage.conf"),
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+    }
     r = subprocess.run(["podman", "info"], capture_output=True, text=True, env=env)
     return "" if r.returncode == 0 else "podman cannot run here: %s" % (r.stderr.strip().splitlines() or ["?"])[-1]
 
