@@ -124,9 +124,12 @@ def make_shared_dir(root: Path) -> Path:
     return d
 
 
-def start_driver(env: Dict[str, str], *extra: str) -> subprocess.Popen:
+def start_driver(env: Dict[str, str], *extra: str, dry_run: bool = True) -> subprocess.Popen:
+    """``nv-ctr-run-with-dtk`` as a process; with ``dry_run`` it stops after verifying the hand-off."""
     return subprocess.Popen(
-        [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk", "--dry-run", *extra],
+        [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk"]
+        + (["--dry-run"] if dry_run else [])
+        + list(extra),
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,

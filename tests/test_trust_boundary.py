@@ -288,14 +288,7 @@ def test_15_not_ready_is_written_before_waiting_for_the_dtk(root):
     status.write_text("Ready\n")
     env = env_for(root, DRIVER_CONFIG_DIGEST="another-digest")
     shared = make_shared_dir(root)
-    drv = subprocess.Popen(
-        [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    drv = start_driver(env, dry_run=False)
     wait_for_file(shared / "dir_prepared")
     assert status.read_text() == "NotReady\n"
     assert stop(drv) < PROMPT_S and drv.returncode == 0
@@ -360,14 +353,7 @@ def test_17_sigterm_during_the_userspace_install_starts_nothing_after(built, roo
         (bindir / tool).write_text('#!/bin/sh\necho %s "$@" >> %s\n' % (tool, root.parent / "ran"))
         (bindir / tool).chmod(0o755)
     env = dict(env, PATH="%s:%s" % (bindir, env["PATH"]))
-    drv = subprocess.Popen(
-        [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    drv = start_driver(env, dry_run=False)
     wait_for_file(root / "drivers/calls", timeout=60)
     assert stop(drv) < PROMPT_S and drv.returncode == 0
     ran = (root.parent / "ran").read_text() if (root.parent / "ran").exists() else ""
