@@ -8,8 +8,9 @@ or a :class:`Miss` saying why not:
 3. (precompiled bundles carried by the image: the ``build``/``update -k`` issue);
 4. ``local_build``       a build in this container, when the node kernel's tree is here;
 5. ``dtk_build``         the two-container protocol (``driver_side``);
-6. ``fallback_build``    the entitlement-based build (the fallback issue): today
-   the one place that raises :class:`FallbackRequired`.
+6. ``fallback_build``    the entitlement-based build: install the node kernel's trees here
+   (``fallback/``: apt today, dnf next), then ``local_build``; the one place that raises
+   :class:`FallbackRequired`.
 
 The orders: ``nvidia-driver load`` takes 1, 2; ``init`` takes 1, 2, 4, then 6;
 ``nv-ctr-run-with-dtk`` takes 2 (handed over to the DTK side), 5, then 6.
@@ -23,7 +24,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, NoReturn, Optional, Union
+from typing import Callable, List, Optional, Union
 
 from .driver_side import DriverSide, FallbackReason
 from .toolkit import protocol as proto
@@ -32,12 +33,11 @@ from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, Prot
 from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import HostCache, store_build
 from .toolkit.log import Logger, first_line, get_logger, phase
+from .toolkit.runner import Runner
 from .toolkit.settings import Settings
 from .toolkit.shared_fs import Confined
 from .toolkit.signing import Signing, signing_fingerprint
 from .toolkit.waiting import Cancellation
-
-FALLBACK_NOTE = "the entitlement-based build in the driver container (not implemented yet: the fallback issue)"
 
 
 @dataclass(frozen=True)
@@ -159,17 +159,35 @@ def dtk_build(src: Sources) -> ModuleTree:
             return ModuleTree(handed.tree, src.kernel, "host cache")
     handoff = side.build()
     if handoff.fallback is not None:
-        fallback_build(src, handoff.fallback)
+        return fallback_build(src, handoff.fallback)
     assert handoff.manifest is not None and handoff.manifest.build is not None and handoff.tree is not None
     store_build(src.cache, src.inputs, handoff.manifest.build, handoff.tree, src.log)
     return ModuleTree(handoff.tree, src.kernel, "dtk")
 
 
-def fallback_build(src: Sources, reason: FallbackReason) -> NoReturn:
-    """The entitlement-based build: the next issue installs the kernel's build
-    tree and builds here. Until then, the one clear error."""
-    src.log.warning("falling back to the entitlement-based build", why=reason.why, reasons=list(reason.reasons))
-    raise FallbackRequired("%s: falling back to %s" % (reason.why, FALLBACK_NOTE), reason.reasons)
+def fallback_build(src: Sources, reason: FallbackReason, max_jobs: Optional[int] = None) -> ModuleTree:
+    """The entitlement-based build: the node kernel's trees installed here by the
+    package manager of the node's OS, then the same kbuild builder; the build is
+    stored in the host cache like any other, so the next start needs no package
+    manager. The reason is logged once, with NVIDIA's support note."""
+    from .fallback import SUPPORT_NOTE, FallbackFailed, install_kernel_tree
+
+    src.log.warning(
+        "falling back to the entitlement-based build",
+        why=reason.why,
+        reasons=list(reason.reasons),
+        decision=reason.decision,
+        note=SUPPORT_NOTE,
+    )
+    try:
+        install_kernel_tree(src.settings, src.kernel, Runner(src.cancel), src.log)
+    except (FallbackFailed, ProtocolError) as exc:
+        raise FallbackRequired(
+            "%s: falling back to the entitlement-based build, which cannot install the kernel's "
+            "build tree: %s" % (reason.why, exc),
+            reason.reasons,
+        ) from None
+    return local_build(src, max_jobs)
 
 
 # -- the orders ---------------------------------------------------------------------
@@ -209,12 +227,10 @@ def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) 
     try:
         return local_build(src, max_jobs)
     except NoKernelTree as exc:
-        fallback_build(
-            src,
-            FallbackReason(
-                "no build for kernel %s and no kernel build tree in this container" % src.kernel, (exc.message,)
-            ),
+        reason = FallbackReason(
+            "no build for kernel %s and no kernel build tree in this container" % src.kernel, (exc.message,)
         )
+        return fallback_build(src, reason, max_jobs)
 
 
 def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
@@ -222,7 +238,7 @@ def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
     serves), unless the operator says there is no DTK for this RHCOS."""
     src = Sources(settings, cancel)
     if settings.rhcos_image_missing:
-        fallback_build(
+        return fallback_build(
             src, FallbackReason("RHCOS %r image tag missing in the driver-toolkit imagestream" % settings.rhcos_version)
         )
     return dtk_build(src)

@@ -225,6 +225,7 @@ VARIABLES: Tuple[Var, ...] = (
         Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
         Var("DRIVER_CTR_MODULE_SIZE_LIMIT", "module_size_limit", _positive_int, shared=True),
         Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
+        Var("DRIVER_CTR_LOCAL_REPO", "local_repo", _abs_path, host_path=True),
         Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
         Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
         Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
@@ -289,6 +290,7 @@ class Settings:
     source_dir: str = ""
     module_size_limit: int = DEFAULT_MODULE_SIZE_LIMIT
     cache_dir: str = DEFAULT_CACHE_DIR
+    local_repo: str = ""
     cache_keep: int = 3
     signing_key: str = ""
     signing_cert: str = ""

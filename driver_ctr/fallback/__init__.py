@@ -1,0 +1,92 @@
+"""The entitlement-based fallback: install the node kernel's build tree here, then build.
+
+When the Driver Toolkit cannot build (or there is none), the driver container installs the node
+kernel's build tree and module tree from the distribution's repositories, so that
+``/lib/modules/<kver>`` looks like a DTK image's, and the same kbuild builder runs. The broken-DTK
+decision (``dtk_decision.inspect_dtk``) is the post-check: "installed but still unusable" is said
+with the same words.
+
+One backend per file, chosen from the node's OS (``/host-etc/os-release``): ``apt`` (Debian,
+Ubuntu). The dnf backend (RHEL, RHCOS, with entitlement certificates) is the next step of the
+fallback issue. ``DRIVER_CTR_LOCAL_REPO`` (a directory of packages, e.g. a hostPath) is used first,
+with no network.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+from ..toolkit.dtk_decision import inspect_dtk
+from ..toolkit.errors import CommandFailed, InvalidValue
+from ..toolkit.log import Logger
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
+from ..toolkit.versions import parse_kernel_release
+from .apt import AptBackend
+from .base import FallbackFailed, PackageManager
+from .node_os import NodeOS, read_node_os
+
+SUPPORT_NOTE = (
+    "NVIDIA does not support entitled builds on OpenShift 4.10 and later; the Driver Toolkit is the supported "
+    "path: fix the DTK (see the reasons) when you can"
+)
+__all__ = ["FallbackFailed", "PackageManager", "install_kernel_tree", "SUPPORT_NOTE"]
+
+
+def node_family(settings: Settings, kernel: str) -> str:
+    """``debian`` or ``rhel``: from the node's os-release when mounted, else from the kernel release."""
+    path = settings.paths.host_os_release
+    if path.exists() or path.is_symlink():
+        return read_node_os(path).family()
+    try:
+        distro = parse_kernel_release(kernel).distro
+    except InvalidValue:
+        return ""
+    return NodeOS(id=distro).family() or ("rhel" if distro in ("rhel", "rhcos") else "")
+
+
+def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) -> PackageManager:
+    family = node_family(settings, kernel)
+    if family == "debian":
+        local = settings.host_path("local_repo")
+        # the container's environment, proxies included (apt reads http_proxy/https_proxy), in the C locale
+        env = dict(os.environ, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
+        return AptBackend(settings.paths.host("/"), runner, env, log, local)
+    if family == "rhel":
+        raise FallbackFailed(
+            "the dnf backend (RHEL and RHCOS nodes, with entitlement certificates) is not "
+            "implemented yet: the next step of the fallback issue"
+        )
+    raise FallbackFailed(
+        "no package-manager backend for this node (os-release %s, kernel %s)" % (settings.paths.host_os_release, kernel)
+    )
+
+
+def install_kernel_tree(settings: Settings, kernel: str, runner: Runner, log: Logger) -> List[str]:
+    """Make ``/lib/modules/<kernel>`` look like a DTK image's: the node-local repository first
+    (no network), else the configured sources; ``depmod``; then the DTK decision's own check of
+    the build tree. Returns the packages installed."""
+    backend = backend_for(settings, kernel, runner, log)
+    why = backend.available()
+    if why:
+        raise FallbackFailed("the %s backend cannot run: %s" % (backend.name, why))
+    names = backend.local_kernel_packages(kernel) if isinstance(backend, AptBackend) else []
+    if names:
+        log.info("the node-local repository holds the kernel's packages: no network", packages=names)
+    else:
+        backend.refresh()
+        names = backend.kernel_packages(kernel)
+    installed = backend.install(names)
+    paths = settings.paths
+    try:
+        runner.run(["depmod", "-b", str(paths.host("/")), kernel], timeout=600)
+    except CommandFailed as exc:
+        raise FallbackFailed("depmod for %s after unpacking failed: %s" % (kernel, exc.summary)) from None
+    facts = inspect_dtk(paths, kernel)
+    if facts.build_tree is None:
+        raise FallbackFailed(
+            "installed %s, but the kernel build tree is still unusable: %s"
+            % (", ".join(installed), facts.build_tree_problem)
+        )
+    return installed

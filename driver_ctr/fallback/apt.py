@@ -1,0 +1,144 @@
+"""The apt backend (Debian, Ubuntu nodes): the kernel's headers and modules, unpacked into the root.
+
+Packages: ``linux-headers-<kver>`` and what it needs of its own kind (``linux-headers-<…>-common``,
+``linux-kbuild-<…>``), and the module tree: ``linux-modules-<kver>`` on Ubuntu, ``linux-image-<kver>`` on
+Debian. They are fetched with ``apt-get download`` (or taken from the node-local repository) and unpacked
+with ``dpkg-deb -x``: never installed as a boot kernel, no maintainer scripts, no initramfs. Existing
+symlinked directories of the root (a merged-usr ``/lib -> usr/lib``) are kept.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from ..toolkit.errors import CommandFailed
+from ..toolkit.log import Logger
+from ..toolkit.runner import Runner
+from .base import FallbackFailed, PackageManager
+
+_OWN_KIND = re.compile(r"^linux-(headers|kbuild)-")
+LIKELY_CAUSE = (
+    "the node runs a kernel the configured sources do not carry: the archive keeps only the current kernel "
+    "ABI (an older point release is gone; snapshot.debian.org has it), or a mirror lags; or give the packages "
+    "in a node-local repository (DRIVER_CTR_LOCAL_REPO)"
+)
+
+
+class AptBackend(PackageManager):
+    name = "apt"
+
+    def __init__(
+        self, root: Path, runner: Runner, env: Mapping[str, str], log: Logger, local_repo: Optional[Path] = None
+    ) -> None:
+        self.root = root
+        self.runner = runner
+        self.env = dict(env)
+        self.log = log
+        self.local_repo = local_repo
+        self._local: Optional[Dict[str, Path]] = None
+
+    def available(self) -> str:
+        missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb") if not shutil.which(t)]
+        return "" if not missing else "%s not installed in this image" % ", ".join(missing)
+
+    def refresh(self) -> None:
+        try:
+            self.runner.run(["apt-get", "update", "-q"], env=self.env, timeout=900)
+        except CommandFailed as exc:
+            raise FallbackFailed(
+                "apt-get update failed (the sources, the proxy or the network): %s" % exc.summary
+            ) from None
+
+    # -- the node-local repository ---------------------------------------------------
+
+    def local_packages(self) -> Dict[str, Path]:
+        """Package name -> .deb of the node-local repository (read once)."""
+        if self._local is None:
+            self._local = {}
+            if self.local_repo is not None and self.local_repo.is_dir():
+                for deb in sorted(self.local_repo.glob("*.deb")):
+                    name = self.runner.run(["dpkg-deb", "-f", str(deb), "Package"], timeout=60).stdout.strip()
+                    self._local[name] = deb
+        return self._local
+
+    def local_kernel_packages(self, kernel: str) -> List[str]:
+        """The kernel's packages when the local repository holds them all (headers and modules), else []."""
+        local = self.local_packages()
+        headers = "linux-headers-" + kernel
+        modules = [n for n in ("linux-modules-" + kernel, "linux-image-" + kernel) if n in local]
+        if headers not in local or not modules:
+            return []
+        own = sorted(n for n in local if _OWN_KIND.match(n) and n != headers)
+        return [headers] + own + modules[:1]
+
+    # -- the configured sources --------------------------------------------------------
+
+    def _exists(self, name: str) -> bool:
+        r = self.runner.run(["apt-cache", "show", "--no-all-versions", name], env=self.env, timeout=120, check=False)
+        return r.returncode == 0 and bool(r.stdout.strip())
+
+    def kernel_packages(self, kernel: str) -> List[str]:
+        headers = "linux-headers-" + kernel
+        if not self._exists(headers):
+            raise FallbackFailed(
+                "no package %s in apt's configured sources (after apt-get update); likely cause: %s"
+                % (headers, LIKELY_CAUSE)
+            )
+        r = self.runner.run(
+            [
+                "apt-cache",
+                "depends",
+                "--no-recommends",
+                "--no-suggests",
+                "--no-conflicts",
+                "--no-breaks",
+                "--no-replaces",
+                "--no-enhances",
+                headers,
+            ],
+            env=self.env,
+            timeout=120,
+        )
+        own = [
+            line.split(":", 1)[1].strip()
+            for line in r.stdout.splitlines()
+            if line.strip().startswith("Depends:") and _OWN_KIND.match(line.split(":", 1)[1].strip())
+        ]
+        modules = next((n for n in ("linux-modules-" + kernel, "linux-image-" + kernel) if self._exists(n)), None)
+        if modules is None:
+            raise FallbackFailed(
+                "no package with the modules of %s (linux-modules-%s or linux-image-%s) in apt's "
+                "configured sources; likely cause: %s" % (kernel, kernel, kernel, LIKELY_CAUSE)
+            )
+        return [headers] + sorted(set(own)) + [modules]
+
+    # -- installing ----------------------------------------------------------------------
+
+    def install(self, names: Sequence[str]) -> List[str]:
+        local = self.local_packages()
+        with tempfile.TemporaryDirectory(prefix="driver-ctr-apt-") as t:
+            work = Path(t)
+            fetch = [n for n in names if n not in local]
+            if fetch:
+                try:
+                    self.runner.run(["apt-get", "download", "-q", *fetch], cwd=str(work), env=self.env, timeout=1800)
+                except CommandFailed as exc:
+                    raise FallbackFailed("apt-get download %s failed: %s" % (" ".join(fetch), exc.summary)) from None
+            debs = [local[n] for n in names if n in local] + sorted(work.glob("*.deb"))
+            for deb in debs:
+                staging = work / "x"
+                self.runner.run(["dpkg-deb", "-x", str(deb), str(staging)], timeout=600)
+                # into the root, through its symlinked directories (merged-usr /lib -> usr/lib kept)
+                shutil.copytree(str(staging), str(self.root), symlinks=True, dirs_exist_ok=True)
+                shutil.rmtree(str(staging))
+            self.log.info(
+                "kernel packages unpacked",
+                packages=list(names),
+                root=str(self.root),
+                from_local_repo=[n for n in names if n in local],
+            )
+        return list(names)

@@ -1,0 +1,33 @@
+"""What every package-manager backend offers (in the shape of cloud-init's PackageManager)."""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+from ..toolkit.errors import DriverCtrError
+
+
+class FallbackFailed(DriverCtrError):
+    """The fallback could not install the kernel's build tree; the message says what was tried."""
+
+
+class PackageManager:
+    """One backend: which node OSes it serves, and how it gets a kernel's trees into the root."""
+
+    name = "abstract"
+
+    def available(self) -> str:
+        """'' when this backend can run here, else why not."""
+        raise NotImplementedError
+
+    def refresh(self) -> None:
+        """Update the package index from the configured sources."""
+        raise NotImplementedError
+
+    def kernel_packages(self, kernel: str) -> List[str]:
+        """The packages that hold ``kernel``'s build tree and module tree."""
+        raise NotImplementedError
+
+    def install(self, names: Sequence[str]) -> List[str]:
+        """Put ``names`` into the root (unpacked, never as a boot kernel); returns what was installed."""
+        raise NotImplementedError

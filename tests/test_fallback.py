@@ -1,0 +1,187 @@
+"""The entitlement-based fallback (issue 12, first part: the apt backend and the node-local repository).
+
+The node kernel's trees are installed into the container's root by the node OS's package manager, then
+the same kbuild builder runs. Fast tests use real .debs built at test time (dpkg-deb) in a node-local
+repository (no network); the slow one fetches a real Debian kernel's packages from the archive and runs
+``nvidia-driver init`` end to end up to this machine's kernel refusing modules.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import List
+
+import pytest
+from conftest import need_tool
+from fakes import FakeRunner
+from harness import copy_fixture_sources, env_for, installed_kernel, nvd
+
+from driver_ctr.fallback import backend_for, install_kernel_tree, node_family
+from driver_ctr.fallback.apt import AptBackend
+from driver_ctr.fallback.base import FallbackFailed
+from driver_ctr.fallback.node_os import NodeOS, parse_os_release
+from driver_ctr.toolkit.log import get_logger
+from driver_ctr.toolkit.runner import Runner
+from driver_ctr.toolkit.settings import Settings
+
+DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
+UBUNTU = 'NAME="Ubuntu"\nID=ubuntu\nID_LIKE=debian\nVERSION_ID="22.04"\n'
+RHCOS = 'NAME="Red Hat Enterprise Linux CoreOS"\nID="rhcos"\nID_LIKE="rhel fedora"\nVERSION_ID="4.16"\n'
+
+
+def _settings(root: Path, **env: str) -> Settings:
+    return Settings.from_env(
+        dict({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "DRIVER_CTR_ROOT": str(root)}, **env)
+    )
+
+
+class Recording(Runner):
+    """The real runner, remembering every argv (to show what did not run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.argvs: List[List[str]] = []
+
+    def run(self, argv, **kw):  # type: ignore[override]
+        self.argvs.append([str(a) for a in argv])
+        return super().run(argv, **kw)
+
+
+@pytest.mark.parametrize("text, family", [(DEBIAN, "debian"), (UBUNTU, "debian"), (RHCOS, "rhel"), ('ID="sles"\n', "")])
+def test_the_node_os_decides_the_backend_family(text, family):
+    f = parse_os_release(text)
+    assert NodeOS(f.get("ID", ""), f.get("VERSION_ID", ""), tuple(f.get("ID_LIKE", "").split())).family() == family
+
+
+def test_without_os_release_the_kernel_release_decides(root):
+    s = _settings(root)
+    assert node_family(s, "6.1.0-57-amd64") == "debian"
+    assert node_family(s, "5.14.0-427.13.1.el9_4.x86_64") == "rhel"
+    with pytest.raises(FallbackFailed, match="the dnf backend .* is not implemented yet"):
+        backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger())
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(UBUNTU)
+    assert isinstance(backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger()), AptBackend)
+
+
+def test_apt_picks_the_headers_their_own_kind_and_the_module_package():
+    k = "6.1.0-57-amd64"
+    fake = FakeRunner()
+    fake.expect(("apt-cache", "show", "--no-all-versions", "linux-headers-" + k), stdout="Package: linux-headers\n")
+    fake.expect(
+        ("apt-cache", "depends"),
+        stdout="linux-headers-%s\n  Depends: linux-headers-6.1.0-57-common\n"
+        "  Depends: linux-kbuild-6.1\n  Depends: linux-compiler-gcc-12-x86\n" % k,
+    )
+    fake.expect(("apt-cache", "show", "--no-all-versions", "linux-modules-" + k), returncode=100)
+    fake.expect(("apt-cache", "show", "--no-all-versions", "linux-image-" + k), stdout="Package: linux-image\n")
+    apt = AptBackend(Path("/nonexistent"), fake, {}, get_logger())
+    assert apt.kernel_packages(k) == [
+        "linux-headers-" + k,
+        "linux-headers-6.1.0-57-common",
+        "linux-kbuild-6.1",
+        "linux-image-" + k,
+    ]
+
+
+def test_a_kernel_the_sources_do_not_carry_is_named_with_the_likely_cause():
+    fake = FakeRunner()
+    fake.expect(("apt-cache", "show"), returncode=100)
+    with pytest.raises(FallbackFailed) as exc:
+        AptBackend(Path("/nonexistent"), fake, {}, get_logger()).kernel_packages("6.1.0-12-amd64")
+    msg = str(exc.value)
+    assert "no package linux-headers-6.1.0-12-amd64 in apt's configured sources" in msg
+    assert "snapshot.debian.org" in msg and "DRIVER_CTR_LOCAL_REPO" in msg
+
+
+def _deb(repo: Path, name: str, files: dict, links: dict = None) -> None:
+    """A real .deb holding ``files`` (path -> text) and ``links`` (path -> target)."""
+    tree = repo / ("build-" + name)
+    for rel, text in files.items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text(text)
+    for rel, target in (links or {}).items():
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).symlink_to(target)
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN/control").write_text(
+        "Package: %s\nVersion: 1.0\nArchitecture: amd64\nMaintainer: test <t@t>\n"
+        "Description: driver-ctr test package\n" % name
+    )
+    subprocess.run(
+        ["dpkg-deb", "--build", "--root-owner-group", str(tree), str(repo / (name + ".deb"))],
+        check=True,
+        capture_output=True,
+    )
+    shutil.rmtree(tree)
+
+
+def test_the_node_local_repository_is_used_first_with_no_network(root, tmp_path):
+    need_tool("dpkg-deb")
+    k = "6.1.0-99-amd64"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _deb(
+        repo,
+        "linux-headers-" + k,
+        {"usr/src/linux-headers-%s/Makefile" % k: "# kbuild\n"},
+        {"lib/modules/%s/build" % k: "/usr/src/linux-headers-" + k},
+    )
+    _deb(repo, "linux-headers-6.1.0-99-common", {"usr/src/linux-headers-6.1.0-99-common/Makefile": "# common\n"})
+    _deb(repo, "linux-image-" + k, {"lib/modules/%s/modules.builtin" % k: "", "lib/modules/%s/modules.order" % k: ""})
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    runner = Recording()
+    s = _settings(root, DRIVER_CTR_LOCAL_REPO="/repo")
+    shutil.move(str(repo), str(root / "repo"))  # a hostPath: re-rooted like every host path
+    installed = install_kernel_tree(s, k, runner, get_logger())
+    assert installed == ["linux-headers-" + k, "linux-headers-6.1.0-99-common", "linux-image-" + k]
+    assert (root / "lib/modules" / k / "modules.dep").is_file()  # depmod ran on the unpacked tree
+    assert (root / "usr/src/linux-headers-6.1.0-99-common/Makefile").is_file()
+    assert not [a for a in runner.argvs if a[0].startswith("apt")], runner.argvs  # no index, no download
+
+
+def test_a_tree_still_unusable_after_install_is_said_with_the_dtk_decisions_words(root, tmp_path):
+    need_tool("dpkg-deb")
+    k = "6.1.0-98-amd64"
+    repo = root / "repo"
+    repo.mkdir()
+    _deb(
+        repo,
+        "linux-headers-" + k,
+        {"usr/src/linux-headers-%s/README" % k: "no Makefile\n"},
+        {"lib/modules/%s/build" % k: "/usr/src/linux-headers-" + k},
+    )
+    _deb(repo, "linux-image-" + k, {"lib/modules/%s/modules.builtin" % k: ""})
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    with pytest.raises(FallbackFailed) as exc:
+        install_kernel_tree(_settings(root, DRIVER_CTR_LOCAL_REPO="/repo"), k, Runner(), get_logger())
+    assert "the kernel build tree is still unusable" in str(exc.value) and "has no Makefile" in str(exc.value)
+
+
+@pytest.mark.slow
+@pytest.mark.kbuild
+def test_init_falls_back_to_apt_for_a_real_debian_kernel_and_builds(root, tmp_path):
+    """No kernel tree in the container: init installs the node kernel's headers and modules from
+    Debian's archive (apt-get download, unpacked), builds against them and reaches the load, which
+    this machine's kernel refuses."""
+    need_tool("apt-get")
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")  # the archive's current 6.1: its packages are there
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    src = copy_fixture_sources(tmp_path / "src")
+    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path))
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    r = nvd(env, "init", "-m", "1", timeout=1800)
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = r.stderr
+    assert "falling back to the entitlement-based build" in err and "NVIDIA does not support entitled builds" in err
+    unpacked = re.search(r'"packages": \[([^\]]*)\].*"event": "kernel packages unpacked"', err)
+    assert unpacked and "linux-headers-%s" % kernel in unpacked.group(1) and "linux-image-%s" % kernel in err
+    assert (root / "lib/modules" / kernel / "modules.dep").is_file()
+    assert '"phase": "local build", "outcome": "ok"' in err  # built against what apt unpacked
+    assert "could not load nvidia: the kernel refused module loading" in err  # the VM tier loads for real
