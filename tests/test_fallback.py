@@ -22,6 +22,7 @@ from harness import copy_fixture_sources, env_for, installed_kernel, nvd
 from driver_ctr.fallback import backend_for, install_kernel_tree, node_family
 from driver_ctr.fallback.apt import AptBackend
 from driver_ctr.fallback.base import FallbackFailed
+from driver_ctr.fallback.dnf import DnfBackend, kernel_package_names, preflight, rhel_releasevers
 from driver_ctr.fallback.node_os import NodeOS, parse_os_release
 from driver_ctr.toolkit.log import get_logger
 from driver_ctr.toolkit.runner import Runner
@@ -60,8 +61,7 @@ def test_without_os_release_the_kernel_release_decides(root):
     s = _settings(root)
     assert node_family(s, "6.1.0-57-amd64") == "debian"
     assert node_family(s, "5.14.0-427.13.1.el9_4.x86_64") == "rhel"
-    with pytest.raises(FallbackFailed, match="the dnf backend .* is not implemented yet"):
-        backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger())
+    assert isinstance(backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger()), DnfBackend)
     (root / "host-etc").mkdir()
     (root / "host-etc/os-release").write_text(UBUNTU)
     assert isinstance(backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger()), AptBackend)
@@ -185,3 +185,119 @@ def test_init_falls_back_to_apt_for_a_real_debian_kernel_and_builds(root, tmp_pa
     assert (root / "lib/modules" / kernel / "modules.dep").is_file()
     assert '"phase": "local build", "outcome": "ok"' in err  # built against what apt unpacked
     assert "could not load nvidia: the kernel refused module loading" in err  # the VM tier loads for real
+
+
+# -- dnf (RHEL, RHCOS nodes) ----------------------------------------------------------------
+
+RHEL_K = "5.14.0-427.13.1.el9_4.x86_64"
+
+
+def _entitle(root: Path, cert=True, repo=True, ca=True) -> None:
+    if cert:
+        (root / "etc/pki/entitlement").mkdir(parents=True)
+        (root / "etc/pki/entitlement/123.pem").write_text("cert")
+        (root / "etc/pki/entitlement/123-key.pem").write_text("key")
+    if repo:
+        (root / "etc/yum.repos.d").mkdir(parents=True)
+        (root / "etc/yum.repos.d/redhat.repo").write_text("[rhel]\n")
+    if ca:
+        (root / "etc/pki/ca-trust/extracted/pem").mkdir(parents=True)
+        (root / "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem").write_text("ca")
+
+
+def test_dnf_preflight_names_everything_missing_and_runs_nothing(root):
+    s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=RHEL_K)
+    assert len(preflight(s.paths)) == 3
+    with pytest.raises(FallbackFailed) as exc:
+        install_kernel_tree(s, RHEL_K, FakeRunner(), get_logger())  # any command would fail the test
+    msg = str(exc.value)
+    assert "the entitled build cannot start (dnf)" in msg and "no entitlement certificate" in msg
+    assert "redhat.repo" in msg and "tls-ca-bundle.pem" in msg
+    _entitle(root)
+    assert preflight(s.paths) == []
+
+
+@pytest.mark.parametrize(
+    "kernel, names",
+    [
+        (RHEL_K, ["kernel-headers-" + RHEL_K, "kernel-devel-" + RHEL_K, "kernel-core-" + RHEL_K]),
+        (RHEL_K + "+rt", ["kernel-headers-" + RHEL_K, "kernel-rt-devel-" + RHEL_K, "kernel-rt-core-" + RHEL_K]),
+        (
+            "5.14.0-427.13.1.el9_4.aarch64+64k",
+            [
+                "kernel-headers-5.14.0-427.13.1.el9_4.aarch64",
+                "kernel-64k-devel-5.14.0-427.13.1.el9_4.aarch64",
+                "kernel-64k-core-5.14.0-427.13.1.el9_4.aarch64",
+            ],
+        ),
+    ],
+)
+def test_dnf_installs_exactly_the_node_kernels_packages(kernel, names):
+    assert kernel_package_names(kernel) == names + ["elfutils-libelf-devel"]
+
+
+def test_releasevers_from_the_setting_else_the_kernels_minor_then_the_major():
+    assert rhel_releasevers(RHEL_K, "") == ["9.4", "9"]
+    assert rhel_releasevers(RHEL_K, "9.2") == ["9.2", "9"]
+    assert rhel_releasevers("5.14.0-570.12.1.el9_6.x86_64", "9") == ["9"]
+
+
+class CDN(Runner):
+    """Answers dnf as a CDN would: rhocp is not entitled here; EUS serves only when ``eus``;
+    releasever 9.4 metadata exists only with EUS; ``missing`` is a package it does not have."""
+
+    def __init__(self, eus: bool, missing: str = "") -> None:
+        super().__init__()
+        self.eus, self.missing, self.argvs = eus, missing, []
+
+    def run(self, argv, **kw):  # type: ignore[override]
+        from driver_ctr.toolkit.errors import CommandFailed
+        from driver_ctr.toolkit.runner import Result
+
+        argv = [str(a) for a in argv]
+        self.argvs.append(argv)
+        repos = " ".join(a for a in argv if a.startswith("--enablerepo="))
+        if "makecache" in argv:
+            bad = (
+                "rhocp" in repos
+                or ("eus" in repos and not self.eus)
+                or ("--releasever=9.4" in argv and "eus" not in repos)
+            )
+            r = Result(
+                tuple(argv), 1 if bad else 0, "", "Status code: 403 for https://cdn.redhat.com/..." if bad else ""
+            )
+        elif "install" in argv:
+            if self.missing and self.missing in argv:
+                raise CommandFailed(
+                    argv, 1, "", "No match for argument: %s\nError: Unable to find a match" % self.missing
+                )
+            r = Result(tuple(argv), 0, "", "")
+        else:
+            raise AssertionError("unexpected command %r" % argv)
+        return r
+
+
+@pytest.mark.parametrize("eus, releasever, repos", [(True, "9.4", ["baseos-eus", "appstream-eus"]), (False, "9", [])])
+def test_the_repository_ladder_keeps_what_works_and_says_why_it_moved_on(root, eus, releasever, repos):
+    _entitle(root)
+    cdn = CDN(eus)
+    dnf = DnfBackend(_settings(root).paths, cdn, {}, get_logger(), RHEL_K, "x86_64", openshift_version="4.16")
+    dnf.refresh()
+    assert dnf.releasever == releasever
+    assert [r.split("-for-")[1].replace("x86_64-", "").replace("-rpms", "") for r in dnf.repos] == repos
+    assert any("rhocp-4.16-for-rhel-9-x86_64-rpms" in a for argv in cdn.argvs for a in argv)  # tried first
+    assert any("rhocp-4.16-for-rhel-9-x86_64-rpms with releasever 9.4: Status code: 403" in t for t in dnf.tried)
+    assert all("--installroot=%s" % root in argv for argv in cdn.argvs)
+
+
+def test_a_package_the_repositories_lack_is_named_with_what_was_searched(root):
+    _entitle(root)
+    missing = "kernel-devel-" + RHEL_K
+    dnf = DnfBackend(_settings(root).paths, CDN(True, missing), {}, get_logger(), RHEL_K, "x86_64")
+    dnf.refresh()
+    with pytest.raises(FallbackFailed) as exc:
+        dnf.install(kernel_package_names(RHEL_K))
+    msg = str(exc.value)
+    assert "no package %s for kernel %s" % (missing, RHEL_K) in msg
+    assert "rhel-9-for-x86_64-baseos-eus-rpms" in msg and "releasevers tried: 9.4, 9" in msg
+    assert "EUS repositories are not enabled" in msg

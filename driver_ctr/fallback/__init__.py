@@ -25,6 +25,7 @@ from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
 from .apt import AptBackend
 from .base import FallbackFailed, PackageManager
+from .dnf import DnfBackend
 from .node_os import NodeOS, read_node_os
 
 SUPPORT_NOTE = (
@@ -54,9 +55,16 @@ def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) ->
         env = dict(os.environ, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
         return AptBackend(settings.paths.host("/"), runner, env, log, local)
     if family == "rhel":
-        raise FallbackFailed(
-            "the dnf backend (RHEL and RHCOS nodes, with entitlement certificates) is not "
-            "implemented yet: the next step of the fallback issue"
+        env = dict(os.environ, LC_ALL="C")  # proxies included: dnf reads them from the environment
+        return DnfBackend(
+            settings.paths,
+            runner,
+            env,
+            log,
+            kernel,
+            settings.target_arch,
+            settings.openshift_version,
+            settings.dnf_releasever,
         )
     raise FallbackFailed(
         "no package-manager backend for this node (os-release %s, kernel %s)" % (settings.paths.host_os_release, kernel)
@@ -68,10 +76,15 @@ def install_kernel_tree(settings: Settings, kernel: str, runner: Runner, log: Lo
     (no network), else the configured sources; ``depmod``; then the DTK decision's own check of
     the build tree. Returns the packages installed."""
     backend = backend_for(settings, kernel, runner, log)
+    problems = backend.preflight()
+    if problems:
+        raise FallbackFailed(
+            "the entitled build cannot start (%s):\n%s" % (backend.name, "\n".join("  - " + p for p in problems))
+        )
     why = backend.available()
     if why:
         raise FallbackFailed("the %s backend cannot run: %s" % (backend.name, why))
-    names = backend.local_kernel_packages(kernel) if isinstance(backend, AptBackend) else []
+    names = backend.local_kernel_packages(kernel)
     if names:
         log.info("the node-local repository holds the kernel's packages: no network", packages=names)
     else:

@@ -16,9 +16,17 @@ class PackageManager:
 
     name = "abstract"
 
+    def preflight(self) -> List[str]:
+        """What is missing before anything runs (no network): [] when nothing."""
+        return []
+
     def available(self) -> str:
         """'' when this backend can run here, else why not."""
         raise NotImplementedError
+
+    def local_kernel_packages(self, kernel: str) -> List[str]:
+        """The kernel's packages when the node-local repository holds them all, else []."""
+        return []
 
     def refresh(self) -> None:
         """Update the package index from the configured sources."""
