@@ -301,3 +301,72 @@ def test_a_package_the_repositories_lack_is_named_with_what_was_searched(root):
     assert "no package %s for kernel %s" % (missing, RHEL_K) in msg
     assert "rhel-9-for-x86_64-baseos-eus-rpms" in msg and "releasevers tried: 9.4, 9" in msg
     assert "EUS repositories are not enabled" in msg
+
+
+def _rhel_node(root: Path, certs: dict, url: str, entitlement: str = "entitlement") -> None:
+    """The driver container of a RHEL node: os-release, the entitlement pair, redhat.repo, the CA bundle."""
+    (root / "host-etc").mkdir(parents=True, exist_ok=True)
+    (root / "host-etc/os-release").write_text('ID="rhel"\nVERSION_ID="9.4"\n')
+    ent = root / "etc/pki/entitlement"
+    ent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(str(certs[entitlement + ".pem"]), str(ent / "123.pem"))
+    shutil.copy2(str(certs[entitlement + "-key.pem"]), str(ent / "123-key.pem"))
+    ca = root / "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem"
+    ca.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(str(certs["ca.pem"]), str(ca))
+    repos = root / "etc/yum.repos.d"
+    repos.mkdir(parents=True, exist_ok=True)
+    (repos / "redhat.repo").write_text(
+        "[rhel-9-for-x86_64-baseos-rpms]\nname=CDN stand-in\nbaseurl=%s\nenabled=1\ngpgcheck=0\nsslverify=1\n"
+        "sslcacert=%s\nsslclientcert=%s\nsslclientkey=%s\n" % (url, ca, ent / "123.pem", ent / "123-key.pem")
+    )
+
+
+def _dnf_tools() -> None:
+    for tool in ("dnf", "rpmbuild", "createrepo_c", "openssl", "depmod"):
+        if not shutil.which(tool) and not Path("/sbin/" + tool).exists():
+            pytest.skip("%s is not installed (scripts/test installs it)" % tool)
+
+
+@pytest.mark.slow
+@pytest.mark.kbuild
+def test_init_falls_back_to_dnf_with_the_entitlement_certificate_and_builds(root, tmp_path):
+    """A RHEL node without a kernel tree: dnf, with the entitlement certificate, installs the kernel's
+    packages from a CDN stand-in that refuses clients without one; the build runs against them."""
+    _dnf_tools()
+    import entitled_repo
+
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")  # the trees come from this machine's kernel
+    repo = entitled_repo.kernel_rpms(kernel)
+    certs = entitled_repo.certificates(tmp_path / "pki")
+    src = copy_fixture_sources(tmp_path / "src")
+    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path))
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    with entitled_repo.serve(repo, certs) as url:
+        _rhel_node(root, certs, url)
+        r = nvd(env, "init", "-m", "1", timeout=1200)
+    err = r.stderr
+    assert r.returncode == 1, err[-3000:]
+    assert "falling back to the entitlement-based build" in err and '"event": "dnf metadata ready"' in err
+    assert "could not load nvidia: the kernel refused module loading" in err, err[-3000:]  # built, then refused
+    assert '"phase": "local build", "outcome": "ok"' in err
+    assert (root / "lib/modules" / kernel / "modules.dep").is_file()
+    assert (root / "lib/modules" / kernel / "build").is_symlink()
+
+
+@pytest.mark.slow
+def test_a_certificate_the_cdn_refuses_is_reported_as_an_entitlement_problem(root, tmp_path):
+    _dnf_tools()
+    import entitled_repo
+
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")
+    repo = entitled_repo.kernel_rpms(kernel)
+    certs = entitled_repo.certificates(tmp_path / "pki")
+    with entitled_repo.serve(repo, certs) as url:
+        _rhel_node(root, certs, url, entitlement="wrong")
+        s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=kernel)
+        with pytest.raises(FallbackFailed) as exc:
+            install_kernel_tree(s, kernel, Runner(), get_logger())
+    msg = str(exc.value)
+    assert "dnf could not update its metadata with releasevers" in msg and "entitlement problem" in msg
+    assert not (root / "lib/modules" / kernel).exists()  # nothing half-installed

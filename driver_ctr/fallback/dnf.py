@@ -123,7 +123,8 @@ class DnfBackend(PackageManager):
         return "" if shutil.which("dnf") else "dnf is not installed in this image"
 
     def _dnf(self, *args: str, releasever: str) -> List[str]:
-        argv = ["dnf", "-y", "--releasever=%s" % releasever]
+        # a repository we depend on fails loudly: a refused certificate is an error, not an empty repository
+        argv = ["dnf", "-y", "--releasever=%s" % releasever, "--setopt=skip_if_unavailable=False"]
         root = self.paths.host("/")
         if str(root) != "/":
             argv.append("--installroot=%s" % root)
