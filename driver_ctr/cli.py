@@ -19,6 +19,7 @@ from . import __version__
 from .commands import options as opts
 from .toolkit import log as logmod
 from .toolkit.errors import Cancelled, DriverCtrError
+from .toolkit.redact import redact_url_credentials
 from .toolkit.settings import Settings
 
 
@@ -219,8 +220,8 @@ def _dispatch(parser: argparse.ArgumentParser, table: Dict[str, Command], argv: 
         return table[args.command](args)
     except tuple(cls for cls, _ in EXIT_STATUS) as exc:
         status = next(code for cls, code in EXIT_STATUS if isinstance(exc, cls))
-        if isinstance(exc, DriverCtrError) and status != 0:
-            sys.stderr.write("%s: %s\n" % (parser.prog, exc))
+        if isinstance(exc, DriverCtrError) and status != 0:  # a child's output may hold a proxy's credentials
+            sys.stderr.write("%s: %s\n" % (parser.prog, redact_url_credentials(str(exc))))
         return status
 
 

@@ -370,3 +370,25 @@ def test_a_certificate_the_cdn_refuses_is_reported_as_an_entitlement_problem(roo
     msg = str(exc.value)
     assert "dnf could not update its metadata with releasevers" in msg and "entitlement problem" in msg
     assert not (root / "lib/modules" / kernel).exists()  # nothing half-installed
+
+
+def test_a_proxy_password_in_a_package_manager_failure_never_reaches_the_user(root, tmp_path):
+    """apt-get fails and prints the proxy it used, credentials included: the error the CLI prints hides them."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool, script in (
+        ("apt-get", "echo 'E: Failed to fetch http://mirror/x via http://u:s3cret@proxy:3128' >&2; exit 100"),
+        ("apt-cache", "exit 0"),
+        ("dpkg-deb", "exit 0"),
+    ):
+        (bindir / tool).write_text("#!/bin/sh\n%s\n" % script)
+        (bindir / tool).chmod(0o755)
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    src = copy_fixture_sources(tmp_path / "src")
+    env = env_for(root, "6.1.0-57-amd64", HTTP_PROXY="http://u:s3cret@proxy:3128", DRIVER_CTR_SOURCE_DIR=str(src))
+    env["PATH"] = "%s:%s" % (bindir, env["PATH"])
+    r = nvd(env, "init")
+    assert r.returncode == 1
+    assert "apt-get update failed" in r.stderr and "http://***@proxy:3128" in r.stderr
+    assert "s3cret" not in r.stderr + r.stdout

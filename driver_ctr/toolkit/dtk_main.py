@@ -19,6 +19,7 @@ from .dtk_side import DtkSide
 from .errors import DriverCtrError, InvalidValue
 from .log import first_line
 from .paths import HostPaths
+from .redact import redact_url_credentials
 from .waiting import Cancellation
 
 
@@ -61,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         side = DtkSide(shared, env, cancel)
         return side.run()
     except DriverCtrError as exc:
-        sys.stderr.write("ocp_dtk_entrypoint %s: %s\n" % (args.command, exc))
+        sys.stderr.write("ocp_dtk_entrypoint %s: %s\n" % (args.command, redact_url_credentials(str(exc))))
         _signal_failure(shared, exc, side.generation if side is not None else None)
         return 1
 
