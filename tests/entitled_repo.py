@@ -176,9 +176,12 @@ def kernel_rpms(kernel: str) -> Path:
 @contextlib.contextmanager
 def serve(repo: Path, certs: Dict[str, Path]) -> Iterator[str]:
     """The repository over HTTPS on 127.0.0.1, refusing clients without a certificate of the CA."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(repo))
-    handler.log_message = lambda *a: None  # type: ignore[assignment]
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(repo)))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(certs["server.pem"]), str(certs["server-key.pem"]))
     ctx.load_verify_locations(str(certs["ca.pem"]))
