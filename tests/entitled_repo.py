@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 from conftest import REPO
+from harness import copy_kernel_trees
 
 SPEC = """%%global debug_package %%{nil}
 %%global __os_install_post %%{nil}
@@ -134,27 +135,8 @@ def kernel_rpms(kernel: str) -> Path:
     shutil.rmtree(str(repo), ignore_errors=True)
     work = repo.parent / (".work-" + kernel)
     shutil.rmtree(str(work), ignore_errors=True)
-    mod = Path("/lib/modules") / kernel
     devel, core, empty = work / "devel", work / "core", work / "empty"
-    for link in ("build", "source"):  # the trees, links followed (Debian's point into /usr/lib/linux-kbuild-*)
-        target = os.readlink(str(mod / link))
-        shutil.copytree(target, str(devel / target.lstrip("/")), symlinks=False, dirs_exist_ok=True)
-    dest = core / "lib/modules" / kernel
-    dest.mkdir(parents=True)
-    for name in os.listdir(str(mod)):
-        p = mod / name
-        if p.is_symlink():
-            os.symlink(os.readlink(str(p)), str(dest / name))
-        elif name.startswith("modules."):
-            shutil.copy2(str(p), str(dest / name))
-    from driver_ctr.toolkit.nvidia_modules import COMPANIONS
-    from driver_ctr.toolkit.staging import KernelModules, dependency_closure
-
-    km = KernelModules.read(mod)
-    wanted = [n for n in ("drm", "video") + COMPANIONS if n in km.paths]
-    for name in sorted(set(wanted) | set(dependency_closure({"nvidia": wanted}, km, kernel))):
-        (dest / km.paths[name]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(str(mod / km.paths[name]), str(dest / km.paths[name]))
+    copy_kernel_trees(kernel, devel, core / "lib/modules" / kernel)  # Debian's trees, at their own paths
     (empty / "usr/share/doc/stand-in").mkdir(parents=True)
     (empty / "usr/share/doc/stand-in/README").write_text("stand-in\n")
     out = work / "out"

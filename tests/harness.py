@@ -199,16 +199,22 @@ def installed_kernels() -> List[str]:
     )
 
 
-def installed_kernel(pattern: str) -> str:
-    """The newest installed kernel whose release matches ``pattern`` (skip when none)."""
+def newest_installed(pattern: str) -> str:
+    """The newest installed kernel whose release matches ``pattern``; '' when none."""
     import re
 
+    ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]
+    return ks[-1] if ks else ""
+
+
+def installed_kernel(pattern: str) -> str:
+    """:func:`newest_installed`, the test skipped with the reason when there is none."""
     import pytest
 
-    ks = [k for k in installed_kernels() if re.fullmatch(pattern, k)]
-    if not ks:
+    k = newest_installed(pattern)
+    if not k:
         pytest.skip("no installed kernel matching %s with headers and modules (scripts/test installs it)" % pattern)
-    return ks[-1]
+    return k
 
 
 def make_real_kernel_root(root: Path, kernel: str) -> None:
@@ -268,6 +274,33 @@ def run_both(root: Path, env: Dict[str, str], timeout: float = 180):
         if dtk.poll() is None:
             stop(dtk)
     return d, finish(dtk, 10)
+
+
+def copy_kernel_trees(kernel: str, trees_root: Path, modules_dir: Path) -> None:
+    """A stand-in image's view of an installed kernel: its build and source trees at their own paths under
+    ``trees_root`` (links followed: Debian's trees link their scripts into /usr/lib/linux-kbuild-*), and in
+    ``modules_dir`` the module indexes, the build/source links and only the kernel modules a build stages
+    (what NVIDIA's modules import, the companions, and their closure): a few MB instead of 400."""
+    from driver_ctr.toolkit.nvidia_modules import COMPANIONS, KERNEL_DEPENDENCIES
+    from driver_ctr.toolkit.staging import KernelModules, dependency_closure
+
+    mod = Path("/lib/modules") / kernel
+    for link in ("build", "source"):
+        if (mod / link).is_symlink():
+            target = os.readlink(str(mod / link))
+            shutil.copytree(target, str(trees_root / target.lstrip("/")), symlinks=False, dirs_exist_ok=True)
+    modules_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(str(mod)):
+        p = mod / name
+        if p.is_symlink():
+            os.symlink(os.readlink(str(p)), str(modules_dir / name))
+        elif name.startswith("modules."):
+            shutil.copy2(str(p), str(modules_dir / name))
+    km = KernelModules.read(mod)
+    wanted = [n for n in KERNEL_DEPENDENCIES + COMPANIONS if n in km.paths]
+    for name in sorted(set(wanted) | set(dependency_closure({"nvidia": wanted}, km, kernel))):
+        (modules_dir / km.paths[name]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(str(mod / km.paths[name]), str(modules_dir / km.paths[name]))
 
 
 def copy_root(template: Path, root: Path) -> None:

@@ -44,7 +44,7 @@ def node_family(settings: Settings, kernel: str) -> str:
         distro = parse_kernel_release(kernel).distro
     except InvalidValue:
         return ""
-    return NodeOS(id=distro).family() or ("rhel" if distro in ("rhel", "rhcos") else "")
+    return NodeOS(id=distro).family()
 
 
 def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) -> PackageManager:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
@@ -118,8 +119,6 @@ class DnfBackend(PackageManager):
         self.tried: List[str] = []
 
     def available(self) -> str:
-        import shutil
-
         return "" if shutil.which("dnf") else "dnf is not installed in this image"
 
     def _dnf(self, *args: str, releasever: str) -> List[str]:

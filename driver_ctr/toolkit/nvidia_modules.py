@@ -24,6 +24,8 @@ GDRDRV = "gdrdrv"  # GDRCopy
 BASE = (NVIDIA, UVM, MODESET)
 # Removed dependants first (reference §2.6), in the kernel's spelling.
 UNLOAD_ORDER = ("nvidia_peermem", "gdrdrv", "nvidia_fs", "nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia")
+# What the NVIDIA modules import from the kernel (modinfo depends of the 535/550 builds).
+KERNEL_DEPENDENCIES = ("drm", "video")
 # Loaded before nvidia, best effort (reference §2.5): staged when the kernel has them as modules.
 COMPANIONS = ("i2c_core", "ipmi_msghandler", "ipmi_devintf")
 # Modules that may take a /drivers/<module>.conf parameter file.
