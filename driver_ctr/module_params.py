@@ -168,7 +168,3 @@ def write_dropins(modprobe_d: Path, params: Mapping[str, List[Param]]) -> List[P
         elif f.is_file() and f.read_text(errors="replace").startswith("# written by driver-ctr"):
             f.unlink()
     return written
-
-
-def has_param(params: Mapping[str, List[Param]], module: str, name: str, value: str) -> bool:
-    return any(p.name == name and p.value == value for p in params.get(module, []))

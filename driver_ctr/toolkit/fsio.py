@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .errors import ProtocolError
 
@@ -86,12 +86,6 @@ def read_json(path: Path, what: str) -> Any:
         raise ProtocolError(path, "%s is not UTF-8 text: %s" % (what, exc)) from None
     except ValueError as exc:
         raise ProtocolError(path, "%s is not valid JSON: %s" % (what, exc)) from None
-
-
-def read_json_optional(path: Path, what: str) -> Optional[Any]:
-    if not regular_file_exists(path):
-        return None
-    return read_json(path, what)
 
 
 def sha256_file(path: Path) -> str:

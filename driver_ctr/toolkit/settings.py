@@ -236,10 +236,6 @@ VARIABLES: Tuple[Var, ...] = (
 SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
 
 
-def _redacted(var: Var, name: str, raw: str) -> str:
-    return redact_value(name, raw) if (var.secret or is_secret_name(name)) else raw
-
-
 def _read(var: Var, name: str, raw: str) -> Any:
     """Parse one variable; the error names it and never shows a secret value."""
     try:
@@ -314,10 +310,6 @@ class Settings:
         assert any(v.attr == attr and v.host_path for v in VARIABLES), attr
         value = getattr(self, attr)
         return self.paths.host(value) if value else None
-
-    @property
-    def proxy_env(self) -> Dict[str, str]:
-        return dict(self.proxies)
 
     def shared(self) -> Dict[str, str]:
         """The allow-listed variables written to ``settings.json`` (strings, as in env)."""
