@@ -2,7 +2,8 @@
 certificate signed by its CA, as the CDN refuses a client without an entitlement certificate.
 
 - ``certificates(d)``: a test CA, a server certificate for 127.0.0.1, an entitlement (client) certificate
-  and key signed by the CA, and a self-signed one the server refuses (openssl, at test time);
+  and key signed by the CA, one that expired in 2020, and a self-signed one the server refuses (openssl,
+  at test time);
 - ``kernel_rpms(repo, kernel)``: RPMs built at test time with rpmbuild, carrying a real kernel build tree
   and module tree of this machine (Debian's, at their own paths) under the package names the dnf backend
   asks for (``kernel-devel-<k>``, ``kernel-core-<k>``, ``kernel-headers-<k>``), plus an empty
@@ -104,9 +105,38 @@ def certificates(d: Path) -> Dict[str, Path]:
         "-subj",
         "/CN=not entitled",
     )
+    # an entitlement the CA signed, expired in 2020 (openssl ca: the only way to set a past end date here)
+    ossl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "expired-key.pem", "-out", "expired.csr", "-subj", "/CN=o")
+    (d / "index.txt").write_text("")
+    (d / "serial").write_text("01\n")
+    (d / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\nserial = serial\n"
+        "default_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+    )
+    ossl(
+        "ca",
+        "-batch",
+        "-config",
+        "ca.cnf",
+        "-cert",
+        "ca.pem",
+        "-keyfile",
+        "ca.key",
+        "-in",
+        "expired.csr",
+        "-out",
+        "expired.pem",
+        "-startdate",
+        "20200101000000Z",
+        "-enddate",
+        "20200102000000Z",
+        "-notext",
+    )
     return {
         n: d / n
         for n in (
+            "expired.pem",
+            "expired-key.pem",
             "ca.pem",
             "server.pem",
             "server-key.pem",

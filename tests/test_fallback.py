@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import pytest
 from conftest import need_tool
@@ -205,16 +205,61 @@ def _entitle(root: Path, cert=True, repo=True, ca=True) -> None:
         (root / "etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem").write_text("ca")
 
 
-def test_dnf_preflight_names_everything_missing_and_runs_nothing(root):
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """The CDN stand-in's certificates: CA, server, entitlement, expired entitlement, a refused one."""
+    need_tool("openssl")
+    import entitled_repo
+
+    return entitled_repo.certificates(tmp_path_factory.mktemp("pki"))
+
+
+def _pair(root: Path, pki: dict, name: str) -> None:
+    ent = root / "etc/pki/entitlement"
+    shutil.copy2(str(pki[name + ".pem"]), str(ent / "123.pem"))
+    shutil.copy2(str(pki[name + "-key.pem"]), str(ent / "123-key.pem"))
+
+
+def test_dnf_preflight_names_everything_missing_and_runs_nothing(root, pki):
     s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=RHEL_K)
-    assert len(preflight(s.paths)) == 3
+    assert len(preflight(s.paths, FakeRunner())) == 3
     with pytest.raises(FallbackFailed) as exc:
         install_kernel_tree(s, RHEL_K, FakeRunner(), get_logger())  # any command would fail the test
     msg = str(exc.value)
     assert "the entitled build cannot start (dnf)" in msg and "no entitlement certificate" in msg
     assert "redhat.repo" in msg and "tls-ca-bundle.pem" in msg
+    _entitle(root)  # files with the right names, not certificates
+    problems = preflight(s.paths, Runner())
+    assert problems == [
+        "the entitlement key %s is not a PEM private key" % (root / "etc/pki/entitlement/123-key.pem"),
+        "the entitlement certificate %s is not a readable PEM certificate" % (root / "etc/pki/entitlement/123.pem"),
+    ]
+    _pair(root, pki, "entitlement")
+    assert preflight(s.paths, Runner()) == []
+
+
+def test_an_expired_entitlement_is_named_with_its_end_date_before_any_dnf_call(root, pki):
     _entitle(root)
-    assert preflight(s.paths) == []
+    _pair(root, pki, "expired")
+    rec = Recording()
+    with pytest.raises(FallbackFailed) as exc:
+        install_kernel_tree(_settings(root, DRIVER_CTR_KERNEL_RELEASE=RHEL_K), RHEL_K, rec, get_logger())
+    assert "the entitlement certificate %s expired on Jan  2 00:00:00 2020 GMT" % (
+        root / "etc/pki/entitlement/123.pem"
+    ) in str(exc.value)
+    assert "renew the entitlement" in str(exc.value)
+    assert [a[0] for a in rec.argvs] == ["openssl"]  # the check itself: no dnf, no network
+
+
+def test_a_repository_file_dnf_would_skip_is_named_with_its_line(root, pki):
+    """dnf skips a file it cannot parse and carries on with no repository at all (exit 0): the preflight says so."""
+    _entitle(root)
+    _pair(root, pki, "entitlement")
+    (root / "etc/yum.repos.d/mirror.repo").write_text("[mirror]\nbaseurl=https://m/\nthis line has no value\n")
+    problems = preflight(_settings(root).paths, Runner())
+    assert len(problems) == 1
+    assert "the repository file %s does not parse" % (root / "etc/yum.repos.d/mirror.repo") in problems[0]
+    assert "[line  3]" in problems[0] and "this line has no value" in problems[0]
 
 
 @pytest.mark.parametrize(
@@ -286,7 +331,8 @@ def test_the_repository_ladder_keeps_what_works_and_says_why_it_moved_on(root, e
     assert dnf.releasever == releasever
     assert [r.split("-for-")[1].replace("x86_64-", "").replace("-rpms", "") for r in dnf.repos] == repos
     assert any("rhocp-4.16-for-rhel-9-x86_64-rpms" in a for argv in cdn.argvs for a in argv)  # tried first
-    assert any("rhocp-4.16-for-rhel-9-x86_64-rpms with releasever 9.4: Status code: 403" in t for t in dnf.tried)
+    rhocp = next(t for t in dnf.tried if t.startswith("rhocp-4.16-for-rhel-9-x86_64-rpms with releasever 9.4: "))
+    assert "refused this client (403/401)" in rhocp and "Status code: 403" in rhocp
     assert all("--installroot=%s" % root in argv for argv in cdn.argvs)
 
 
@@ -303,7 +349,7 @@ def test_a_package_the_repositories_lack_is_named_with_what_was_searched(root):
     assert "EUS repositories are not enabled" in msg
 
 
-def _rhel_node(root: Path, certs: dict, url: str, entitlement: str = "entitlement") -> None:
+def _rhel_node(root: Path, certs: dict, url: Optional[str], entitlement: str = "entitlement") -> None:
     """The driver container of a RHEL node: os-release, the entitlement pair, redhat.repo, the CA bundle."""
     (root / "host-etc").mkdir(parents=True, exist_ok=True)
     (root / "host-etc/os-release").write_text('ID="rhel"\nVERSION_ID="9.4"\n')
@@ -316,6 +362,8 @@ def _rhel_node(root: Path, certs: dict, url: str, entitlement: str = "entitlemen
     shutil.copy2(str(certs["ca.pem"]), str(ca))
     repos = root / "etc/yum.repos.d"
     repos.mkdir(parents=True, exist_ok=True)
+    if url is None:
+        return
     (repos / "redhat.repo").write_text(
         "[rhel-9-for-x86_64-baseos-rpms]\nname=CDN stand-in\nbaseurl=%s\nenabled=1\ngpgcheck=0\nsslverify=1\n"
         "sslcacert=%s\nsslclientcert=%s\nsslclientkey=%s\n" % (url, ca, ent / "123.pem", ent / "123-key.pem")
@@ -350,8 +398,27 @@ def test_init_falls_back_to_dnf_with_the_entitlement_certificate_and_builds(root
     assert "falling back to the entitlement-based build" in err and '"event": "dnf metadata ready"' in err
     assert "could not load nvidia: the kernel refused module loading" in err, err[-3000:]  # built, then refused
     assert '"phase": "local build", "outcome": "ok"' in err
+    assert "the image's gcc is the kernel's" in err  # the kernel's .config named this machine's gcc
     assert (root / "lib/modules" / kernel / "modules.dep").is_file()
     assert (root / "lib/modules" / kernel / "build").is_symlink()
+    guest_err, modules = _loads_in_the_vm(kernel, root, tmp_path)
+    assert re.search(r"^nvidia ", modules, re.M) and re.search(r"^nvidia_uvm ", modules, re.M), guest_err[-3000:]
+
+
+def _loads_in_the_vm(kernel: str, root: Path, tmp_path: Path, **extra: str) -> tuple:
+    """The fallback's build, from the host cache it was stored in, loaded on the real kernel in a VM
+    (this machine's refuses modules); returns the guest's load log and /proc/modules."""
+    import vm
+
+    why = vm.unavailable_reason(kernel)
+    if why:
+        pytest.skip("built; the VM load step cannot run: %s" % why)
+    r = vm.load_from_host_cache(kernel, root / "var/lib/driver-ctr/cache", tmp_path / "vm-out", **extra)
+    assert r.rc == 0, r.console[-3000:]
+    err = (r.out / "load.err").read_text(errors="replace")
+    assert '"source": "host cache"' in err, err[-3000:]
+    assert "falling back" not in err  # the second start needs no package manager
+    return err, (r.out / "modules").read_text(errors="replace")
 
 
 @pytest.mark.slow
@@ -370,6 +437,73 @@ def test_a_certificate_the_cdn_refuses_is_reported_as_an_entitlement_problem(roo
     msg = str(exc.value)
     assert "dnf could not update its metadata with releasevers" in msg and "entitlement problem" in msg
     assert not (root / "lib/modules" / kernel).exists()  # nothing half-installed
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["refusing proxy", "mirror without the repository"])
+def test_a_refusing_proxy_or_a_404_mirror_is_named_and_the_next_attempt_installs(root, tmp_path, case):
+    """Each failure is one named error, nothing is half-installed, and once the configuration is
+    mended the next attempt installs (no leftover breaks it)."""
+    _dnf_tools()
+    import entitled_repo
+
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")
+    repo = entitled_repo.kernel_rpms(kernel)
+    certs = entitled_repo.certificates(tmp_path / "pki")
+    proxy = "http://user:s3cret@127.0.0.1:%d" % _closed_port()
+    with entitled_repo.serve(repo, certs) as url:
+        if case == "refusing proxy":
+            _rhel_node(root, certs, url)
+            s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=kernel, HTTPS_PROXY=proxy)
+            want = "the proxy http://***@127.0.0.1:%s refused the connection" % proxy.rsplit(":", 1)[1]
+        else:
+            _rhel_node(root, certs, url + "no-such-mirror/")
+            s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=kernel)
+            want = "no such file (404): a wrong baseurl or a mirror"
+        with pytest.raises(FallbackFailed) as exc:
+            install_kernel_tree(s, kernel, Runner(), get_logger())
+        msg = str(exc.value)
+        assert "dnf could not update its metadata with releasevers" in msg and want in msg, msg
+        assert "s3cret" not in msg
+        assert not (root / "lib/modules" / kernel).exists()  # nothing half-installed
+        _rhel_node(root, certs, url)  # mended
+        install_kernel_tree(_settings(root, DRIVER_CTR_KERNEL_RELEASE=kernel), kernel, Runner(), get_logger())
+    assert (root / "lib/modules" / kernel / "modules.dep").is_file()
+
+
+@pytest.mark.slow
+def test_a_node_local_rpm_repository_serves_with_no_entitlement_and_no_network(root, tmp_path):
+    """Air-gapped: the kernel's RPMs in DRIVER_CTR_LOCAL_REPO (a hostPath); no entitlement, no repository
+    configured, and a proxy that refuses everything: dnf installs the files with every repository off."""
+    _dnf_tools()
+    import entitled_repo
+
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")
+    local = root / "srv/driver-ctr-repo"
+    shutil.copytree(str(entitled_repo.kernel_rpms(kernel)), str(local))
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text('ID="rhel"\nVERSION_ID="9.4"\n')
+    s = _settings(
+        root,
+        DRIVER_CTR_KERNEL_RELEASE=kernel,
+        DRIVER_CTR_LOCAL_REPO="/srv/driver-ctr-repo",
+        HTTPS_PROXY="http://127.0.0.1:%d" % _closed_port(),
+    )
+    rec = Recording()
+    installed = install_kernel_tree(s, kernel, rec, get_logger())
+    assert installed == kernel_package_names(kernel)
+    dnf = [a for a in rec.argvs if a[0] == "dnf"]
+    assert len(dnf) == 1 and "--disablerepo=*" in dnf[0] and "makecache" not in dnf[0]
+    assert all(a.startswith(str(local)) for a in dnf[0][dnf[0].index("install") + 1 :])  # the files themselves
+    assert (root / "lib/modules" / kernel / "modules.dep").is_file()
 
 
 def test_a_proxy_password_in_a_package_manager_failure_never_reaches_the_user(root, tmp_path):
@@ -392,3 +526,80 @@ def test_a_proxy_password_in_a_package_manager_failure_never_reaches_the_user(ro
     assert r.returncode == 1
     assert "apt-get update failed" in r.stderr and "http://***@proxy:3128" in r.stderr
     assert "s3cret" not in r.stderr + r.stdout
+
+
+# -- download failures, in the admin's terms (dnf's and apt's real words) ----------------
+
+DNF_REFUSED = (
+    "Errors during downloading metadata for repository 'rhel-9-for-x86_64-baseos-rpms':\n"
+    "  - Curl error (7): Couldn't connect to server for https://cdn.example/repodata/repomd.xml "
+    "[Failed to connect to 127.0.0.1 port 9 after 0 ms: Couldn't connect to server]\n"
+    "Error: Failed to download metadata for repo 'rhel-9-for-x86_64-baseos-rpms': Cannot download repomd.xml: "
+    "Cannot download repodata/repomd.xml: All mirrors were tried\n"
+)
+DNF_404 = "  - Status code: 404 for https://127.0.0.1:36467/nothing/repodata/repomd.xml (IP: 127.0.0.1)\n"
+DNF_TLS = (
+    "  - Curl error (56): Failure when receiving data from the peer for https://127.0.0.1:36467/repodata/repomd.xml "
+    "[GnuTLS recv error (-12): A TLS fatal alert has been received.]\n"
+)
+APT_REFUSED = (
+    "W: Failed to fetch http://deb.debian.org/debian/dists/bookworm/InRelease  "
+    "Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text, env, cause",
+    [
+        (DNF_REFUSED, {"HTTPS_PROXY": "http://u:pw@127.0.0.1:9"}, "the proxy http://***@127.0.0.1:9 refused"),
+        (APT_REFUSED, {"http_proxy": "127.0.0.1:9"}, "the proxy 127.0.0.1:9 refused"),
+        (DNF_REFUSED, {}, "a network error"),  # no proxy: the server itself refused
+        (DNF_REFUSED, {"HTTPS_PROXY": "http://proxy:3128"}, "a network error"),  # not the proxy's address
+        (DNF_404, {}, "no such file (404): a wrong baseurl or a mirror"),
+        (DNF_TLS, {}, "the TLS handshake failed: the server refused the client certificate"),
+        ("E: Could not resolve 'deb.debian.org'\n", {}, "does not resolve"),
+    ],
+)
+def test_a_download_failure_names_its_cause_and_keeps_the_package_managers_words(text, env, cause):
+    from driver_ctr.fallback.download_errors import explain
+
+    said = explain(text, env)
+    assert cause in said, said
+    assert "All mirrors were tried" not in said  # the detail, not dnf's last line
+    assert ("Curl error" in said or "Status code" in said) if text.startswith(("Errors", "  -")) else True
+    assert "pw@" not in said
+
+
+# -- the kernel's gcc ----------------------------------------------------------------------
+
+
+class GccHere(Runner):
+    """This image's gcc is ``version``; dnf installs are recorded."""
+
+    def __init__(self, version: str) -> None:
+        super().__init__()
+        self.version, self.installs = version, []
+
+    def run(self, argv, **kw):  # type: ignore[override]
+        from driver_ctr.toolkit.runner import Result
+
+        argv = [str(a) for a in argv]
+        if argv[0] == "gcc":
+            return Result(tuple(argv), 0, self.version + "\n", "")
+        if argv[0] == "dnf" and "install" in argv:
+            self.installs.append(argv[argv.index("install") + 1 :])
+            return Result(tuple(argv), 0, "", "")
+        raise AssertionError("unexpected command %r" % argv)
+
+
+@pytest.mark.parametrize("here, installed", [("12.2.0", [["gcc-11.4.1"]]), ("11.4.1", [])])
+def test_dnf_installs_the_kernels_gcc_only_when_the_images_is_another(root, here, installed):
+    tree = root / "usr/src/kernels" / RHEL_K
+    tree.mkdir(parents=True)
+    (tree / ".config").write_text('CONFIG_CC_VERSION_TEXT="gcc (GCC) 11.4.1 20231218 (Red Hat 11.4.1-3)"\n')
+    (root / "lib/modules" / RHEL_K).mkdir(parents=True)
+    (root / "lib/modules" / RHEL_K / "build").symlink_to("/usr/src/kernels/" + RHEL_K)
+    gcc = GccHere(here)
+    dnf = DnfBackend(_settings(root).paths, gcc, {}, get_logger(), RHEL_K, "x86_64")
+    assert dnf.install_compiler(RHEL_K) == [n for i in installed for n in i]
+    assert gcc.installs == installed

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -210,6 +211,38 @@ def boot(
         seconds=took,
         out=out,
     )
+
+
+LOAD_FROM_HOST_CACHE = r"""
+O=/run/out
+mkdir -p /tmp/empty-shared
+python -m driver_ctr nvidia-driver load > $O/load.out 2> $O/load.err &
+P=$!
+i=0; while [ $i -lt 3000 ]; do grep -qsx Ready /run/nvidia/validations/.driver-daemons-status && break; kill -0 $P 2>/dev/null || break; sleep 0.2; i=$((i+1)); done
+cat /proc/modules > $O/modules
+kill -TERM $P 2>/dev/null; wait $P; echo $? > $O/load.rc
+"""
+
+
+def load_from_host_cache(kernel: str, cache: Path, out: Path, **extra: str) -> VmResult:
+    """``nvidia-driver load`` in the guest, its modules from the host cache ``cache`` (no shared dir):
+    the guest's ``load.err``, ``load.rc`` and ``modules`` (``/proc/modules`` at Ready or at the end)."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {
+        "PATH": "%s:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" % os.path.dirname(sys.executable),
+        "PYTHONPATH": str(repo),
+        "HOME": "/root",
+        "DRIVER_VERSION": "535.261.03",
+        "TARGETARCH": "amd64",
+        "DRIVER_CONFIG_DIGEST": "3522141578",
+        "DRIVER_CTR_LOG_FORMAT": "json",
+        "DRIVER_CTR_KERNEL_RELEASE": kernel,
+        "DRIVER_CTR_SHARED_DIR": "/tmp/empty-shared",
+        "DRIVER_CTR_CACHE_DIR": str(cache),
+    }
+    env.update(extra)
+    script = "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
+    return boot(kernel, script + LOAD_FROM_HOST_CACHE, out, repo / ".cache" / "vm")
 
 
 if __name__ == "__main__":  # manual use: python tests/vm.py KERNEL 'sh commands'

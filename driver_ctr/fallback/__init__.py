@@ -7,15 +7,16 @@ decision (``dtk_decision.inspect_dtk``) is the post-check: "installed but still 
 with the same words.
 
 One backend per file, chosen from the node's OS (``/host-etc/os-release``): ``apt`` (Debian,
-Ubuntu). The dnf backend (RHEL, RHCOS, with entitlement certificates) is the next step of the
-fallback issue. ``DRIVER_CTR_LOCAL_REPO`` (a directory of packages, e.g. a hostPath) is used first,
-with no network.
+Ubuntu) and ``dnf`` (RHEL, RHCOS, with entitlement certificates). ``DRIVER_CTR_LOCAL_REPO`` (a
+directory of .debs or RPMs, e.g. a hostPath) is used first, with no network. The package manager runs
+with the container's environment in the C locale, its proxies in both cases (curl, under dnf, ignores
+an upper-case ``HTTP_PROXY``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Dict, List
 
 from ..toolkit.dtk_decision import inspect_dtk
 from ..toolkit.errors import CommandFailed, InvalidValue
@@ -47,15 +48,21 @@ def node_family(settings: Settings, kernel: str) -> str:
     return NodeOS(id=distro).family()
 
 
+def package_manager_env(settings: Settings) -> Dict[str, str]:
+    """The container's environment in the C locale, each proxy setting under both of its names."""
+    env = dict(os.environ, LC_ALL="C")
+    for name, value in settings.proxies:
+        env[name.lower()] = env[name.upper()] = value
+    return env
+
+
 def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) -> PackageManager:
     family = node_family(settings, kernel)
+    local = settings.host_path("local_repo")
+    env = package_manager_env(settings)
     if family == "debian":
-        local = settings.host_path("local_repo")
-        # the container's environment, proxies included (apt reads http_proxy/https_proxy), in the C locale
-        env = dict(os.environ, LC_ALL="C", DEBIAN_FRONTEND="noninteractive")
-        return AptBackend(settings.paths.host("/"), runner, env, log, local)
+        return AptBackend(settings.paths.host("/"), runner, dict(env, DEBIAN_FRONTEND="noninteractive"), log, local)
     if family == "rhel":
-        env = dict(os.environ, LC_ALL="C")  # proxies included: dnf reads them from the environment
         return DnfBackend(
             settings.paths,
             runner,
@@ -65,6 +72,7 @@ def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) ->
             settings.target_arch,
             settings.openshift_version,
             settings.dnf_releasever,
+            local,
         )
     raise FallbackFailed(
         "no package-manager backend for this node (os-release %s, kernel %s)" % (settings.paths.host_os_release, kernel)
@@ -91,6 +99,7 @@ def install_kernel_tree(settings: Settings, kernel: str, runner: Runner, log: Lo
         backend.refresh()
         names = backend.kernel_packages(kernel)
     installed = backend.install(names)
+    installed += backend.install_compiler(kernel)
     paths = settings.paths
     try:
         runner.run(["depmod", "-b", str(paths.host("/")), kernel], timeout=600)

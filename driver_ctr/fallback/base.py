@@ -39,3 +39,7 @@ class PackageManager:
     def install(self, names: Sequence[str]) -> List[str]:
         """Put ``names`` into the root (unpacked, never as a boot kernel); returns what was installed."""
         raise NotImplementedError
+
+    def install_compiler(self, kernel: str) -> List[str]:
+        """The compiler ``kernel`` was built with, once its trees are in (when it is not here already)."""
+        return []

@@ -2,30 +2,41 @@
 
 - **Preflight**, before any dnf call and without the network: the entitlement certificate and its key
   (``/etc/pki/entitlement/*.pem`` and ``*-key.pem``, or CRI-O's ``/run/secrets/etc-pki-entitlement``),
-  a repository configuration (``/etc/yum.repos.d/*.repo``, e.g. ``redhat.repo``), and the trusted CA
-  bundle the operator mounts; everything missing is named in one message.
+  readable and not expired (``openssl x509 -checkend``); a repository configuration
+  (``/etc/yum.repos.d/*.repo``, e.g. ``redhat.repo``) that parses (dnf itself skips a file it cannot
+  parse and carries on with no repository); and the trusted CA bundle the operator mounts (where dnf
+  reads the system trust: nothing to pass). Everything wrong is named in one message.
+- **Proxies** reach dnf through the environment (``https_proxy``/``HTTPS_PROXY``, any case: the fallback
+  sets both); a download failure is explained (:mod:`.download_errors`): the proxy refused, the CDN
+  refused the certificate, a mirror without the repository (404).
+- **A node-local repository** (``DRIVER_CTR_LOCAL_REPO``, RPM files) holding every package is installed
+  from with every repository disabled: no network.
 - **The reference's repository ladder**: ``rhocp-<OPENSHIFT_VERSION>-for-rhel-<major>-<arch>-rpms`` when
   set, then the EUS baseos and appstream repositories, each kept only if ``dnf makecache`` succeeds with
   it; ``--releasever`` is ``DNF_RELEASEVER``, else the kernel's RHEL minor (``el9_4`` -> 9.4), then the
   major. Each step logs what it tried and why it moved on.
 - **Packages**: exactly the node kernel's ``kernel[-rt|-64k]-{headers,devel,core}`` (headers are not
-  flavoured), ``elfutils-libelf-devel``, and the gcc the kernel was built with when ``.config`` is
-  readable later (the builder compares compilers and says so).
+  flavoured) and ``elfutils-libelf-devel``; then the gcc the kernel was built with
+  (:mod:`.kernel_compiler`), when the image's gcc is another version.
 """
 
 from __future__ import annotations
 
+import configparser
 import re
 import shutil
 from pathlib import Path
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..toolkit.errors import CommandFailed, InvalidValue
+from ..toolkit.kernel_tree import compiler_version, present_compiler_version
 from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
 from ..toolkit.versions import parse_kernel_release
 from .base import FallbackFailed, PackageManager
+from .download_errors import explain
+from .kernel_compiler import kernel_compiler_text
 
 ENTITLEMENT_DIRS = ("/etc/pki/entitlement", "/run/secrets/etc-pki-entitlement")
 REPOS_DIR = "/etc/yum.repos.d"
@@ -49,10 +60,50 @@ def entitlement_pairs(paths: HostPaths) -> List[Tuple[Path, Path]]:
     return pairs
 
 
-def preflight(paths: HostPaths) -> List[str]:
-    """What is missing for an entitled dnf install; [] when nothing. No network, no dnf."""
+def certificate_problems(cert: Path, key: Path, runner: Runner) -> List[str]:
+    """An entitlement pair that cannot serve: not PEM, unreadable, or expired (openssl, no network)."""
     problems = []
-    if not entitlement_pairs(paths):
+    try:
+        if b"PRIVATE KEY-----" not in key.read_bytes()[:4096]:
+            problems.append("the entitlement key %s is not a PEM private key" % key)
+    except OSError as exc:
+        problems.append("the entitlement key %s cannot be read: %s" % (key, exc.strerror))
+    try:
+        r = runner.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate", "-checkend", "0"], check=False)
+    except CommandFailed:  # no openssl in this image: dnf will say
+        return problems
+    end = re.search(r"notAfter=(.*)", r.stdout)
+    if r.returncode != 0 and end:
+        problems.append(
+            "the entitlement certificate %s expired on %s: renew the entitlement and update the "
+            "etc-pki-entitlement secret" % (cert, end.group(1).strip())
+        )
+    elif r.returncode != 0:
+        problems.append("the entitlement certificate %s is not a readable PEM certificate" % cert)
+    return problems
+
+
+def repo_file_problems(repos: Path) -> List[str]:
+    """Repository files dnf would skip (it then carries on with no repository at all)."""
+    problems = []
+    for f in sorted(repos.glob("*.repo")):
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        try:
+            parser.read_string(f.read_text(errors="replace"), source=str(f))
+        except configparser.Error as exc:
+            problems.append("the repository file %s does not parse: %s" % (f, str(exc).replace("\n", " ")))
+        except OSError as exc:
+            problems.append("the repository file %s cannot be read: %s" % (f, exc.strerror))
+    return problems
+
+
+def preflight(paths: HostPaths, runner: Runner) -> List[str]:
+    """What is missing or wrong for an entitled dnf install; [] when nothing. No network, no dnf."""
+    problems = []
+    pairs = entitlement_pairs(paths)
+    for cert, key in pairs:
+        problems += certificate_problems(cert, key, runner)
+    if not pairs:
         problems.append(
             "no entitlement certificate: expected <id>.pem and <id>-key.pem in %s (the operator mounts "
             "the etc-pki-entitlement secret; CRI-O injects it at %s)"
@@ -61,6 +112,8 @@ def preflight(paths: HostPaths) -> List[str]:
     repos = paths.host(REPOS_DIR)
     if not (repos.is_dir() and any(repos.glob("*.repo"))):
         problems.append("no repository configuration: expected redhat.repo (or another *.repo) in %s" % repos)
+    else:
+        problems += repo_file_problems(repos)
     if not paths.host(CA_BUNDLE).is_file():
         problems.append(
             "no trusted CA bundle at %s (the operator's gpu-operator-trusted-ca ConfigMap)" % paths.host(CA_BUNDLE)
@@ -105,6 +158,7 @@ class DnfBackend(PackageManager):
         arch: str,
         openshift_version: str = "",
         dnf_releasever: str = "",
+        local_repo: Optional[Path] = None,
     ) -> None:
         self.paths = paths
         self.runner = runner
@@ -114,28 +168,66 @@ class DnfBackend(PackageManager):
         self.arch = arch
         self.openshift_version = openshift_version
         self.releasevers = rhel_releasevers(kernel, dnf_releasever)
+        self.local_repo = local_repo
         self.repos: List[str] = []  # the ladder's repositories kept
         self.releasever: Optional[str] = None
         self.tried: List[str] = []
+        self._local: Optional[Dict[str, Path]] = None
+        self.offline = False  # the kernel's packages came from the node-local repository
 
     def available(self) -> str:
         return "" if shutil.which("dnf") else "dnf is not installed in this image"
 
-    def _dnf(self, *args: str, releasever: str) -> List[str]:
+    def _dnf(self, *args: str, releasever: str, offline: bool = False) -> List[str]:
         # a repository we depend on fails loudly: a refused certificate is an error, not an empty repository
         argv = ["dnf", "-y", "--releasever=%s" % releasever, "--setopt=skip_if_unavailable=False"]
         root = self.paths.host("/")
         if str(root) != "/":
             argv.append("--installroot=%s" % root)
+        if offline:
+            return argv + ["--disablerepo=*"] + list(args)
         return argv + ["--enablerepo=%s" % r for r in self.repos] + list(args)
 
     def _makecache(self, releasever: str) -> Tuple[bool, str]:
         r = self.runner.run(self._dnf("makecache", releasever=releasever), env=self.env, timeout=900, check=False)
-        last = (r.stderr or r.stdout).strip().splitlines()
-        return r.returncode == 0, last[-1] if last else "exit %d" % r.returncode
+        text = r.stdout + r.stderr
+        if r.returncode == 0 and "There are no enabled repositories" in text:
+            return False, "no enabled repository (check enabled=1 in the repository files)"
+        return r.returncode == 0, "" if r.returncode == 0 else explain(text, self.env)
 
     def preflight(self) -> List[str]:
-        return preflight(self.paths)
+        if self.local_kernel_packages(self.kernel):
+            return []  # the node-local repository serves: no entitlement needed
+        return preflight(self.paths, self.runner)
+
+    # -- the node-local repository ---------------------------------------------------
+
+    def local_packages(self) -> Dict[str, Path]:
+        """What the node-local repository's RPMs answer to (name, name-version-release, with .arch) -> file."""
+        if self._local is None:
+            self._local = {}
+            rpms = sorted(self.local_repo.glob("*.rpm")) if self.local_repo is not None else []
+            if rpms:
+                qf = "%{NAME} %{VERSION} %{RELEASE} %{ARCH}\\n"
+                try:
+                    out = self.runner.run(["rpm", "-qp", "--nosignature", "--qf", qf, *map(str, rpms)], timeout=120)
+                except CommandFailed as exc:
+                    raise FallbackFailed(
+                        "the node-local repository %s holds an RPM that does not read: %s"
+                        % (self.local_repo, exc.summary)
+                    ) from None
+                for rpm, line in zip(rpms, out.stdout.splitlines()):
+                    n, v, r, a = line.split()
+                    for spec in (n, "%s-%s-%s" % (n, v, r), "%s-%s-%s.%s" % (n, v, r, a)):
+                        self._local[spec] = rpm
+        return self._local
+
+    def local_kernel_packages(self, kernel: str) -> List[str]:
+        names = kernel_package_names(kernel)
+        local = self.local_packages()
+        return names if all(n in local for n in names) else []
+
+    # -- the configured sources --------------------------------------------------------
 
     def refresh(self) -> None:
         major = self.releasevers[-1]
@@ -160,28 +252,36 @@ class DnfBackend(PackageManager):
                     reason=why,
                 )
                 self.repos = self.repos[: -len(step)]
+        last = ""
         for rv in self.releasevers:
-            ok, why = self._makecache(rv)
-            self.tried.append("metadata with releasever %s: %s" % (rv, "ok" if ok else why))
+            ok, last = self._makecache(rv)
+            self.tried.append("metadata with releasever %s: %s" % (rv, "ok" if ok else last))
             if ok:
                 self.releasever = rv
                 self.log.info("dnf metadata ready", releasever=rv, extra_repositories=self.repos)
                 return
-            self.log.info("dnf makecache failed: trying the next releasever", releasever=rv, reason=why)
+            self.log.info("dnf makecache failed: trying the next releasever", releasever=rv, reason=last)
         raise FallbackFailed(
-            "dnf could not update its metadata with releasevers %s (an entitlement problem when "
-            "the CDN refuses the certificate): %s" % (", ".join(self.releasevers), "; ".join(self.tried))
+            "dnf could not update its metadata with releasevers %s: %s (tried: %s)"
+            % (", ".join(self.releasevers), last, "; ".join(self.tried))
         )
 
     def kernel_packages(self, kernel: str) -> List[str]:
         return kernel_package_names(kernel)
 
+    # -- installing ----------------------------------------------------------------------
+
     def install(self, names: Sequence[str]) -> List[str]:
         rv = self.releasever or self.releasevers[0]
+        local = self.local_packages()
+        offline = all(n in local for n in names)
+        self.offline = self.offline or offline
+        argv = self._dnf("install", *(str(local[n]) if offline else n for n in names), releasever=rv, offline=offline)
         try:
-            self.runner.run(self._dnf("install", *names, releasever=rv), env=self.env, timeout=1800)
+            self.runner.run(argv, env=self.env, timeout=1800)
         except CommandFailed as exc:
-            m = re.search(r"(?:No match for argument|Unable to find a match): (\S+)", exc.stdout + exc.stderr)
+            text = exc.stdout + exc.stderr
+            m = re.search(r"(?:No match for argument|Unable to find a match): (\S+)", text)
             if m:
                 raise FallbackFailed(
                     "no package %s for kernel %s in the repositories searched (%s; releasevers "
@@ -194,5 +294,29 @@ class DnfBackend(PackageManager):
                         LIKELY_CAUSE,
                     )
                 ) from None
+            if "Curl error" in text or "Status code" in text:
+                raise FallbackFailed("dnf install could not download: %s" % explain(text, self.env)) from None
             raise FallbackFailed("dnf install failed: %s" % exc.summary) from None
+        self.log.info("kernel packages installed", packages=list(names), from_local_repo=offline)
         return list(names)
+
+    def install_compiler(self, kernel: str) -> List[str]:
+        """The gcc the kernel was built with, when the image's gcc is another version."""
+        text = kernel_compiler_text(self.paths, kernel, self.runner)
+        want = compiler_version(text)
+        if not want:
+            self.log.warning("cannot tell which compiler built the kernel: keeping the image's", kernel=kernel)
+            return []
+        have = present_compiler_version(self.runner, "gcc")
+        if have == want:
+            self.log.info("the image's gcc is the kernel's", version=have, kernel_compiler=text)
+            return []
+        if self.offline and "gcc-%s" % want not in self.local_packages():
+            self.log.warning(
+                "the node-local repository has not the kernel's gcc: keeping the image's",
+                wanted="gcc-%s" % want,
+                image_gcc=have or "none",
+            )
+            return []
+        self.log.info("installing the kernel's gcc", kernel_compiler=text, image_gcc=have or "none")
+        return self.install(["gcc-%s" % want])
