@@ -8,6 +8,7 @@ repository (no network); the slow one fetches a real Debian kernel's packages fr
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -17,7 +18,16 @@ from typing import List, Optional
 import pytest
 from conftest import need_tool
 from fakes import FakeRunner
-from harness import copy_fixture_sources, env_for, installed_kernel, nvd
+from harness import (
+    copy_fixture_sources,
+    env_for,
+    events,
+    installed_kernel,
+    make_real_kernel_root,
+    make_shared_dir,
+    nvd,
+    run_both,
+)
 
 from driver_ctr.fallback import backend_for, install_kernel_tree, node_family
 from driver_ctr.fallback.apt import AptBackend
@@ -185,6 +195,43 @@ def test_init_falls_back_to_apt_for_a_real_debian_kernel_and_builds(root, tmp_pa
     assert (root / "lib/modules" / kernel / "modules.dep").is_file()
     assert '"phase": "local build", "outcome": "ok"' in err  # built against what apt unpacked
     assert "could not load nvidia: the kernel refused module loading" in err  # the VM tier loads for real
+
+
+@pytest.mark.slow
+@pytest.mark.kbuild
+@pytest.mark.vm
+def test_a_broken_dtk_on_a_debian_node_falls_back_to_apt_and_the_real_535_build_loads_in_the_vm(root, tmp_path):
+    """The DTK stand-in carries bookworm-backports' 6.12 trees, the node runs 6.1: the DTK says it is broken,
+    with both versions; the driver side installs the node kernel's headers and modules from Debian's
+    archive, builds NVIDIA's real 535 proprietary modules against them, stores them in the host cache;
+    ``nvidia-driver load`` in a VM booted with that kernel takes them from there and ends, as a machine
+    without an NVIDIA GPU must, in the "no NVIDIA GPU" diagnosis."""
+    need_tool("apt-get")
+    from test_build_real import _sources
+
+    node = installed_kernel(r"6\.1\.0-\d+-amd64")  # the archive's current 6.1: its packages are there
+    dtk_kernel = installed_kernel(r"6\.12\.\d+\+deb12-amd64")
+    make_real_kernel_root(root, dtk_kernel)  # what the DTK image holds
+    (root / "var/lib/driver-ctr/cache").mkdir(parents=True)  # the node's hostPath
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    env = env_for(
+        root, node, DRIVER_CTR_SOURCE_DIR=str(_sources()), KERNEL_MODULE_TYPE="proprietary", TMPDIR=str(tmp_path)
+    )
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    d, _ = run_both(root, env, timeout=2400)
+    err = d.stderr
+    assert d.returncode == 0, err[-3000:]
+    broken = json.loads((make_shared_dir(root) / "driver_toolkit_broken").read_text())
+    assert dtk_kernel in json.dumps(broken) and broken["node_kernel"] == node
+    fell = next(e for e in events(err) if e["event"] == "falling back to the entitlement-based build")
+    assert dtk_kernel in json.dumps(fell) and "NVIDIA does not support entitled builds" in fell["note"]
+    unpacked = next(e for e in events(err) if e["event"] == "kernel packages unpacked")
+    assert "linux-headers-" + node in unpacked["packages"] and "linux-image-" + node in unpacked["packages"]
+    assert '"phase": "local build", "outcome": "ok"' in err
+    guest_err, modules = _loads_in_the_vm(node, root, tmp_path, KERNEL_MODULE_TYPE="proprietary")
+    assert "could not load nvidia: No such device (ENODEV)" in guest_err, guest_err[-3000:]
+    assert "no NVIDIA GPU is visible to the kernel" in guest_err
 
 
 # -- dnf (RHEL, RHCOS nodes) ----------------------------------------------------------------
@@ -390,6 +437,7 @@ def test_init_falls_back_to_dnf_with_the_entitlement_certificate_and_builds(root
     src = copy_fixture_sources(tmp_path / "src")
     env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(src), TMPDIR=str(tmp_path))
     env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    (root / "var/lib/driver-ctr/cache").mkdir(parents=True)  # the node's hostPath
     with entitled_repo.serve(repo, certs) as url:
         _rhel_node(root, certs, url)
         r = nvd(env, "init", "-m", "1", timeout=1200)
