@@ -470,6 +470,45 @@ def _loads_in_the_vm(kernel: str, root: Path, tmp_path: Path, **extra: str) -> t
 
 
 @pytest.mark.slow
+def test_real_dnf_walks_the_ladder_and_names_the_eus_repositories_that_lack_the_kernel(root, tmp_path, capfd):
+    """Real dnf, a CDN stand-in whose baseos and EUS repositories exist but lack the kernel: the rhocp
+    repository (not defined for this node) is tried and left with dnf's reason, EUS is kept, and the missing
+    package is named with the repositories searched, the releasevers tried and the likely cause."""
+    _dnf_tools()
+    import entitled_repo
+
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")
+    certs = entitled_repo.certificates(tmp_path / "pki")
+    web = tmp_path / "web"
+    (web / "empty").mkdir(parents=True)
+    subprocess.run(["createrepo_c", "-q", str(web / "empty")], check=True)
+    with entitled_repo.serve(web, certs) as url:
+        _rhel_node(root, certs, url + "empty/")
+        repo_file = root / "etc/yum.repos.d/redhat.repo"
+        base = repo_file.read_text()
+        for eus in ("rhel-9-for-x86_64-baseos-eus-rpms", "rhel-9-for-x86_64-appstream-eus-rpms"):
+            repo_file.write_text(
+                repo_file.read_text()
+                + "\n"
+                + base.replace("[rhel-9-for-x86_64-baseos-rpms]", "[%s]" % eus).replace("enabled=1", "enabled=0")
+            )
+        s = _settings(root, DRIVER_CTR_KERNEL_RELEASE=kernel, OPENSHIFT_VERSION="4.16")
+        with pytest.raises(FallbackFailed) as exc:
+            install_kernel_tree(s, kernel, Runner(), get_logger())
+    msg = str(exc.value)
+    assert "no package kernel-headers-%s for kernel %s" % (kernel, kernel) in msg, msg
+    assert "repositories searched (rhel-9-for-x86_64-baseos-eus-rpms, rhel-9-for-x86_64-appstream-eus-rpms" in msg
+    assert "releasevers tried: 9" in msg and "EUS repositories are not enabled" in msg
+    assert not (root / "lib/modules" / kernel).exists()
+    left = [e for e in events(capfd.readouterr().err) if e["event"] == "repository not usable here: moving on"]
+    assert [e["repositories"] for e in left] == [["rhocp-4.16-for-rhel-9-x86_64-rpms"]]
+    assert (
+        left[0]["reason"]
+        == "rhocp-4.16-for-rhel-9-x86_64-rpms is not in the repository files (not entitled, or not for this RHEL)"
+    )
+
+
+@pytest.mark.slow
 def test_a_certificate_the_cdn_refuses_is_reported_as_an_entitlement_problem(root, tmp_path):
     _dnf_tools()
     import entitled_repo

@@ -193,6 +193,9 @@ class DnfBackend(PackageManager):
         text = r.stdout + r.stderr
         if r.returncode == 0 and "There are no enabled repositories" in text:
             return False, "no enabled repository (check enabled=1 in the repository files)"
+        unknown = re.search(r"Unknown repo: '?([^'\s]+)", text)
+        if r.returncode != 0 and unknown:
+            return False, "%s is not in the repository files (not entitled, or not for this RHEL)" % unknown.group(1)
         return r.returncode == 0, "" if r.returncode == 0 else explain(text, self.env)
 
     def preflight(self) -> List[str]:
