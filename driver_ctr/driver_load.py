@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 @dataclass
 class LoadReport:
     loaded: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)  # optional modules that did not load, and why
     params: Dict[str, List[str]] = field(default_factory=dict)
     firmware: str = ""
 
@@ -89,8 +90,17 @@ class Loader:
 
     def modinfos(self, tree: "ModuleTree", mods: List[str]) -> Dict[str, ModInfo]:
         out = {}
-        for m in mods:
+        for m in list(mods):
             p = tree.root / nv.staged_path(m)
+            if not p.is_file() and m in nv.OPTIONAL:
+                mods.remove(m)
+                self.log.warning(
+                    "%s is not in the verified build: not loaded (the GPU driver loads without it)" % m,
+                    tree=str(tree.root),
+                    hint="nvidia-peermem is built only against MOFED's kernel tree: see the build's manifest "
+                    "(details.not_built) or its log",
+                )
+                continue
             if not p.is_file():
                 raise LoadFailed(
                     m,
@@ -138,8 +148,7 @@ class Loader:
         kernel_vermagic = running_kernel_vermagic(self.settings, kernel)
         self.check_vermagic(infos, kernel, kernel_vermagic)
         params = module_params.read_param_files(self.paths.drivers_dir)
-        module_params.validate(params, infos)
-        params = module_params.with_defaults(params, infos)
+        params = module_params.with_defaults(module_params.usable(params, infos, self.log), infos)
         module_params.write_dropins(self.paths.modprobe_d, params)
         report = LoadReport(params={m: ["%s=%s" % (p.name, p.value) for p in ps] for m, ps in params.items() if ps})
         report.firmware = configure_firmware_path(
@@ -169,7 +178,17 @@ class Loader:
                         nouveau_loaded=nouveau_loaded,
                         nvidia_pci_devices=nvidia_pci_devices,
                     )
-                    raise diagnose(facts, (res.stderr + "\n" + res.stdout).strip(), klog.lines())
+                    failure = diagnose(facts, (res.stderr + "\n" + res.stdout).strip(), klog.lines())
+                    if m not in nv.OPTIONAL:
+                        raise failure
+                    self.log.error(
+                        "could not load %s: the GPU driver stays loaded without it" % m,
+                        cause=failure.cause,
+                        next_step=failure.next_step,
+                        kernel_log=failure.kernel_log[-15:],
+                    )
+                    report.failed[m] = failure.cause
+                    continue
             finally:
                 klog.close()
             report.loaded.append(m)

@@ -2,9 +2,11 @@
 
 Each ``.conf`` line holds one or more ``name=value`` words (the reference
 takes lines verbatim). Every parameter is checked against what the built
-module declares (``parm``/``parmtype`` of its ``.modinfo``) and its type; an
-unknown or malformed one is an error naming the file, the line and the
-module's known parameters. ``NVreg_CoherentGPUMemoryMode=driver`` is added to
+module declares (``parm``/``parmtype`` of its ``.modinfo``), as the kernel
+treats them (:func:`usable`): an unknown one is dropped with a warning naming
+the file, the line and the module's parameters; a file for a module not being
+loaded is ignored; a malformed line or a bad value of a declared parameter is
+an error before any insmod. ``NVreg_CoherentGPUMemoryMode=driver`` is added to
 nvidia only when the module declares it (the reference adds it always).
 """
 
@@ -18,6 +20,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from .toolkit.errors import DriverCtrError, ProtocolError
 from .toolkit.fsio import atomic_write_text
+from .toolkit.log import Logger
 from .toolkit.modinfo import ModInfo
 from .toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
 from .toolkit.shared_fs import read_regular_file
@@ -108,27 +111,42 @@ def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MOD
     return out
 
 
-def validate(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo]) -> None:
+def usable(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo], log: Logger) -> Dict[str, List[Param]]:
+    """The parameters to apply, as the kernel treats them: a ``.conf`` for a module not being loaded is
+    ignored (info), an unknown parameter is dropped (a warning naming the file, the line and what the
+    module declares); a bad value of a declared parameter is an error before any insmod (the kernel
+    would refuse the module)."""
+    kept: Dict[str, List[Param]] = {}
     problems = []
     for mod, ps in params.items():
         info = infos.get(mod)
         if info is None:
             if ps:
-                problems.append("%s: parameters for %s, which is not built or loaded here" % (ps[0].source, mod))
+                log.info(
+                    "parameter file ignored: its module is not being loaded",
+                    file=ps[0].source.split(":")[0],
+                    module=mod,
+                )
             continue
         known = info.parameters
+        kept[mod] = []
         for p in ps:
             if p.name not in known:
-                problems.append(
-                    "%s: %s has no parameter %r (known: %s)"
-                    % (p.source, mod, p.name, ", ".join(sorted(known)) or "none")
+                log.warning(
+                    "unknown module parameter dropped",
+                    at=p.source,
+                    module=mod,
+                    parameter=p.name,
+                    declared=sorted(known),
                 )
                 continue
             why = check_value(known[p.name], p.value)
             if why:
                 problems.append("%s: %s=%r: %s" % (p.source, p.name, p.value, why))
+            kept[mod].append(p)
     if problems:
         raise ParameterError("invalid module parameters:\n" + "\n".join("  - " + x for x in problems))
+    return kept
 
 
 def with_defaults(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo]) -> Dict[str, List[Param]]:

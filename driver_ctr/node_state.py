@@ -8,6 +8,13 @@
 - ``/run/nvidia/driver``: an rbind of the container root (``/sys`` made
   runbindable and private first), relabelled for containers when the host
   enforces SELinux (detected through ``/proc/1`` as the reference does).
+  A mount left by a killed container (its root, now gone) is replaced by this
+  container's root: unmounted, then mounted again.
+- ``/lib/modules/<kver>`` of the container (so of the driver root): the loaded
+  tree, so that ``chroot /run/nvidia/driver modprobe nvidia-peermem`` (the RDMA
+  sidecar) and other readers of the driver root find NVIDIA's modules. A link
+  to the verified tree when the container has no tree of that kernel; beside
+  the kernel's own modules, indexed by ``depmod``, when it has (the fallback's).
 - the firmware search path (reference §2.5).
 """
 
@@ -15,9 +22,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import IO, List, Mapping, Optional
 
+from .toolkit import nvidia_modules as nv
 from .toolkit.errors import CommandFailed, DriverCtrError
 from .toolkit.fsio import atomic_write_text
 from .toolkit.log import Logger
@@ -136,8 +145,9 @@ def mounted(target: Path, proc: Path) -> bool:
 def mount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
     target = paths.driver_root
     if mounted(target, paths.proc):
-        log.info("driver root already mounted", target=str(target))
-        return
+        # a killed container's root (or this one's, from a shutdown that did not finish): mount this root again
+        log.info("driver root already mounted: mounting this container's root again", target=str(target))
+        runner.run(["umount", "-l", "-R", str(target)], timeout=60)
     target.mkdir(parents=True, exist_ok=True)
     for argv in (
         ["mount", "--make-runbindable", "/sys"],
@@ -160,6 +170,36 @@ def unmount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
         log.info("driver root unmounted", target=str(target))
     except CommandFailed as exc:
         log.warning("could not unmount the driver root", target=str(target), reason=exc.summary)
+
+
+def publish_modules(paths: HostPaths, tree: Path, kernel: str, runner: Runner, log: Logger) -> None:
+    """Make ``/lib/modules/<kernel>`` of this container hold the loaded ``tree`` (see the module docstring)."""
+    target = paths.module_dir(kernel)
+    if target.is_symlink() or not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".%s.driver-ctr" % kernel)
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(tree)
+        os.replace(str(tmp), str(target))
+        log.info("module tree linked into the driver root", path=str(target), tree=str(tree))
+        return
+    dest = target / nv.SUBDIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted((tree / nv.SUBDIR).iterdir()):
+        if nv.is_module(f.name):
+            tmp = dest / (".%s.driver-ctr" % f.name)
+            shutil.copyfile(str(f), str(tmp))
+            os.replace(str(tmp), str(dest / f.name))
+    runner.run(["depmod", "-b", str(paths.host("/")), kernel], timeout=600)
+    log.info("NVIDIA modules copied beside the kernel's in the driver root", path=str(dest))
+
+
+def withdraw_modules(paths: HostPaths, tree: Path, kernel: str) -> None:
+    """Undo :func:`publish_modules` where it linked (copies die with the container)."""
+    target = paths.module_dir(kernel)
+    if target.is_symlink() and os.readlink(str(target)) == str(tree):
+        target.unlink()
 
 
 def mellanox_present(paths: HostPaths) -> bool:

@@ -35,9 +35,11 @@ from .node_state import (
     PidLock,
     clear_daemons_status,
     mount_rootfs,
+    publish_modules,
     remove_state,
     set_daemons_status,
     unmount_rootfs,
+    withdraw_modules,
     write_state,
 )
 from .toolkit.errors import Cancelled, DriverCtrError
@@ -65,6 +67,7 @@ class Service:
         self.log: Logger = get_logger(side="driver")
         self.lock: Optional[PidLock] = None
         self.touched = False  # the node's driver state was changed by us
+        self.published: Optional["ModuleTree"] = None  # the tree linked into the driver root
 
     def run(self, body: Body) -> int:
         """The whole lifecycle (see the module docstring); the exit status."""
@@ -80,9 +83,12 @@ class Service:
                     "NVIDIA modules loaded",
                     source=tree.source,
                     modules=report.loaded,
+                    not_loaded=report.failed,
                     params=report.params,
                     firmware=report.firmware,
                 )
+                publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
+                self.published = tree
             self.serve()
         except Cancelled as exc:
             self.log.info("stopping before the driver was ready", reason=str(exc))
@@ -101,6 +107,9 @@ class Service:
         stop_daemons(self.paths, self.log)
         unload(self.paths, self.undo_runner, self.log)
         unmount_rootfs(self.paths, self.undo_runner, self.log)
+        if self.published is not None:
+            withdraw_modules(self.paths, self.published.root, self.published.kernel)
+            self.published = None
 
     def serve(self) -> None:
         """After a load (or the fast path): daemons, driver root, state, Ready."""

@@ -241,6 +241,22 @@ def make_real_kernel_root(root: Path, kernel: str) -> None:
     (root / "etc/driver-toolkit-release.json").write_text(json.dumps(release))
 
 
+def make_ofa_kernel(d: Path) -> Path:
+    """A stand-in for MOFED's kernel tree, as its driver container exposes it
+    (``/run/mellanox/drivers/usr/src/ofa_kernel/<arch>/<kver>``): ``Module.symvers`` exporting the IB
+    peer-memory API from ``ib_core``, and the ``rdma/peer_mem.h`` header."""
+    (d / "include/rdma").mkdir(parents=True, exist_ok=True)
+    (d / "Module.symvers").write_text(
+        "0x6a2b1c01\tib_register_peer_memory_client\tdrivers/infiniband/core/ib_core\tEXPORT_SYMBOL\t\n"
+        "0x6a2b1c02\tib_unregister_peer_memory_client\tdrivers/infiniband/core/ib_core\tEXPORT_SYMBOL\t\n"
+    )
+    (d / "include/rdma/peer_mem.h").write_text(
+        "/* stand-in */\n#ifndef RDMA_PEER_MEM_H\n#define RDMA_PEER_MEM_H\n#define IB_PEER_MEMORY_NAME_MAX 64\n"
+        "#define IB_PEER_MEMORY_VER_MAX 16\n#endif\n"
+    )
+    return d
+
+
 def copy_fixture_sources(dest: Path, flavours=("kernel",)) -> Path:
     """The fixture NVIDIA source tree, as an extracted .run lays it out."""
     dest.mkdir(parents=True, exist_ok=True)

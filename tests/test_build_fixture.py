@@ -89,14 +89,45 @@ def test_build_stages_a_tree_modprobe_can_use(root, tmp_path, k61):
     assert "NV_KERNEL_MODULES=nvidia nvidia-uvm nvidia-modeset" in log and "-j%d" % det["jobs"] in log
 
 
-def test_open_flavour_and_peermem_with_rdma(root, tmp_path, k61):
+def test_rdma_without_mofeds_tree_builds_the_driver_without_peermem_and_says_why(root, tmp_path, k61):
     _, env = fixture_build_env(root, tmp_path, k61, KERNEL_MODULE_TYPE="open", GPU_DIRECT_RDMA_ENABLED="true")
     d, dtk = run_both(root, env)
     assert d.returncode == 0, d.stderr + dtk.stderr
     det = _manifest(root)["build"]["details"]
     assert det["tree"] == "kernel-open" and det["flavour_reason"] == "KERNEL_MODULE_TYPE=open"
-    assert det["modules"][-1] == "nvidia-peermem"
-    assert (make_shared_dir(root) / "modules" / NV / "nvidia-peermem.ko").is_file()
+    assert det["modules"] == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    why = det["not_built"]["nvidia-peermem"]
+    assert "no MOFED kernel tree from the MOFED driver container for kernel %s" % k61 in why
+    assert str(root / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / k61) in why
+    assert not (make_shared_dir(root) / "modules" / NV / "nvidia-peermem.ko").exists()
+    assert "nvidia-peermem not built" in (make_shared_dir(root) / "build.log").read_text()
+
+
+@pytest.mark.parametrize("host_mofed", [False, True])
+def test_rdma_with_mofeds_tree_builds_peermem_against_its_symbols(root, tmp_path, k61, host_mofed):
+    """MOFED's tree (the MOFED container's, or the host's with USE_HOST_MOFED=true): nvidia-peermem imports
+    the IB peer-memory API, its ib_core is MOFED's (never the kernel's inbox one staged beside it)."""
+    from harness import make_ofa_kernel
+
+    from driver_ctr.toolkit.modinfo import undefined_symbols
+
+    base = "usr/src/ofa_kernel" if host_mofed else "run/mellanox/drivers/usr/src/ofa_kernel"
+    ofa = make_ofa_kernel(root / base / "x86_64" / k61)
+    _, env = fixture_build_env(
+        root, tmp_path, k61, GPU_DIRECT_RDMA_ENABLED="true", USE_HOST_MOFED="true" if host_mofed else "false"
+    )
+    d, dtk = run_both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    det = _manifest(root)["build"]["details"]
+    assert det["modules"][-1] == "nvidia-peermem" and det["not_built"] == {} and det["mofed"] == str(ofa)
+    mods = make_shared_dir(root) / "modules"
+    peermem = mods / NV / "nvidia-peermem.ko"
+    assert {"ib_register_peer_memory_client", "ib_unregister_peer_memory_client"} <= undefined_symbols(peermem)
+    assert "ib_core" in read_modinfo(peermem).depends  # modpost read MOFED's Module.symvers
+    assert not list(mods.rglob("ib_core.ko*"))  # the inbox ib_core is not MOFED's: never staged
+    dep = next(l for l in (mods / "modules.dep").read_text().splitlines() if l.startswith(NV + "/nvidia-peermem"))
+    deps = dep.split(":")[1].split()
+    assert NV + "/nvidia.ko" in deps and not any("ib_core" in d for d in deps)  # ib_core: MOFED's, loaded by it
 
 
 def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):

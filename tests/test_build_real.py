@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import pytest
 from conftest import REPO
@@ -55,6 +56,7 @@ BUILD_CODE = (
     "signing.py",
     "jobs.py",
     "modinfo.py",
+    "mofed.py",
     "builders.py",
     "nvidia_modules.py",
     "protocol.py",
@@ -77,10 +79,10 @@ def _digest_tree(h: "hashlib._Hash", root: Path) -> None:
             h.update(hashlib.sha256(p.read_bytes()).digest())
 
 
-def _artefact_cache(kernel: str, flavour: str) -> Path:
-    """A persistent host-cache directory keyed by sources, kernel and our code."""
+def _artefact_cache(kernel: str, flavour: str, extra: Optional[Dict[str, str]] = None) -> Path:
+    """A persistent host-cache directory keyed by sources, kernel, settings and our code."""
     h = hashlib.sha256()
-    h.update(("%s\0%s\0" % (kernel, flavour)).encode())
+    h.update(("%s\0%s\0%s\0" % (kernel, flavour, sorted((extra or {}).items()))).encode())
     _digest_tree(h, SOURCES / {"proprietary": "kernel", "open": "kernel-open"}[flavour])
     for name in BUILD_CODE:
         h.update(hashlib.sha256((REPO / "driver_ctr/toolkit" / name).read_bytes()).digest())
@@ -95,14 +97,16 @@ def _artefact_cache(kernel: str, flavour: str) -> Path:
     return d
 
 
-def _build(root: Path, tmp_path: Path, kernel: str, flavour: str, cache: bool = True):
+def _build(root: Path, tmp_path: Path, kernel: str, flavour: str, cache: bool = True, **extra: str):
     make_real_kernel_root(root, kernel)
-    env = env_for(root, kernel, DRIVER_CTR_SOURCE_DIR=str(_sources()), KERNEL_MODULE_TYPE=flavour, TMPDIR=str(tmp_path))
+    env = env_for(
+        root, kernel, DRIVER_CTR_SOURCE_DIR=str(_sources()), KERNEL_MODULE_TYPE=flavour, TMPDIR=str(tmp_path), **extra
+    )
     env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
     if cache:
         link = root / "var/lib/driver-ctr/cache"
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(_artefact_cache(kernel, flavour))
+        link.symlink_to(_artefact_cache(kernel, flavour, extra))
     shared = make_shared_dir(root)
     t0 = time.monotonic()
     drv = start_driver(env)
@@ -146,6 +150,27 @@ def test_proprietary_535_builds_for_bookworm_6_1(root, tmp_path):
     assert d.returncode == 0, d.stderr[-3000:] + dtk.stderr[-3000:]
     _check_real_modules(shared, m, k, "proprietary")
     assert (shared / "modules" / NV / "nvidia.ko").stat().st_size > 10_000_000  # nv-kernel.o_binary linked in
+
+
+def test_rdma_real_535_peermem_imports_mofeds_peer_memory_api(root, tmp_path):
+    """GPUDirect RDMA with MOFED's tree (a stand-in with its Module.symvers layout): NVIDIA's Kbuild and
+    conftest see it, and the real nvidia-peermem.ko imports ib_register/unregister_peer_memory_client (without
+    them its init fails with EINVAL); MOFED's ib_core is not staged."""
+    from harness import make_ofa_kernel
+
+    from driver_ctr.toolkit.modinfo import undefined_symbols
+
+    k = installed_kernel(r"6\.1\.0-\d+-amd64")
+    make_ofa_kernel(root / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / k)
+    d, dtk, shared, m = _build(root, tmp_path, k, "proprietary", GPU_DIRECT_RDMA_ENABLED="true")
+    assert d.returncode == 0, d.stderr[-3000:] + dtk.stderr[-3000:]
+    _check_real_modules(shared, m, k, "proprietary")
+    peermem = shared / "modules" / NV / "nvidia-peermem.ko"
+    assert {"ib_register_peer_memory_client", "ib_unregister_peer_memory_client"} <= undefined_symbols(peermem)
+    info = read_modinfo(peermem)
+    assert "ib_core" in info.depends and "nvidia" in info.depends and info.version == NVIDIA_VERSION
+    assert m["build"]["details"]["not_built"] == {}
+    assert not list((shared / "modules").rglob("ib_core.ko*"))
 
 
 def test_open_535_builds_for_backports_6_12(root, tmp_path):

@@ -22,7 +22,7 @@ def test_load_without_any_build_says_where_it_looked(root):
     assert not (root / "run/nvidia/nvidia-driver.pid").exists()  # released on the way out
 
 
-def test_load_refuses_a_bad_parameter_before_any_modprobe(root, tmp_path):
+def test_load_refuses_a_bad_value_before_any_modprobe(root, tmp_path):
     make_dtk_image(root)
     (root / "run/nvidia/validations").mkdir(parents=True)
     (root / "run/nvidia/validations/.driver-daemons-status").write_text("Ready\n")  # stale, from a killed pod
@@ -30,12 +30,11 @@ def test_load_refuses_a_bad_parameter_before_any_modprobe(root, tmp_path):
     d, _ = run_both(root, env)
     assert d.returncode == 0, d.stderr
     (root / "drivers").mkdir(exist_ok=True)
-    (root / "drivers/nvidia.conf").write_text("NVreg_Test=1\nNVreg_NoSuch=2\n")
+    (root / "drivers/nvidia.conf").write_text("NVreg_NoSuch=2\nNVreg_Test=abc\n")
     r = nvd(env, "load")
     assert r.returncode == 1
-    assert (
-        "%s:2: nvidia has no parameter 'NVreg_NoSuch' (known: NVreg_Test)" % (root / "drivers/nvidia.conf") in r.stderr
-    )
+    assert "%s:2: NVreg_Test='abc': expected an integer" % (root / "drivers/nvidia.conf") in r.stderr, r.stderr
+    assert "unknown module parameter dropped" in r.stderr  # the unknown one alone would not stop the load
     # stopped before any modprobe: no drop-in, no modprobe root for the tree
     assert not (root / "etc/modprobe.d/nvidia.conf").exists()
     assert not (root / "run/nvidia/driver-ctr/modroot").exists()
@@ -133,3 +132,41 @@ def test_a_second_instance_leaves_the_first_ones_ready_status_alone(root):
             assert status.read_text() == "Ready\n", cmd
     finally:
         lock.release()
+
+
+def test_a_peermem_that_fails_to_load_never_takes_the_gpu_driver_down(root, tmp_path):
+    """nvidia, nvidia-uvm, nvidia-modeset load; nvidia-peermem (RDMA, a Mellanox device) is refused: the
+    failure is logged with its diagnosis and the load succeeds (the sidecar retries it, with its probe)."""
+    from fakes import FakeRunner
+    from harness import make_fixture_module
+
+    from driver_ctr.driver_load import Loader
+    from driver_ctr.module_trees import ModuleTree
+    from driver_ctr.toolkit.nvidia_modules import SUBDIR
+    from driver_ctr.toolkit.runner import Result
+    from driver_ctr.toolkit.settings import Settings
+
+    dev = root / "sys/bus/pci/devices/0000:3b:00.0"
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text("0x15b3\n")
+    tree = tmp_path / "tree"
+    make_fixture_modules(tree / SUBDIR, RHEL_KERNEL)
+    make_fixture_module(tree / SUBDIR, "nvidia-peermem", RHEL_KERNEL, depends="nvidia")
+    runner = FakeRunner()
+
+    def modprobe(argv):
+        if argv[-1] == "nvidia-peermem":
+            return Result(tuple(argv), 1, "", "modprobe: ERROR: could not insert 'nvidia_peermem': Invalid argument")
+        return Result(tuple(argv), 0, "", "")
+
+    runner.answers.append((("modprobe",), modprobe))
+    settings = Settings.from_env(env_for(root, GPU_DIRECT_RDMA_ENABLED="true"))
+    report = Loader(settings, runner).load_tree(ModuleTree(tree, RHEL_KERNEL, "test"))
+    assert report.loaded == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    assert "Invalid argument" in report.failed["nvidia-peermem"]
+    assert [c[-1] for c in runner.calls if "--first-time" in c] == [
+        "nvidia",
+        "nvidia-uvm",
+        "nvidia-modeset",
+        "nvidia-peermem",
+    ]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import events
 
 from driver_ctr import module_params as mp
 from driver_ctr.daemons import DAEMONS, configure_fabric_manager, nvlink5_present, nvswitch_present, stop_daemons
@@ -51,8 +52,7 @@ def test_parameters_checked_against_the_module(tmp_path):
             NVreg_CoherentGPUMemoryMode="charp",
         )
     }
-    params = mp.read_param_files(d)
-    mp.validate(params, infos)
+    params = mp.usable(mp.read_param_files(d), infos, get_logger())
     full = mp.with_defaults(params, infos)
     assert [p.name for p in full["nvidia"]][0] == "NVreg_CoherentGPUMemoryMode"
     text = mp.option_lines(full)["nvidia"]
@@ -75,7 +75,6 @@ def test_parameters_checked_against_the_module(tmp_path):
 @pytest.mark.parametrize(
     "line,typ,needle",
     [
-        ("NVreg_Bogus=1", "uint", "nvidia has no parameter 'NVreg_Bogus' (known: NVreg_X)"),
         ("NVreg_X=abc", "uint", "NVreg_X='abc': expected an integer (uint)"),
         ("NVreg_X=-1", "uint", "expected an integer (uint)"),
         ("NVreg_X=4294967296", "uint", "out of range for uint"),
@@ -89,11 +88,30 @@ def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):
     d.mkdir()
     (d / "nvidia.conf").write_text("NVreg_X=1\n" + line + "\n")
     with pytest.raises(mp.ParameterError) as e:
-        mp.validate(mp.read_param_files(d), {"nvidia": _info(NVreg_X=typ)})
+        mp.usable(mp.read_param_files(d), {"nvidia": _info(NVreg_X=typ)}, get_logger())
     msg = str(e.value)
     assert needle in msg
     if "=" in line:
         assert "%s:2" % (d / "nvidia.conf") in msg
+
+
+def test_parameters_as_the_kernel_treats_them_unknown_dropped_unloaded_module_ignored(tmp_path, capfd):
+    """An unknown parameter is dropped with a warning naming the file, the line and the declared ones (the
+    kernel ignores it too); a file for a module not being loaded is ignored with an info line."""
+    d = tmp_path / "drivers"
+    d.mkdir()
+    (d / "nvidia.conf").write_text("NVreg_X=1\nNVreg_Bogus=2 NVreg_Y=3\n")
+    (d / "nvidia-peermem.conf").write_text("peerdirect_support=1\n")
+    kept = mp.usable(mp.read_param_files(d), {"nvidia": _info(NVreg_X="uint", NVreg_Y="int")}, get_logger())
+    assert {m: [(p.name, p.value) for p in ps] for m, ps in kept.items()} == {
+        "nvidia": [("NVreg_X", "1"), ("NVreg_Y", "3")]
+    }
+    logged = {e["event"]: e for e in events(capfd.readouterr().err)}
+    dropped = logged["unknown module parameter dropped"]
+    assert dropped["at"] == "%s:2" % (d / "nvidia.conf") and dropped["parameter"] == "NVreg_Bogus"
+    assert dropped["declared"] == ["NVreg_X", "NVreg_Y"] and dropped["level"] == "warning"
+    ignored = logged["parameter file ignored: its module is not being loaded"]
+    assert ignored["file"] == str(d / "nvidia-peermem.conf") and ignored["level"] == "info"
 
 
 def test_dropins_written_and_stale_ones_removed(tmp_path):

@@ -232,3 +232,57 @@ def test_real_535_nvidia_reaches_init_and_reports_no_device(tmp_path):
     assert "NVRM" in err  # the kernel log lines of the attempt are shown
     assert "Unknown symbol" not in err
     assert "nvidia-uvm" not in [e.get("module") for e in events(err) if e["event"] == "loaded"]
+
+
+RDMA = r"""
+set -u
+O=/run/out
+mkdir -p /drivers
+printf 'peerdirect_support=1\n' > /drivers/nvidia-peermem.conf
+python -m driver_ctr nvidia-driver load > $O/load.out 2> $O/load.err &
+LOADER=$!
+i=0; while [ $i -lt 1500 ]; do grep -qsx Ready /run/nvidia/validations/.driver-daemons-status && break; kill -0 $LOADER 2>/dev/null || break; sleep 0.2; i=$((i+1)); done
+cat /proc/modules > $O/modules_ready
+grep -qsx Ready /run/nvidia/validations/.driver-daemons-status || exit 0
+ls -la /lib/modules/$DRIVER_CTR_KERNEL_RELEASE/kernel/drivers/video/ > $O/driver_root_video 2>&1
+# the RDMA sidecar: MOFED and the driver container ready (the startup probe's flag), then its modprobe in the driver root
+mkdir -p /run/mellanox/drivers && touch /run/mellanox/drivers/.driver-ready /run/nvidia/validations/.driver-ctr-ready
+python -m driver_ctr nvidia-driver reload_nvidia_peermem > $O/peermem.out 2> $O/peermem.err &
+SIDECAR=$!
+i=0; while [ $i -lt 600 ]; do [ -d /sys/module/nvidia_peermem ] && break; kill -0 $SIDECAR 2>/dev/null || break; sleep 0.2; i=$((i+1)); done
+cat /sys/module/nvidia_peermem/parameters/peerdirect_support > $O/peerdirect 2>&1
+python -m driver_ctr nvidia-driver probe_nvidia_peermem > /dev/null 2>&1; echo $? > $O/probe.rc
+kill -TERM $SIDECAR; wait $SIDECAR; echo $? > $O/peermem.rc
+kill -TERM $LOADER; wait $LOADER; echo $? > $O/load.rc
+cat /proc/modules > $O/modules_after
+"""
+
+
+def test_rdma_the_peermem_sidecar_loads_it_in_the_driver_root_with_its_parameters(tmp_path):
+    """RDMA on, nvidia-peermem built against MOFED's tree; no Mellanox device, so the driver loads without it
+    and reaches Ready; the sidecar's ``chroot /run/nvidia/driver modprobe nvidia-peermem`` then finds it in
+    the driver root and loads it with /drivers/nvidia-peermem.conf's parameters; SIGTERM unloads it all."""
+    from harness import make_ofa_kernel
+
+    k = _kernel()
+    root = tmp_path / "rdma"
+    root.mkdir()
+    make_ofa_kernel(root / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / k)
+    _, env = fixture_build_env(root, tmp_path / "rdma-work", k, GPU_DIRECT_RDMA_ENABLED="true")
+    d, dtk = run_both(root, env)
+    assert d.returncode == 0, d.stderr + dtk.stderr
+    shared = make_shared_dir(root)
+    r = vm.boot(k, _guest_env(k, shared, GPU_DIRECT_RDMA_ENABLED="true") + RDMA, tmp_path / "out", VM_CACHE)
+    assert r.rc == 0, r.console[-3000:]
+    err = _read(r.out, "load.err")
+    ready = _read(r.out, "modules_ready")
+    assert re.search(r"^nvidia_modeset ", ready, re.M), err[-3000:]
+    assert not re.search(r"^nvidia_peermem ", ready, re.M)  # no Mellanox device: the driver does not load it
+    assert "no Mellanox device" in err
+    assert "nvidia-peermem.ko" in _read(r.out, "driver_root_video")  # the driver root holds the verified tree
+    assert _read(r.out, "peerdirect").strip() == "1", _read(r.out, "peermem.err")[-3000:]
+    assert "successfully loaded nvidia-peermem module" in _read(r.out, "peermem.err")
+    assert _read(r.out, "probe.rc").strip() == "0"
+    assert _read(r.out, "peermem.rc").strip() == "0"
+    assert _read(r.out, "load.rc").strip() == "0"
+    assert not re.search(r"^nvidia", _read(r.out, "modules_after"), re.M)  # peermem first, then the rest

@@ -42,8 +42,15 @@ def reload(settings: Settings, options: NoOptions) -> int:
         if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
             log.info("nvidia-peermem module already loaded, skipping modprobe")
         else:
+            from .. import module_params
+            from ..toolkit.nvidia_modules import PEERMEM
+
+            params = module_params.read_param_files(settings.paths.drivers_dir, (PEERMEM,)).get(PEERMEM, [])
+            words = ["%s=%s" % (p.name, p.value) for p in params]
+            if words:
+                log.info("Module parameters provided for nvidia-peermem", params=words)
             Runner().run(
-                ["chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem"], timeout=300, cancel=cancel
+                ["chroot", str(settings.paths.driver_root), "modprobe", PEERMEM, *words], timeout=300, cancel=cancel
             )
             log.info("successfully loaded nvidia-peermem module, now waiting for signal")
         while not cancel.cancelled:

@@ -43,6 +43,7 @@ class BuildOptions:
     max_jobs: Optional[int] = None
     timeout_s: float = 2400.0
     signing: Optional[Signing] = None
+    use_host_mofed: bool = False  # nvidia-peermem against the host's MOFED, not the MOFED container's
 
     @classmethod
     def from_settings(cls, settings: "Settings", max_jobs: Optional[int] = None) -> "BuildOptions":
@@ -56,6 +57,7 @@ class BuildOptions:
             max_jobs=max_jobs or settings.max_threads,
             timeout_s=settings.build_timeout_s,
             signing=Signing.from_settings(settings),
+            use_host_mofed=settings.use_host_mofed,
         )
 
 

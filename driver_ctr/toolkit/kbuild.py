@@ -25,20 +25,22 @@ from .jobs import plan_jobs
 from .kernel_tree import KernelTree, compiler_version, open_kernel_tree, present_compiler_version
 from .log import get_logger
 from .modinfo import read_modinfo, vermagic_problem
-from .nvidia_modules import ko_file
+from .mofed import find_ofa_kernel, imports_peer_memory, prepare_build
+from .nvidia_modules import PEERMEM, ko_file
 from .runner import Runner
 from .signing import sign_modules
 from .sources import open_sources, resolve_flavour
 from .staging import stage_modules
 
 
-def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str]) -> List[str]:
+def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str], extra: Sequence[str] = ()) -> List[str]:
     return [
         "make",
         "-j%d" % jobs,
         "SYSSRC=%s" % tree.syssrc,
         "SYSOUT=%s" % tree.sysout,
         "NV_KERNEL_MODULES=%s" % " ".join(modules),
+        *extra,
         "modules",
     ]
 
@@ -107,6 +109,15 @@ class KbuildBuilder(Builder):
         sources = open_sources(req.source, req.scratch, self.runner)
         flavour = resolve_flavour(o.module_type, o.driver_branch, sources, self.runner)
         modules = list(o.modules)
+        skipped: Dict[str, str] = {}  # optional modules not built, and why
+        ofa = None
+        if PEERMEM in modules:
+            ofa, why = find_ofa_kernel(req.paths, kernel, o.target_arch, o.use_host_mofed)
+            if ofa is None:
+                modules.remove(PEERMEM)
+                skipped[PEERMEM] = why
+                self.log.warning("nvidia-peermem not built: GPUDirect RDMA needs MOFED's kernel tree", reason=why)
+                self._note(logf, "nvidia-peermem not built: %s" % why)
         plan = plan_jobs(req.paths.proc, req.paths.sys, o.max_jobs)
         self.log.info(
             "building",
@@ -134,7 +145,11 @@ class KbuildBuilder(Builder):
             env.pop("IGNORE_PREEMPT_RT_PRESENCE", None)  # conftest treats any non-empty value as yes
             if tree.preempt_rt and o.ignore_preempt_rt:
                 env["IGNORE_PREEMPT_RT_PRESENCE"] = "1"
-            argv = make_argv(tree, plan.jobs, modules)
+            extra: List[str] = []
+            if ofa is not None:
+                extra, pointed = prepare_build(ofa, work, req.scratch)
+                self._note(logf, "nvidia-peermem against MOFED's tree %s (conftest pointed: %s)" % (ofa, pointed))
+            argv = make_argv(tree, plan.jobs, modules, extra)
             self._note(logf, "$ " + " ".join(argv))
             compile_start = time.monotonic()
             try:
@@ -148,6 +163,13 @@ class KbuildBuilder(Builder):
             missing = [p.name for p in built if not p.is_file()]
             if missing:
                 raise BuildFailed("compile", "make succeeded but did not produce %s" % ", ".join(missing))
+            if PEERMEM in modules and not imports_peer_memory(work / ko_file(PEERMEM)):
+                why = "built without MOFED's peer-memory symbols (its init would fail with EINVAL): %s" % ofa
+                built.remove(work / ko_file(PEERMEM))
+                modules.remove(PEERMEM)
+                skipped[PEERMEM] = why
+                self.log.warning("nvidia-peermem left out", reason=why)
+                self._note(logf, "nvidia-peermem left out: %s" % why)
             reference = tree.reference_vermagic()
             infos = {p: read_modinfo(p) for p in built}
             for p, info in infos.items():
@@ -170,15 +192,19 @@ class KbuildBuilder(Builder):
                 self.runner,
                 symvers=tree.sysout / "Module.symvers",
                 log_file=logf,
+                external_symvers=[ofa / "Module.symvers"] if ofa is not None and PEERMEM in modules else [],
             )
         finally:
             remove_tree(work)
+            remove_tree(req.scratch / ("ofa_kernel-%d" % os.getpid()))
         details: Dict[str, Any] = {
             "flavour": flavour.name,
             "tree": flavour.subdir,
             "flavour_reason": flavour.reason,
             "sources": sources.origin,
             "modules": modules,
+            "not_built": skipped,
+            "mofed": str(ofa) if ofa is not None and PEERMEM in modules else "",
             "from_kernel": list(staged.from_kernel),
             "jobs": plan.jobs,
             "job_limits": plan.limits,

@@ -20,7 +20,7 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, MutableMapping, Optional, TextIO
+from typing import Any, Dict, Iterator, Mapping, MutableMapping, Optional, TextIO, cast
 
 from .errors import InvalidValue
 from .redact import redact_mapping
@@ -102,11 +102,21 @@ def _structlog() -> Any:
                 renderer,
             ],
             wrapper_class=structlog.make_filtering_bound_logger(LOG_LEVELS[_config.level]),
-            logger_factory=structlog.PrintLoggerFactory(file=_config.stream or sys.stderr),
+            logger_factory=structlog.PrintLoggerFactory(file=_config.stream or cast(TextIO, _CurrentStderr())),
             cache_logger_on_first_use=False,
         )
         _config.applied = True
     return structlog
+
+
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write (a redirection made after the first event is followed)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class _LazyLogger:

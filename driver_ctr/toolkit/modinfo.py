@@ -12,7 +12,7 @@ import lzma
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from .errors import CommandFailed, ProtocolError
 from .nvidia_modules import module_name
@@ -141,6 +141,22 @@ def read_modinfo(path: Path, raw: Optional[bytes] = None) -> ModInfo:
         k, _, v = item.decode("utf-8", "replace").partition("=")
         fields.setdefault(k, []).append(v)
     return ModInfo(path=str(path), fields={k: tuple(v) for k, v in fields.items()}, signed=signed)
+
+
+def undefined_symbols(path: Path) -> Set[str]:
+    """The symbols an (uncompressed) module imports: undefined in its ELF symbol table."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import SymbolTableSection
+
+    try:
+        with open(str(path), "rb") as f:
+            symtab = ELFFile(f).get_section_by_name(".symtab")
+            if not isinstance(symtab, SymbolTableSection):
+                return set()
+            return {s.name for s in symtab.iter_symbols() if s["st_shndx"] == "SHN_UNDEF" and s.name}
+    except (OSError, ELFError) as exc:
+        raise ProtocolError(path, "cannot read kernel module symbols: %s" % exc) from None
 
 
 def vermagic_problem(

@@ -28,6 +28,8 @@ UNLOAD_ORDER = ("nvidia_peermem", "gdrdrv", "nvidia_fs", "nvidia_drm", "nvidia_m
 KERNEL_DEPENDENCIES = ("drm", "video")
 # Loaded before nvidia, best effort (reference §2.5): staged when the kernel has them as modules.
 COMPANIONS = ("i2c_core", "ipmi_msghandler", "ipmi_devintf")
+# Loaded when present and wanted; missing or failing, they never stop the GPU driver (it still reaches Ready).
+OPTIONAL = (PEERMEM,)
 # Modules that may take a /drivers/<module>.conf parameter file.
 PARAMETER_MODULES = (NVIDIA, UVM, MODESET, PEERMEM)
 

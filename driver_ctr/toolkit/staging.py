@@ -107,13 +107,21 @@ def stage_modules(
     runner: Runner,
     symvers: Optional[Path] = None,
     log_file: Optional[IO[bytes]] = None,
+    external_symvers: Sequence[Path] = (),
 ) -> StageResult:
     """Fill the empty directory ``staging`` with the hand-off tree; ``built_infos``
-    maps each built module to its modinfo (read once by the builder)."""
+    maps each built module to its modinfo (read once by the builder).
+
+    ``external_symvers``: the ``Module.symvers`` of modules another driver container loads (MOFED's
+    ``ib_core`` for nvidia-peermem): what they export is known to depmod's check, and they are never
+    taken from the kernel's own modules (the node runs MOFED's, not the inbox ones)."""
     kernel = KernelModules.read(module_dir)
     built = list(built_infos)
     infos = {module_name(p.name): i for p, i in built_infos.items()}
-    closure = dependency_closure({n: i.depends for n, i in infos.items()}, kernel, release)
+    external = symvers_modules(external_symvers)
+    closure = dependency_closure(
+        {n: [d for d in i.depends if normalize(d) not in external] for n, i in infos.items()}, kernel, release
+    )
     companions = [c for c in COMPANIONS if c in kernel.paths and c not in closure]
     for c in list(companions):
         companions.extend(
@@ -141,6 +149,10 @@ def stage_modules(
                 shutil.copyfile(str(module_dir / f), str(kdir / f))
             else:
                 (kdir / f).write_text("")
+        if external_symvers and symvers is not None and symvers.is_file():
+            merged = root / "Module.symvers"  # depmod takes one symbol file
+            merged.write_bytes(b"".join(p.read_bytes() for p in [symvers, *external_symvers]))
+            symvers = merged
         warnings = _depmod(runner, root, release, symvers, log_file)
         unknown = [w for w in warnings if _UNKNOWN_SYMBOL.search(w) and SUBDIR in w]
         if unknown:
@@ -157,6 +169,17 @@ def stage_modules(
         from_kernel=tuple(sorted(set(closure) | set(companions))),
         warnings=tuple(_short(w, root) for w in warnings),
     )
+
+
+def symvers_modules(files: Sequence[Path]) -> Set[str]:
+    """The module names (kernel spelling) that export the symbols of ``Module.symvers`` files."""
+    out: Set[str] = set()
+    for f in files:
+        for line in f.read_text(errors="replace").splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3 and parts[2]:
+                out.add(module_name(parts[2]))
+    return out
 
 
 def _short(line: str, root: Path) -> str:
