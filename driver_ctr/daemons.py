@@ -1,4 +1,5 @@
-"""The userspace daemons: nvidia-persistenced, and the fabric manager on
+"""The userspace daemons: nvidia-persistenced, the grid daemons of a vGPU guest
+(``vgpu``), and the fabric manager on
 NVSwitch (``/proc/driver/nvidia-nvswitch/devices/*``) and NVLink5 (VPD
 ``SW_MNG``) systems. Started without a shell; stopped through their pid
 files, but only after checking the pid belongs to the expected program
@@ -123,6 +124,10 @@ def start_daemons(settings: Settings, runner: Runner, log: Logger, cancel: Optio
         started.append("nvidia-persistenced")
     else:
         log.info("nvidia-persistenced is not installed here: not started")
+    if settings.driver_type == "vgpu":
+        from .vgpu import start_grid_daemons
+
+        started += start_grid_daemons(settings, runner, log)
     nvlink5 = nvlink5_present(paths)
     if nvlink5 and cancel is not None:
         wait_until(

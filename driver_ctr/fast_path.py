@@ -46,8 +46,8 @@ def decide_fast_path(settings: Settings) -> FastPath:
         return FastPath(False, "DRIVER_CONFIG_DIGEST is empty", facts)
     if digest != settings.driver_config_digest:
         return FastPath(False, "the state digest %r differs from DRIVER_CONFIG_DIGEST" % digest, facts)
-    if version != settings.driver_version.raw:
+    if version != settings.driver_version.number:
         return FastPath(
-            False, "the loaded nvidia module is version %r, not %s" % (version, settings.driver_version.raw), facts
+            False, "the loaded nvidia module is version %r, not %s" % (version, settings.driver_version.number), facts
         )
     return FastPath(True, "loaded with this configuration", facts)

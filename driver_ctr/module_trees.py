@@ -152,7 +152,10 @@ def dtk_build(src: Sources) -> ModuleTree:
     side as this generation's build, else the DTK builds; a broken DTK falls back."""
     side = DriverSide(src.settings, src.cancel)
     side.require_mounted()
-    if src.cache is not None and not side.prepared_for_inputs():
+    components = src.settings.gds_enabled or src.settings.gdrcopy_enabled
+    if components and src.cache is not None:
+        src.log.info("GDS or GDRCopy on: the DTK builds (their modules need this build's NVIDIA symbol versions)")
+    if src.cache is not None and not components and not side.prepared_for_inputs():
         entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
         handed = side.hand_over(src.cache, entry) if entry is not None else None
         if handed is not None and handed.tree is not None:

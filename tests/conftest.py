@@ -16,6 +16,8 @@ sys.path.insert(0, str(REPO / "tests"))
 BASE_ENV = {
     "DRIVER_VERSION": "535.261.03",
     "TARGETARCH": "amd64",
+    # modules only: no NVIDIA userspace on this machine (the userspace tests set "auto")
+    "DRIVER_CTR_USERSPACE": "none",
 }
 
 

@@ -327,3 +327,39 @@ def test_compiler_differing_from_the_kernels_is_logged_with_both_versions(root, 
     warn = [e for e in events(dtk.stderr) if e["event"] == "compiler differs from the kernel's"]
     assert warn and warn[0]["kernel_compiler"] == "11.4.1" and warn[0]["compiler"] == here
     assert _manifest(root)["build"]["details"]["kernel_compiler"].startswith("gcc (GCC) 11.4.1")
+
+
+def test_gdrcopy_builds_from_its_sidecars_sources_and_gds_without_sources_fails_alone(root, tmp_path, k61):
+    """GDRCopy's sources in the shared dir (its sidecar's copy): gdrdrv is built against this build's
+    nv-p2p.h and left where the in-place build would leave it, then gdrcopy_built. GDS on without sources:
+    nvidia_fs_build_failed names what is missing; the GPU driver is built, verified and adopted all the
+    same, and NVIDIA's sources are exposed at /usr/src/nvidia-<version> for the sidecars."""
+    from harness import REPO, events
+
+    _, env = fixture_build_env(root, tmp_path, k61, GDRCOPY_ENABLED="true", GDS_ENABLED="true")
+    shared = make_shared_dir(root)
+    shutil.copytree(str(REPO / "tests/fixtures/gdrcopy"), str(shared / "gdrcopy"))
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    try:
+        d = finish(drv, 180)
+        wait_for_file(shared / "gdrcopy_built", timeout=120)
+        wait_for_file(shared / "nvidia_fs_build_failed", timeout=60)
+    finally:
+        if dtk.poll() is None:
+            dtk.terminate()
+        dtk_out = finish(dtk, 30)
+    assert d.returncode == 0, d.stderr + dtk_out.stderr
+    assert "hand-off verified" in d.stderr
+    gdrdrv = shared / "gdrcopy/src/gdrdrv/gdrdrv.ko"
+    assert read_modinfo(gdrdrv).vermagic.startswith(k61 + " ")
+    assert json.loads((shared / "gdrcopy_built").read_text())["generation"] == 1
+    failed = json.loads((shared / "nvidia_fs_build_failed").read_text())
+    assert failed["component"] == "nvidia-fs" and failed["generation"] == 1
+    assert failed["message"].startswith("no nvidia-fs sources at %s/gds-nvidia-fs/src" % shared)
+    assert "is it running?" in failed["message"]
+    assert not (shared / "nvidia_fs_built").exists()
+    assert (root / "usr/src/nvidia-535.261.03/kernel/nvidia/nv-p2p.h").is_file()
+    assert "gdrcopy built" in [e["event"] for e in events(dtk_out.stderr)]
+    # the GPU driver first: it never waits for a component
+    assert (shared / "driver_built").stat().st_mtime_ns <= (shared / "gdrcopy_built").stat().st_mtime_ns

@@ -152,18 +152,50 @@ def test_proprietary_535_builds_for_bookworm_6_1(root, tmp_path):
     assert (shared / "modules" / NV / "nvidia.ko").stat().st_size > 10_000_000  # nv-kernel.o_binary linked in
 
 
-def test_rdma_real_535_peermem_imports_mofeds_peer_memory_api(root, tmp_path):
-    """GPUDirect RDMA with MOFED's tree (a stand-in with its Module.symvers layout): NVIDIA's Kbuild and
-    conftest see it, and the real nvidia-peermem.ko imports ib_register/unregister_peer_memory_client (without
-    them its init fails with EINVAL); MOFED's ib_core is not staged."""
+def test_rdma_and_gds_real_535_peermem_against_mofed_and_the_real_nvidia_fs(root, tmp_path):
+    """One real build with GPUDirect RDMA and GDS on:
+
+    - MOFED's tree (a stand-in with its Module.symvers layout): NVIDIA's Kbuild and conftest see it, and the
+      real nvidia-peermem.ko imports ib_register/unregister_peer_memory_client (without them its init fails
+      with EINVAL); MOFED's ib_core is not staged;
+    - GDS: Debian's real nvidia-fs 2.13 sources, put in the shared dir as the GDS sidecar does, build after
+      the GPU driver against this build's own nvidia_p2p_* symbol versions, then nvidia_fs_built."""
     from harness import make_ofa_kernel
 
     from driver_ctr.toolkit.modinfo import undefined_symbols
 
+    nvfs = SOURCES.parent / "nvidia-fs-2.13"
+    if not (nvfs / "Makefile").is_file():
+        pytest.skip("nvidia-fs sources not unpacked at %s (scripts/setup-test-deps does it)" % nvfs)
     k = installed_kernel(r"6\.1\.0-\d+-amd64")
+    make_real_kernel_root(root, k)
     make_ofa_kernel(root / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / k)
-    d, dtk, shared, m = _build(root, tmp_path, k, "proprietary", GPU_DIRECT_RDMA_ENABLED="true")
-    assert d.returncode == 0, d.stderr[-3000:] + dtk.stderr[-3000:]
+    env = env_for(
+        root,
+        k,
+        DRIVER_CTR_SOURCE_DIR=str(_sources()),
+        KERNEL_MODULE_TYPE="proprietary",
+        TMPDIR=str(tmp_path),
+        GPU_DIRECT_RDMA_ENABLED="true",
+        GDS_ENABLED="true",
+    )
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    shared = make_shared_dir(root)
+    shutil.copytree(str(nvfs), str(shared / "gds-nvidia-fs/src"))  # the GDS sidecar's copy
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    try:
+        d = finish(drv, 1800)
+        assert d.returncode == 0, d.stderr[-3000:]
+        for _ in range(1200):
+            if (shared / "nvidia_fs_built").exists() or (shared / "nvidia_fs_build_failed").exists():
+                break
+            time.sleep(0.5)
+    finally:
+        if dtk.poll() is None:
+            stop(dtk, timeout=30)
+    r = finish(dtk, 30)
+    m = json.loads((shared / "manifest.json").read_text())
     _check_real_modules(shared, m, k, "proprietary")
     peermem = shared / "modules" / NV / "nvidia-peermem.ko"
     assert {"ib_register_peer_memory_client", "ib_unregister_peer_memory_client"} <= undefined_symbols(peermem)
@@ -171,6 +203,15 @@ def test_rdma_real_535_peermem_imports_mofeds_peer_memory_api(root, tmp_path):
     assert "ib_core" in info.depends and "nvidia" in info.depends and info.version == NVIDIA_VERSION
     assert m["build"]["details"]["not_built"] == {}
     assert not list((shared / "modules").rglob("ib_core.ko*"))
+    # GDS
+    assert (shared / "nvidia_fs_built").exists(), (shared / "build.log").read_text()[-3000:] + r.stderr[-2000:]
+    nvidia_fs = read_modinfo(shared / "gds-nvidia-fs/src/nvidia-fs.ko")
+    assert nvidia_fs.name == "nvidia_fs" and nvidia_fs.vermagic == m["build"]["details"]["reference_vermagic"]
+    # 2.13 looks nvidia_p2p_* up when it loads (__symbol_get), against this build's nv-p2p.h
+    assert "__symbol_get" in undefined_symbols(shared / "gds-nvidia-fs/src/nvidia-fs.ko")
+    log = (shared / "build.log").read_text()
+    assert "NVIDIA_SRC_DIR=%s/kernel/nvidia" % _sources() in log
+    assert (root / "usr/src/nvidia-%s/kernel/nvidia/nv-p2p.h" % NVIDIA_VERSION).is_file()
 
 
 def test_open_535_builds_for_backports_6_12(root, tmp_path):

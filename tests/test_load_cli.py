@@ -170,3 +170,59 @@ def test_a_peermem_that_fails_to_load_never_takes_the_gpu_driver_down(root, tmp_
         "nvidia-modeset",
         "nvidia-peermem",
     ]
+
+
+def _standin_run(root, tmp_path) -> None:
+    import subprocess as sp
+
+    from harness import copy_fixture_sources
+
+    src = copy_fixture_sources(tmp_path / "runsrc")
+    (root / "drivers").mkdir(parents=True, exist_ok=True)
+    run = root / "drivers/NVIDIA-Linux-x86_64-535.261.03.run"
+    sp.run([str(REPO / "scripts/make-standin-run"), str(src), str(run)], check=True)
+
+
+def test_no_installer_and_no_userspace_is_one_error_before_anything_is_loaded(root, tmp_path):
+    """Today: an INFO line, then a 21-minute startup-probe timeout. Now: the expected file, named, at once."""
+    make_dtk_image(root)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)))
+    d, _ = run_both(root, env)
+    assert d.returncode == 0, d.stderr
+    env["DRIVER_CTR_USERSPACE"] = "auto"
+    env["PATH"] = "%s:/usr/bin:/bin" % sys.executable.rsplit("/", 1)[0]  # no nvidia-smi anywhere
+    r = nvd(env, "load")
+    assert r.returncode == 1
+    expected = root / "drivers/NVIDIA-Linux-x86_64-535.261.03.run"
+    assert "no NVIDIA userspace: expected the driver installer %s" % expected in r.stderr, r.stderr
+    assert "nothing was loaded" in r.stderr
+    assert not (root / "run/nvidia/driver-ctr/modroot").exists()  # no modprobe ran
+    assert not (root / "run/nvidia/validations/.driver-daemons-status").exists()
+
+
+def test_load_installs_the_userspace_from_the_run_as_the_references_load(root, tmp_path):
+    make_dtk_image(root)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)))
+    d, _ = run_both(root, env)
+    assert d.returncode == 0, d.stderr
+    _standin_run(root, tmp_path)
+    env["DRIVER_CTR_USERSPACE"] = "auto"
+    r = nvd(env, "load")
+    assert '"event": "userspace driver installed"' in r.stderr, r.stderr[-3000:]
+    assert (root / "usr/bin/nvidia-persistenced").is_file()  # the stand-in installer's
+    assert "could not load nvidia" in r.stderr  # then the load, which this machine's kernel refuses
+
+
+def test_an_install_that_leaves_no_persistenced_is_an_error(root, tmp_path):
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+    from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.userspace import UserspaceMissing, userspace_install
+
+    run = root / "drivers/NVIDIA-Linux-x86_64-535.261.03.run"
+    run.parent.mkdir(parents=True)
+    run.write_text("#!/bin/sh\nexit 0\n")  # installs nothing
+    env = env_for(root, DRIVER_CTR_USERSPACE="auto", PATH="/usr/bin:/bin")
+    with pytest.raises(UserspaceMissing) as exc:
+        userspace_install(Settings.from_env(env), Runner(), get_logger())
+    assert "the userspace install from %s left no nvidia-persistenced" % run in str(exc.value)

@@ -312,11 +312,12 @@ def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path)
         "DRIVER_CTR_KERNEL_RELEASE": "6.1.0-56-amd64",
     }
     s = Settings.from_env(env)
-    assert userspace_install(s, Runner(), LOG) is False  # no .run: skipped
+    assert userspace_install(Settings.from_env(dict(env, DRIVER_CTR_USERSPACE="none")), Runner(), LOG) is False
     drivers = tmp_path / "drivers"
     drivers.mkdir()
     args_file = tmp_path / "args"
-    (drivers / "NVIDIA-Linux-x86_64-535.261.03.run").write_text('printf "%%s\\n" "$@" > %s\n' % args_file)
+    script = 'printf "%%s\\n" "$@" > %s\nmkdir -p %s/usr/bin && touch %s/usr/bin/nvidia-persistenced\n'
+    (drivers / "NVIDIA-Linux-x86_64-535.261.03.run").write_text(script % (args_file, tmp_path, tmp_path))
     assert userspace_install(s, Runner(), LOG) is True
     args = args_file.read_text().split()
     for flag in (
@@ -373,3 +374,29 @@ def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(t
     assert [c[0] for c in runner.calls] == ["/usr/bin/nvidia-fabricmanager-start.sh", "nvidia-smi"]
     assert str(cfg) in runner.calls[0]
     assert cfg.read_text() == "FABRIC_MODE=1\n"
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_driver_root_left_mounted_by_a_killed_container_is_mounted_again(tmp_path, stale):
+    """The killed container's rbind (its root, gone) is unmounted, then this root is bound; no stale
+    mount is ever kept, the fast path included (it serves through the same step)."""
+    from fakes import FakeRunner
+
+    from driver_ctr.node_state import mount_rootfs
+
+    paths = HostPaths(str(tmp_path))
+    (tmp_path / "proc/self").mkdir(parents=True)
+    target = paths.driver_root
+    mounts = "overlay / overlay rw 0 0\n" + ("overlay %s overlay rw 0 0\n" % target if stale else "")
+    (tmp_path / "proc/self/mounts").write_text(mounts)
+    runner = FakeRunner()
+    runner.expect(("umount",))
+    runner.expect(("mount",))
+    mount_rootfs(paths, runner, get_logger())
+    calls = [c[:2] for c in runner.calls]
+    assert calls == ([("umount", "-l")] if stale else []) + [
+        ("mount", "--make-runbindable"),
+        ("mount", "--make-private"),
+        ("mount", "--rbind"),
+    ]
+    assert runner.calls[-1] == ("mount", "--rbind", "/", str(target))

@@ -352,7 +352,7 @@ def test_17_sigterm_during_the_userspace_install_starts_nothing_after(built, roo
     for tool in ("modprobe", "mount", "rmmod", "umount"):
         (bindir / tool).write_text('#!/bin/sh\necho %s "$@" >> %s\n' % (tool, root.parent / "ran"))
         (bindir / tool).chmod(0o755)
-    env = dict(env, PATH="%s:%s" % (bindir, env["PATH"]))
+    env = dict(env, PATH="%s:%s" % (bindir, env["PATH"]), DRIVER_CTR_USERSPACE="auto")
     drv = start_driver(env, dry_run=False)
     wait_for_file(root / "drivers/calls", timeout=60)
     assert stop(drv) < PROMPT_S and drv.returncode == 0

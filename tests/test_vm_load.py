@@ -52,6 +52,7 @@ def _guest_env(kernel: str, shared: Path, **extra: str) -> str:
         "DRIVER_CTR_SHARED_DIR": str(shared),
         "DRIVER_CTR_KERNEL_RELEASE": kernel,
         "HOME": "/root",
+        "DRIVER_CTR_USERSPACE": "none",
     }
     env.update(extra)
     return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
@@ -161,6 +162,8 @@ def test_fixture_modules_load_hold_and_unload_on_a_real_kernel(tmp_path):
     until_ready = init_ev[: [e["event"] for e in init_ev].index("driver ready: waiting for a signal")]
     assert not any(e["event"] in ("unloaded NVIDIA modules", "loaded") for e in until_ready)
     assert _read(out, "fast_before") and _read(out, "fast_before") == _read(out, "fast_after")
+    # the killed loader's driver root (a dead container's, on a real node) is mounted again from this root
+    assert "driver root already mounted: mounting this container's root again" in _read(out, "init.err")
     # in use: refused, the holder named, nothing unloaded; SIGTERM keeps the container running
     assert _read(out, "busy.rc").strip() == "1"
     busy = _read(out, "busy.err")

@@ -239,6 +239,7 @@ def load_from_host_cache(kernel: str, cache: Path, out: Path, **extra: str) -> V
         "DRIVER_CTR_KERNEL_RELEASE": kernel,
         "DRIVER_CTR_SHARED_DIR": "/tmp/empty-shared",
         "DRIVER_CTR_CACHE_DIR": str(cache),
+        "DRIVER_CTR_USERSPACE": "none",  # the guest has no NVIDIA userspace: modules only
     }
     env.update(extra)
     script = "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())

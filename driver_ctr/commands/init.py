@@ -3,6 +3,7 @@
 Lifecycle (``service``): lock, NotReady, then the body below, then load,
 serve and wait for a signal.
 
+0. A vGPU guest (``DRIVER_TYPE=vgpu``): the guest driver version the host supports (``vgpu``).
 1. The fast path, decided once: the loaded driver is ours and its digest matches.
 2. The userspace install from the ``.run`` (with ``-a``: ``--accept-license``).
 3. Fast path: nothing to load. Otherwise the module tree: the shared dir's
@@ -17,14 +18,18 @@ from .. import module_trees
 from ..fast_path import decide_fast_path
 from ..module_trees import ModuleTree
 from ..service import Service
+from ..toolkit.log import get_logger
+from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
 from ..userspace import userspace_install
+from ..vgpu import with_selected_version
 from .options import InitOptions
 
 
 def run(settings: Settings, options: InitOptions) -> int:
     cancel = Cancellation().install()
+    settings = with_selected_version(settings, Runner(cancel), get_logger(side="driver"))  # vGPU guests only
 
     def body(service: Service) -> Optional[ModuleTree]:
         fp = decide_fast_path(settings)

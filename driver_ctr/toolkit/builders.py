@@ -91,8 +91,13 @@ def default_scratch() -> Path:
 @dataclass(frozen=True)
 class BuildResult:
     builder: str
-    components: Tuple[str, ...] = ("nvidia",)  # plus "nvidia-fs", "gdrcopy" when built
+    components: Tuple[str, ...] = ("nvidia",)
     details: Dict[str, Any] = field(default_factory=dict)  # recorded in the manifest (flavour, jobs, compiler...)
+    # for the optional components (components.py): NVIDIA's Module.symvers of this build, kept in the
+    # scratch directory, and the sources (the directory holding kernel/, kernel-open/) and flavour tree used
+    symvers: Optional[Path] = None
+    sources_root: Optional[Path] = None
+    flavour_tree: Optional[Path] = None
 
 
 class Builder:

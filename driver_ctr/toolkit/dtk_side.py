@@ -9,8 +9,9 @@
 5. Otherwise write ``driver_build_started`` (before any log line or heavy
    import: the driver side is waiting for it), build into a staging
    directory, check every module's vermagic, swap it in as ``modules/``,
-   write the manifest, store it in the host cache, then ``driver_built``
-   (then the side-module flags).
+   write the manifest, store it in the host cache, then ``driver_built``;
+   then GDS's nvidia-fs and GDRCopy's gdrdrv when enabled (``components``),
+   each ending in its own built or failed flag.
 6. Idle; when ``driver_built`` disappears or the generation changes, go to 2.
 On a failure: ``driver_build_failed`` with the phase, message and log tail,
 then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
@@ -23,14 +24,18 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
+from . import components
 from . import nvidia_modules as nv
 from . import protocol as proto
-from .builders import Builder, BuildOptions, BuildRequest, choose_builder, default_scratch, find_source
+from .builders import Builder, BuildOptions, BuildRequest, BuildResult, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
 from .host_cache import HostCache, store_build
-from .log import first_line, get_logger, phase
+from .jobs import plan_jobs
+from .kernel_tree import open_kernel_tree
+from .log import Logger, first_line, get_logger, phase
 from .modinfo import vermagic_problem
+from .runner import Runner
 from .settings import Settings
 from .waiting import Cancellation, wait_until
 
@@ -217,7 +222,14 @@ class DtkSide:
         build_tree: Optional[str],
     ) -> bool:
         sh = self.shared
-        for flag in (proto.BUILT, proto.NVIDIA_FS_BUILT, proto.GDRCOPY_BUILT, proto.BUILD_FAILED):
+        for flag in (
+            proto.BUILT,
+            proto.NVIDIA_FS_BUILT,
+            proto.GDRCOPY_BUILT,
+            proto.BUILD_FAILED,
+            proto.NVIDIA_FS_BUILD_FAILED,
+            proto.GDRCOPY_BUILD_FAILED,
+        ):
             sh.remove_flag(flag)
         sh.write_flag(proto.Started(generation=generation, pid=os.getpid(), builder=self.builder.name))
         for note in decision.notes:
@@ -260,14 +272,6 @@ class DtkSide:
                     problem = vermagic_problem(staging / f.path, f.vermagic, kernel)
                     if problem:
                         raise BuildFailed("verify", problem)
-                wanted = [
-                    c for c, on in (("nvidia-fs", settings.gds_enabled), ("gdrcopy", settings.gdrcopy_enabled)) if on
-                ]
-                missing = [c for c in wanted if c not in result.components]
-                if missing:
-                    raise BuildFailed(
-                        "build", "%s requested but not built by the %s builder" % (", ".join(missing), result.builder)
-                    )
             current = "publish"
             with phase(self.log, "publish", generation=generation):
                 if self._generation_changed(generation):
@@ -291,10 +295,7 @@ class DtkSide:
                 # Before driver_built: the driver side then finds it stored.
                 store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)
                 sh.write_flag(proto.Built(generation=generation, files=len(files)))
-                if "nvidia-fs" in result.components:
-                    sh.write_flag(proto.NvidiaFsBuilt(generation=generation))
-                if "gdrcopy" in result.components:
-                    sh.write_flag(proto.GdrcopyBuilt(generation=generation))
+            self._components(settings, result, kernel, build_tree, generation)
             return True
         except Cancelled:
             sh.fs.remove(staging_name)
@@ -308,6 +309,71 @@ class DtkSide:
             self.log.error("build failed", phase=phase_name, message=message, generation=generation)
             sh.write_flag(proto.Failed(generation=generation, phase=phase_name, message=message, log_tail=log_tail))
             return False
+
+    def _components(
+        self, settings: Settings, result: BuildResult, kernel: str, build_tree: Optional[str], generation: int
+    ) -> None:
+        """GDS's nvidia-fs and GDRCopy's gdrdrv, when enabled, after the GPU driver is published: each
+        ends in its own flag, built or failed; none ever fails the GPU driver's generation."""
+        wanted = [
+            (c, built, failed)
+            for c, on, built, failed in (
+                (components.NVIDIA_FS, settings.gds_enabled, proto.NvidiaFsBuilt, proto.NvidiaFsFailed),
+                (components.GDRCOPY, settings.gdrcopy_enabled, proto.GdrcopyBuilt, proto.GdrcopyFailed),
+            )
+            if on
+        ]
+        if not wanted:
+            return
+        sh = self.shared
+        expose_sources(settings, result, self.log)
+        for component, built_flag, failed_flag in wanted:
+            try:
+                with phase(self.log, "build %s" % component.name, generation=generation):
+                    inputs = components.Inputs(
+                        tree=open_kernel_tree(settings.paths, kernel, Path(build_tree) if build_tree else None),
+                        nvidia_symvers=result.symvers,
+                        nvidia_src=result.flavour_tree,
+                        scratch=default_scratch(),
+                        jobs=plan_jobs(settings.paths.proc, settings.paths.sys, settings.max_threads).jobs,
+                    )
+                    with open(str(sh.build_log), "ab", buffering=0) as logf:
+                        rel = components.build_component(component, sh.fs, inputs, Runner(self.cancel), logf)
+                sh.write_flag(built_flag(generation=generation))
+                self.log.info("%s built" % component.name, module=rel)
+            except Cancelled:
+                raise
+            except DriverCtrError as exc:
+                message = exc.message if isinstance(exc, BuildFailed) else first_line(exc)
+                self.log.error(
+                    "%s not built: its sidecar is told why; the GPU driver is not concerned" % component.name,
+                    reason=message,
+                )
+                sh.write_flag(
+                    failed_flag(
+                        generation=generation,
+                        component=component.name,
+                        message=message,
+                        log_tail=_log_tail(sh.build_log),
+                    )
+                )
+
+
+def expose_sources(settings: Settings, result: BuildResult, log: Logger) -> None:
+    """``/usr/src/nvidia-<version>``: NVIDIA's sources of this build, where the reference's ``_prepare``
+    leaves them (the GDS and GDRCopy Makefiles and sidecars look there)."""
+    if result.sources_root is None:
+        return
+    link = settings.paths.host("/usr/src/nvidia-%s" % settings.driver_version.raw)
+    if link.exists() and not link.is_symlink():
+        return  # the image's own
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(".%s.driver-ctr" % link.name)
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(result.sources_root)
+    os.replace(str(tmp), str(link))
+    log.info("NVIDIA sources exposed", path=str(link), sources=str(result.sources_root))
 
 
 def _log_tail(path: Path) -> str:

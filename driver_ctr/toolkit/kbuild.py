@@ -194,6 +194,9 @@ class KbuildBuilder(Builder):
                 log_file=logf,
                 external_symvers=[ofa / "Module.symvers"] if ofa is not None and PEERMEM in modules else [],
             )
+            symvers = req.scratch / ("nvidia-%s.symvers" % kernel)  # for nvidia-fs (components.py)
+            if (work / "Module.symvers").is_file():
+                shutil.copyfile(str(work / "Module.symvers"), str(symvers))
         finally:
             remove_tree(work)
             remove_tree(req.scratch / ("ofa_kernel-%d" % os.getpid()))
@@ -218,4 +221,10 @@ class KbuildBuilder(Builder):
             "seconds": round(time.monotonic() - started, 1),
         }
         self._note(logf, "built %s in %.1f s" % (", ".join(modules), details["seconds"]))
-        return BuildResult(builder=self.name, details=details)
+        return BuildResult(
+            builder=self.name,
+            details=details,
+            symvers=symvers if symvers.is_file() else None,
+            sources_root=sources.root,
+            flavour_tree=sources.root / flavour.subdir,
+        )

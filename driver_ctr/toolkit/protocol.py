@@ -66,6 +66,8 @@ BUILD_FAILED = "driver_build_failed"
 BUILT = "driver_built"
 NVIDIA_FS_BUILT = "nvidia_fs_built"
 GDRCOPY_BUILT = "gdrcopy_built"
+NVIDIA_FS_BUILD_FAILED = "nvidia_fs_build_failed"
+GDRCOPY_BUILD_FAILED = "gdrcopy_build_failed"
 FLAGS = (
     DIR_PREPARED,
     BUILD_STARTED,
@@ -74,9 +76,20 @@ FLAGS = (
     BUILT,
     NVIDIA_FS_BUILT,
     GDRCOPY_BUILT,
+    NVIDIA_FS_BUILD_FAILED,
+    GDRCOPY_BUILD_FAILED,
 )  # status shows these
 # Flags of one generation's outcome: moved aside when a new generation starts.
-OUTCOME_FLAGS = (BUILD_STARTED, TOOLKIT_BROKEN, BUILD_FAILED, BUILT, NVIDIA_FS_BUILT, GDRCOPY_BUILT)
+OUTCOME_FLAGS = (
+    BUILD_STARTED,
+    TOOLKIT_BROKEN,
+    BUILD_FAILED,
+    BUILT,
+    NVIDIA_FS_BUILT,
+    GDRCOPY_BUILT,
+    NVIDIA_FS_BUILD_FAILED,
+    GDRCOPY_BUILD_FAILED,
+)
 
 SETTINGS_JSON = "settings.json"
 MANIFEST_JSON = "manifest.json"
@@ -489,6 +502,39 @@ class NvidiaFsBuilt(Flag):
 @dataclass(frozen=True)
 class GdrcopyBuilt(Flag):
     NAME: ClassVar[str] = GDRCOPY_BUILT
+
+
+@dataclass(frozen=True)
+class ComponentFailed(Flag):
+    """An optional component (nvidia-fs, gdrdrv) did not build: its sidecar fails fast with the reason;
+    the GPU driver is not concerned."""
+
+    NAME: ClassVar[str] = NVIDIA_FS_BUILD_FAILED
+    component: str = ""
+    message: str = "no reason given"
+    log_tail: str = ""
+
+    def _extra(self) -> Dict[str, Any]:
+        return {"component": self.component, "message": self.message, "log_tail": self.log_tail}
+
+    @classmethod
+    def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "ComponentFailed":
+        return cls(
+            generation=generation,
+            component=take(where, d, "component", str, ""),
+            message=take(where, d, "message", str, "no reason given"),
+            log_tail=take(where, d, "log_tail", str, ""),
+        )
+
+
+@dataclass(frozen=True)
+class NvidiaFsFailed(ComponentFailed):
+    NAME: ClassVar[str] = NVIDIA_FS_BUILD_FAILED
+
+
+@dataclass(frozen=True)
+class GdrcopyFailed(ComponentFailed):
+    NAME: ClassVar[str] = GDRCOPY_BUILD_FAILED
 
 
 F = TypeVar("F", bound=Flag)

@@ -226,6 +226,7 @@ VARIABLES: Tuple[Var, ...] = (
         Var("DRIVER_CTR_MODULE_SIZE_LIMIT", "module_size_limit", _positive_int, shared=True),
         Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
         Var("DRIVER_CTR_LOCAL_REPO", "local_repo", _abs_path, host_path=True),
+        Var("DRIVER_CTR_USERSPACE", "userspace", _choice(("auto", "none"))),
         Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
         Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
         Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
@@ -288,6 +289,7 @@ class Settings:
     cache_dir: str = DEFAULT_CACHE_DIR
     local_repo: str = ""
     cache_keep: int = 3
+    userspace: str = "auto"  # "none": modules only (the test suite; userspace from elsewhere)
     signing_key: str = ""
     signing_cert: str = ""
     signing_hash: str = "sha256"

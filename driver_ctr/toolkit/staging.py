@@ -150,8 +150,11 @@ def stage_modules(
             else:
                 (kdir / f).write_text("")
         if external_symvers and symvers is not None and symvers.is_file():
-            merged = root / "Module.symvers"  # depmod takes one symbol file
-            merged.write_bytes(b"".join(p.read_bytes() for p in [symvers, *external_symvers]))
+            # depmod takes one symbol file and reads only vmlinux's lines from it: the external modules'
+            # exports stand as the kernel's for its check (another container loads them first)
+            merged = root / "Module.symvers"
+            lines = [re.sub(r"^([^\t]*\t[^\t]*\t)[^\t]*", r"\1vmlinux", line) for line in _lines(external_symvers)]
+            merged.write_text(symvers.read_text(errors="replace") + "".join(line + "\n" for line in lines))
             symvers = merged
         warnings = _depmod(runner, root, release, symvers, log_file)
         unknown = [w for w in warnings if _UNKNOWN_SYMBOL.search(w) and SUBDIR in w]
@@ -171,14 +174,17 @@ def stage_modules(
     )
 
 
+def _lines(files: Sequence[Path]) -> List[str]:
+    return [line for f in files for line in f.read_text(errors="replace").splitlines() if line.strip()]
+
+
 def symvers_modules(files: Sequence[Path]) -> Set[str]:
     """The module names (kernel spelling) that export the symbols of ``Module.symvers`` files."""
     out: Set[str] = set()
-    for f in files:
-        for line in f.read_text(errors="replace").splitlines():
-            parts = line.split("\t")
-            if len(parts) >= 3 and parts[2]:
-                out.add(module_name(parts[2]))
+    for line in _lines(files):
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[2]:
+            out.add(module_name(parts[2]))
     return out
 
 

@@ -452,28 +452,39 @@ def rhel_version_from_kernel(release: str, fallback_major: Optional[int] = None)
 # --------------------------------------------------------------------------
 # driver versions
 
-_DRIVER_RE = re.compile(r"^(\d+)\.(\d+)(?:\.(\d+))?$")
+_DRIVER_RE = re.compile(r"^((\d+)\.(\d+)(?:\.(\d+))?)(?:-([A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*))?$")
 
 
 @dataclass(frozen=True)
 class DriverVersion:
+    """A driver version as the operator and NVIDIA's images write it: ``535.261.03``, or with the image
+    flavour NVIDIA's vGPU guest images add (``535.261.03-grid``, ``550.163.01-grid-aws``). ``raw`` names
+    files (``NVIDIA-Linux-x86_64-535.261.03-grid.run``); ``number`` is what the modules carry
+    (``modinfo -F version``)."""
+
     raw: str
     branch: int
     minor: int
     patch: Optional[int]
+    number: str = ""
+    suffix: str = ""  # grid, grid-aws, ...
 
     def __str__(self) -> str:
         return self.raw
 
 
 def parse_driver_version(raw: str) -> DriverVersion:
-    """``535.261.03`` -> branch 535. Raises :class:`InvalidValue` otherwise."""
+    """``535.261.03`` -> branch 535; ``535.261.03-grid`` too. Raises :class:`InvalidValue` otherwise."""
     m = _DRIVER_RE.match(raw.strip())
     if not m:
-        raise InvalidValue("driver version", raw, "a version like 535.261.03 (branch.minor[.patch])")
+        raise InvalidValue(
+            "driver version", raw, "a version like 535.261.03 (branch.minor[.patch]), optionally -grid or -grid-<cloud>"
+        )
     return DriverVersion(
         raw=raw.strip(),
-        branch=int(m.group(1)),
-        minor=int(m.group(2)),
-        patch=int(m.group(3)) if m.group(3) is not None else None,
+        branch=int(m.group(2)),
+        minor=int(m.group(3)),
+        patch=int(m.group(4)) if m.group(4) is not None else None,
+        number=m.group(1),
+        suffix=m.group(5) or "",
     )
