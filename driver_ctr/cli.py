@@ -20,7 +20,7 @@ from .commands import options as opts
 from .toolkit import log as logmod
 from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.redact import redact_url_credentials
-from .toolkit.settings import Settings
+from .toolkit.settings import BUILD_ONLY_VARIABLES, Settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,9 +112,10 @@ def build_ocp_parser() -> argparse.ArgumentParser:
 # -- typed options, then one explicit table per program -------------------------
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, validated once; logging configured from them."""
-    settings = Settings.from_env()
+def _settings(args: argparse.Namespace, builds: bool = True) -> Settings:
+    """Settings from the environment, validated once; logging configured from them. A command that never
+    builds ignores a bad value of a variable only builds read (``BUILD_ONLY_VARIABLES``)."""
+    settings = Settings.from_env(unused=() if builds else BUILD_ONLY_VARIABLES)
     logmod.configure(logmod.choose_format(settings.log_format or None, sys.stdout), level=settings.log_level)
     return settings
 
@@ -146,31 +147,31 @@ def _update(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> int:
     from .commands import load
 
-    return load.run(_settings(args), opts.NoOptions())
+    return load.run(_settings(args, builds=False), opts.NoOptions())
 
 
 def _unload(args: argparse.Namespace) -> int:
     from .commands import unload
 
-    return unload.run(_settings(args), opts.NoOptions())
+    return unload.run(_settings(args, builds=False), opts.NoOptions())
 
 
 def _reload_peermem(args: argparse.Namespace) -> int:
     from .commands import peermem
 
-    return peermem.reload(_settings(args), opts.NoOptions())
+    return peermem.reload(_settings(args, builds=False), opts.NoOptions())
 
 
 def _probe_peermem(args: argparse.Namespace) -> int:
     from .commands import peermem
 
-    return peermem.probe(_settings(args), opts.NoOptions())
+    return peermem.probe(_settings(args, builds=False), opts.NoOptions())
 
 
 def _status(args: argparse.Namespace) -> int:
     from .commands import status
 
-    return status.run(_settings(args), opts.StatusOptions(json=args.json))
+    return status.run(_settings(args, builds=False), opts.StatusOptions(json=args.json))
 
 
 def _run_with_dtk(args: argparse.Namespace) -> int:

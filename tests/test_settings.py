@@ -45,7 +45,7 @@ MALFORMED = {
     "NVFM_CONFIG_LOG_LEVEL": "4\nINJECT=1",
     "HTTP_PROXY": "not a url",
     "HTTPS_PROXY": "ftp://user:hunter2@proxy:21",
-    "http_proxy": "proxy:3128",
+    "http_proxy": "proxy:port",
     "https_proxy": "://",
 }
 
@@ -162,3 +162,43 @@ def test_signing_needs_key_and_cert(base_env):
     with pytest.raises(SettingsError) as exc:
         Settings.from_env(dict(base_env, DRIVER_CTR_SIGNING_KEY="/secret/key.pem"))
     assert [p.name for p in exc.value.problems] == ["DRIVER_CTR_SIGNING_CERT"]
+
+
+@pytest.mark.parametrize("proxy", ["proxy.corp:3128", "http://proxy.corp:3128", "socks5h://p:1080", "10.0.0.1:8080"])
+def test_a_proxy_with_or_without_a_scheme_is_accepted(proxy):
+    """curl and dnf take proxy.corp:3128 (http); so does driver-ctr."""
+    s = Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "HTTPS_PROXY": proxy})
+    assert dict(s.proxies)["HTTPS_PROXY"] == proxy
+
+
+@pytest.mark.parametrize("proxy", ["ftp://proxy:21", "http://", "proxy corp:3128"])
+def test_a_proxy_that_no_client_takes_is_named(proxy):
+    with pytest.raises(SettingsError) as exc:
+        Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "HTTPS_PROXY": proxy})
+    assert "HTTPS_PROXY" in str(exc.value)
+
+
+def test_a_bad_value_a_command_never_reads_does_not_fail_it(root):
+    """The liveness probe (probe_nvidia_peermem), unload and status never build: a bad proxy, build timeout or
+    signing hash does not fail them (today it restarted a healthy pod); init still names each one."""
+    import subprocess
+    import sys
+
+    from harness import env_for
+
+    bad = dict(HTTPS_PROXY="ftp://u:pw@proxy:21", DRIVER_CTR_BUILD_TIMEOUT="soon", DRIVER_CTR_SIGNING_HASH="md5")
+    env = env_for(root, **bad)
+    for command in (["probe_nvidia_peermem"], ["unload"], ["status"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "driver_ctr", "nvidia-driver", *command], env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, (command, r.stderr)
+    r = subprocess.run(
+        [sys.executable, "-m", "driver_ctr", "nvidia-driver", "init"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode != 0
+    for name in bad:
+        assert name in r.stderr, (name, r.stderr)
+    assert "pw" not in r.stderr
+    with pytest.raises(SettingsError):  # a variable the command does read still fails it
+        Settings.from_env(dict(env, DRIVER_TYPE="bogus"), unused=("HTTPS_PROXY",))

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
 from .errors import InvalidValue, SettingsError
 from .paths import HostPaths
@@ -38,7 +38,8 @@ _OPENSHIFT_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 _RHEL_VERSION = re.compile(r"^\d+(\.\d+)?$")
 _DIGEST = re.compile(r"^[!-~]+$")  # printable, no whitespace: the state file is one line
 _NVFM_FIELD = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_PROXY_URL = re.compile(r"^(https?|socks5h?|socks4a?)://[^\s/]+(:\d+)?/?\S*$", re.IGNORECASE)
+# curl and dnf take a proxy without a scheme (proxy.corp:3128: http); a scheme, when given, must be one of these
+_PROXY_URL = re.compile(r"^((https?|socks5h?|socks4a?)://)?([^\s/]+@)?[^\s/:@]+(:\d+)?/?$", re.IGNORECASE)
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -137,7 +138,9 @@ def _proxy(name: str, raw: str) -> str:
             raise InvalidValue(name, raw, "a comma-separated list of hosts")
         return v
     if not _PROXY_URL.match(v):
-        raise InvalidValue(name, redact_url_credentials(raw), "a proxy URL such as http://proxy.example:3128")
+        raise InvalidValue(
+            name, redact_url_credentials(raw), "a proxy such as http://proxy.example:3128 or proxy.example:3128"
+        )
     return v
 
 
@@ -235,6 +238,31 @@ VARIABLES: Tuple[Var, ...] = (
 )
 
 SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
+# What only a build, a download or a package manager reads: the commands that never build (load, unload,
+# status, the peermem pair, the probes) ignore a bad value here (a liveness probe must not restart a
+# healthy pod because of a proxy it never uses); the commands that use them still name every bad value.
+BUILD_ONLY_VARIABLES = PROXY_VARIABLES + (
+    "DRIVER_CTR_BUILD_TIMEOUT",
+    "DRIVER_CTR_MAX_THREADS",
+    "DRIVER_CTR_SOURCE_DIR",
+    "DRIVER_CTR_LOCAL_REPO",
+    "DRIVER_CTR_SIGNING_KEY",
+    "DRIVER_CTR_SIGNING_CERT",
+    "DRIVER_CTR_SIGNING_HASH",
+    "DNF_RELEASEVER",
+    "IGNORE_PREEMPT_RT_PRESENCE",
+)
+
+
+def _valid(name: str, raw: str) -> bool:
+    var = next((v for v in VARIABLES if v.name == name), None)
+    if var is None or not raw.strip():
+        return True
+    try:
+        _read(var, name, raw)
+        return True
+    except InvalidValue:
+        return False
 
 
 def _read(var: Var, name: str, raw: str) -> Any:
@@ -328,9 +356,11 @@ class Settings:
     # ------------------------------------------------------------------
 
     @classmethod
-    def from_env(cls, env: Optional[Mapping[str, str]] = None) -> "Settings":
-        """Build and validate; raises :class:`SettingsError` with every problem."""
+    def from_env(cls, env: Optional[Mapping[str, str]] = None, unused: Collection[str] = ()) -> "Settings":
+        """Build and validate; raises :class:`SettingsError` with every problem. A bad value of a
+        variable in ``unused`` (what the command never reads) is left at its default instead."""
         env = dict(os.environ if env is None else env)
+        env = {k: v for k, v in env.items() if k not in unused or _valid(k, v)}
         problems: List[InvalidValue] = []
         values: Dict[str, Any] = {}
         used: Dict[str, str] = {}
