@@ -28,6 +28,7 @@ from typing import Callable, List, Optional, Union
 
 from .driver_side import DriverSide, FallbackReason
 from .toolkit import protocol as proto
+from .toolkit.build_logs import keep_build_log
 from .toolkit.builders import BuildOptions, BuildRequest, default_scratch, find_source
 from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, ProtocolError
 from .toolkit.fsio import remove_tree
@@ -143,6 +144,9 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
             Confined(work), "modules", build.files, src.kernel, s.paths.adopted_trees, s.module_size_limit
         )
     finally:
+        kept = keep_build_log(s.paths, work / "build.log", src.kernel, None)
+        if kept is not None:
+            src.log.info("build log kept on the node", path=str(kept))
         remove_tree(work)
     return ModuleTree(tree, src.kernel, "local build")
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,6 +158,14 @@ def test_compile_error_fails_fast_and_keeps_the_good_build(root, tmp_path, k61):
     assert str(tmp_path) not in body["message"]  # scratch paths stripped
     assert (shared / "modules" / NV / "nvidia.ko").read_bytes() == good
     assert not list(shared.glob(".modules.staging-*")) and not list(tmp_path.glob("driver-ctr/build-*"))
+    # both builds' logs outlive the pod, on the node; status names the last
+    logs = sorted((root / "var/log/driver-ctr").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    assert [p.name.startswith("build-%s-1-" % k61) for p in logs] == [True, True], logs  # the build, the retry
+    failed_log = logs[-1]
+    assert "pci_resize_resource" in failed_log.read_text() and "pci_resize_resource" not in logs[0].read_text()
+    argv = [sys.executable, "-m", "driver_ctr", "nvidia-driver", "status", "--json"]
+    st = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert json.loads(st.stdout)["last_build_log"] == str(failed_log)
 
 
 def test_signed_build_and_the_key_stays_out_of_shared_and_logs(root, tmp_path, k61):

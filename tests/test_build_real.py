@@ -211,7 +211,7 @@ def test_rdma_and_gds_real_535_peermem_against_mofed_and_the_real_nvidia_fs(root
     assert "__symbol_get" in undefined_symbols(shared / "gds-nvidia-fs/src/nvidia-fs.ko")
     log = (shared / "build.log").read_text()
     assert "NVIDIA_SRC_DIR=%s/kernel/nvidia" % _sources() in log
-    assert (root / "usr/src/nvidia-%s/kernel/nvidia/nv-p2p.h" % NVIDIA_VERSION).is_file()
+    assert (root / ("usr/src/nvidia-%s/kernel/nvidia/nv-p2p.h" % NVIDIA_VERSION)).is_file()
 
 
 def test_open_535_builds_for_backports_6_12(root, tmp_path):

@@ -113,6 +113,8 @@ def test_init_builds_here_with_the_m_bound_then_reports_the_kernel_refusing_modu
     assert "could not load nvidia: the kernel refused module loading" in r.stderr, r.stderr[-2000:]
     assert not (root / "run/nvidia/nvidia-driver.pid").exists()
     assert (root / "run/nvidia/validations/.driver-daemons-status").exists() is False
+    kept = [p for p in (root / "var/log/driver-ctr").iterdir() if p.name.startswith("build-%s-local-" % k)]
+    assert len(kept) == 1 and "NV_KERNEL_MODULES=nvidia nvidia-uvm nvidia-modeset" in kept[0].read_text()
 
 
 def test_a_second_instance_leaves_the_first_ones_ready_status_alone(root):

@@ -1,7 +1,8 @@
 """``nvidia-driver status [--json]``: what a cluster admin asks first, read-only.
 
 Settings (redacted), the node kernel and how it parses, the loaded driver, the
-fast-path facts and the flags present in the shared directory.
+fast-path facts, the flags present in the shared directory and the last build
+log kept on the node (``/var/log/driver-ctr``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Dict
 from .. import __version__
 from ..fast_path import decide_fast_path
 from ..toolkit import protocol as proto
+from ..toolkit.build_logs import build_logs
 from ..toolkit.errors import InvalidValue
 from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
@@ -37,6 +39,7 @@ def collect(settings: Settings) -> Dict[str, Any]:
         kernel["parse_error"] = exc.expected
     fp = decide_fast_path(settings)
     shared = paths.shared_dir
+    logs = build_logs(paths)
     return {
         "driver_ctr_version": __version__,
         "settings": settings.describe(),
@@ -57,6 +60,7 @@ def collect(settings: Settings) -> Dict[str, Any]:
             "path": str(shared),
             "flags": sorted(f for f in proto.FLAGS if (shared / f).exists()),
         },
+        "last_build_log": str(logs[0]) if logs else "",
     }
 
 
@@ -84,6 +88,7 @@ def render_text(info: Dict[str, Any]) -> str:
         % (l["nvidia_version"] or "not loaded", l["state_digest"] or "none", "yes" if l["fast_path"] else "no")
     )
     lines.append("shared:  %s [%s]" % (s["path"], ", ".join(s["flags"]) or "no flags"))
+    lines.append("build log: %s" % (info["last_build_log"] or "none kept on this node"))
     lines.append("settings:")
     for key, value in sorted(info["settings"].items()):
         lines.append("  %s=%s" % (key, value))

@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Mapping, Optional
 from . import components
 from . import nvidia_modules as nv
 from . import protocol as proto
+from .build_logs import keep_build_log
 from .builders import Builder, BuildOptions, BuildRequest, BuildResult, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
@@ -296,6 +297,7 @@ class DtkSide:
                 store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)
                 sh.write_flag(proto.Built(generation=generation, files=len(files)))
             self._components(settings, result, kernel, build_tree, generation)
+            self._keep_log(settings, kernel, generation)
             return True
         except Cancelled:
             sh.fs.remove(staging_name)
@@ -308,7 +310,13 @@ class DtkSide:
                 phase_name, message, log_tail = current, first_line(exc), _log_tail(sh.build_log)
             self.log.error("build failed", phase=phase_name, message=message, generation=generation)
             sh.write_flag(proto.Failed(generation=generation, phase=phase_name, message=message, log_tail=log_tail))
+            self._keep_log(settings, kernel, generation)
             return False
+
+    def _keep_log(self, settings: Settings, kernel: str, generation: int) -> None:
+        kept = keep_build_log(settings.paths, self.shared.build_log, kernel, generation)
+        if kept is not None:
+            self.log.info("build log kept on the node", path=str(kept))
 
     def _components(
         self, settings: Settings, result: BuildResult, kernel: str, build_tree: Optional[str], generation: int
