@@ -44,7 +44,8 @@ for py in @INTERPRETERS@ "$dir/python/bin/python3"; do
     if "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' >/dev/null 2>&1; then
       exec "$py" "$dir/@ZIPAPP@" "$@"
     fi
-    tried="$tried $py(<3.9)"
+    v=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || v="does not run"
+    tried="$tried $py($v)"
   else
     tried="$tried $py(absent)"
   fi
@@ -52,16 +53,24 @@ done
 reason="no Python >= 3.9 in the Driver Toolkit image to run driver-ctr; tried:$tried"
 echo "ocp_dtk_entrypoint: $reason" >&2
 tmp="$dir/.@BROKEN@.$$"
-printf '{"generation": null, "verdict": "broken", "reasons": ["%s"], "likely_cause": "DTK image without a usable Python"}\n' "$reason" > "$tmp" \
+printf '{"generation": null, "verdict": "broken", "reasons": ["%s"], "likely_cause": "%s"}\n' "$reason" "@CAUSE@" > "$tmp" \
   && mv -f "$tmp" "$dir/@BROKEN@"
 trap 'exit 0' TERM INT
 while :; do sleep 1 & wait $!; done
 """
 
 
+NO_PYTHON_CAUSE = (
+    "a Driver Toolkit image without Python >= 3.9: the RHEL 8 based DTKs of OpenShift 4.12 and older have "
+    "Python 3.6 only (driver-ctr's DTK side needs OpenShift 4.13 or later); the driver container takes the "
+    "entitlement-based build"
+)
+
+
 def launcher_text() -> str:
     return (
         LAUNCHER.replace("@INTERPRETERS@", " ".join(INTERPRETERS))
+        .replace("@CAUSE@", NO_PYTHON_CAUSE)
         .replace("@ZIPAPP@", proto.ZIPAPP)
         .replace("@BROKEN@", proto.TOOLKIT_BROKEN)
     )

@@ -126,7 +126,8 @@ def test_zipapp_runs_from_shared_dir_with_only_the_chosen_interpreter(root, tmp_
 
 
 def test_launcher_without_python_signals_broken(tmp_path):
-    """No Python >= 3.9 in the DTK image: driver_toolkit_broken names the reason."""
+    """No Python >= 3.9 in the DTK image (a RHEL 8 based DTK has 3.6): driver_toolkit_broken names every
+    interpreter tried with its version, and the likely cause with the supported OpenShift range."""
     shared = tmp_path / "shared"
     shared.mkdir()
     payload.install(SharedDir(shared))
@@ -134,6 +135,8 @@ def test_launcher_without_python_signals_broken(tmp_path):
     bindir.mkdir()
     for tool in ("sh", "dirname", "mv", "printf", "sleep"):
         (bindir / tool).symlink_to(need_tool(tool))
+    (bindir / "python3").write_text('#!/bin/sh\ncase "$2" in *print*) echo 3.6 ;; *) exit 1 ;; esac\n')
+    (bindir / "python3").chmod(0o755)
     p = subprocess.Popen(
         [str(shared / "ocp_dtk_entrypoint"), "dtk-build-driver"],
         env={"PATH": str(bindir)},
@@ -147,12 +150,14 @@ def test_launcher_without_python_signals_broken(tmp_path):
     assert stop(p) < PROMPT_S
     body = json.loads((shared / "driver_toolkit_broken").read_text())
     assert "no Python >= 3.9" in body["reasons"][0]
+    assert " python3(3.6) " in body["reasons"][0] and "python3.11(absent)" in body["reasons"][0]
+    assert "OpenShift 4.12 and older" in body["likely_cause"] and "4.13 or later" in body["likely_cause"]
     # the driver side's typed reader accepts what the shell launcher wrote
     from driver_ctr.toolkit import protocol as proto
 
     flag = proto.SharedDir(shared).read_flag(proto.Broken)
     assert flag is not None and flag.generation is None and "no Python >= 3.9" in flag.reasons[0]
-    assert flag.likely_cause == "DTK image without a usable Python"
+    assert flag.likely_cause == payload.NO_PYTHON_CAUSE
 
 
 def test_toolkit_subpackages_are_in_the_zipapp(tmp_path, monkeypatch):
