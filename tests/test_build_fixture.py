@@ -364,7 +364,7 @@ def test_gdrcopy_builds_from_its_sidecars_sources_and_gds_without_sources_fails_
     assert read_modinfo(gdrdrv).vermagic.startswith(k61 + " ")
     assert json.loads((shared / "gdrcopy_built").read_text())["generation"] == 1
     failed = json.loads((shared / "nvidia_fs_build_failed").read_text())
-    assert failed["component"] == "nvidia-fs" and failed["generation"] == 1
+    assert failed["component"] == "nvidia-fs" and failed["generation"] == 1 and failed["phase"] == "sources"
     assert failed["message"].startswith("no nvidia-fs sources at %s/gds-nvidia-fs/src" % shared)
     assert "is it running?" in failed["message"]
     assert not (shared / "nvidia_fs_built").exists()

@@ -7,10 +7,7 @@ commands run in the guest as root, with the real /sys, /dev, /proc, modprobe.
 
 from __future__ import annotations
 
-import os
 import re
-import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -42,20 +39,7 @@ def _fixture_handoff(tmp_path: Path, kernel: str, name: str, **extra: str) -> Pa
 
 
 def _guest_env(kernel: str, shared: Path, **extra: str) -> str:
-    env = {
-        "PATH": "%s:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" % os.path.dirname(sys.executable),
-        "PYTHONPATH": str(REPO),
-        "DRIVER_VERSION": "535.261.03",
-        "TARGETARCH": "amd64",
-        "DRIVER_CONFIG_DIGEST": "3522141578",
-        "DRIVER_CTR_LOG_FORMAT": "json",
-        "DRIVER_CTR_SHARED_DIR": str(shared),
-        "DRIVER_CTR_KERNEL_RELEASE": kernel,
-        "HOME": "/root",
-        "DRIVER_CTR_USERSPACE": "none",
-    }
-    env.update(extra)
-    return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
+    return vm.guest_exports(kernel, DRIVER_CTR_SHARED_DIR=str(shared), **extra)
 
 
 LOAD_UNLOAD = r"""

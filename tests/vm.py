@@ -224,9 +224,9 @@ kill -TERM $P 2>/dev/null; wait $P; echo $? > $O/load.rc
 """
 
 
-def load_from_host_cache(kernel: str, cache: Path, out: Path, **extra: str) -> VmResult:
-    """``nvidia-driver load`` in the guest, its modules from the host cache ``cache`` (no shared dir):
-    the guest's ``load.err``, ``load.rc`` and ``modules`` (``/proc/modules`` at Ready or at the end)."""
+def guest_exports(kernel: str, **extra: str) -> str:
+    """``export`` lines for the project's commands in the guest: the host's Python and this checkout, the
+    operator's variables, ``kernel`` as the node kernel, JSON logs, modules only (no NVIDIA userspace)."""
     repo = Path(__file__).resolve().parent.parent
     env = {
         "PATH": "%s:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" % os.path.dirname(sys.executable),
@@ -237,13 +237,17 @@ def load_from_host_cache(kernel: str, cache: Path, out: Path, **extra: str) -> V
         "DRIVER_CONFIG_DIGEST": "3522141578",
         "DRIVER_CTR_LOG_FORMAT": "json",
         "DRIVER_CTR_KERNEL_RELEASE": kernel,
-        "DRIVER_CTR_SHARED_DIR": "/tmp/empty-shared",
-        "DRIVER_CTR_CACHE_DIR": str(cache),
-        "DRIVER_CTR_USERSPACE": "none",  # the guest has no NVIDIA userspace: modules only
+        "DRIVER_CTR_USERSPACE": "none",
     }
     env.update(extra)
-    script = "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
-    return boot(kernel, script + LOAD_FROM_HOST_CACHE, out, repo / ".cache" / "vm")
+    return "".join("export %s=%s\n" % (k, shlex.quote(v)) for k, v in env.items())
+
+
+def load_from_host_cache(kernel: str, cache: Path, out: Path, **extra: str) -> VmResult:
+    """``nvidia-driver load`` in the guest, its modules from the host cache ``cache`` (no shared dir):
+    the guest's ``load.err``, ``load.rc`` and ``modules`` (``/proc/modules`` at Ready or at the end)."""
+    script = guest_exports(kernel, DRIVER_CTR_SHARED_DIR="/tmp/empty-shared", DRIVER_CTR_CACHE_DIR=str(cache), **extra)
+    return boot(kernel, script + LOAD_FROM_HOST_CACHE, out, Path(__file__).resolve().parent.parent / ".cache" / "vm")
 
 
 if __name__ == "__main__":  # manual use: python tests/vm.py KERNEL 'sh commands'

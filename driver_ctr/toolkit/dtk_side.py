@@ -353,6 +353,7 @@ class DtkSide:
                 raise
             except DriverCtrError as exc:
                 message = exc.message if isinstance(exc, BuildFailed) else first_line(exc)
+                failed_phase = exc.phase if isinstance(exc, BuildFailed) else "build"
                 self.log.error(
                     "%s not built: its sidecar is told why; the GPU driver is not concerned" % component.name,
                     reason=message,
@@ -361,6 +362,7 @@ class DtkSide:
                     failed_flag(
                         generation=generation,
                         component=component.name,
+                        phase=failed_phase,
                         message=message,
                         log_tail=_log_tail(sh.build_log),
                     )

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -46,6 +46,7 @@ from typing import (
     Tuple,
     Type,
     TypeVar,
+    cast,
 )
 
 from .errors import ProtocolError
@@ -505,26 +506,20 @@ class GdrcopyBuilt(Flag):
 
 
 @dataclass(frozen=True)
-class ComponentFailed(Flag):
+class ComponentFailed(Failed):
     """An optional component (nvidia-fs, gdrdrv) did not build: its sidecar fails fast with the reason;
     the GPU driver is not concerned."""
 
     NAME: ClassVar[str] = NVIDIA_FS_BUILD_FAILED
     component: str = ""
-    message: str = "no reason given"
-    log_tail: str = ""
 
     def _extra(self) -> Dict[str, Any]:
-        return {"component": self.component, "message": self.message, "log_tail": self.log_tail}
+        return dict(super()._extra(), component=self.component)
 
     @classmethod
     def _from(cls, where: object, d: Mapping[str, Any], generation: Optional[int]) -> "ComponentFailed":
-        return cls(
-            generation=generation,
-            component=take(where, d, "component", str, ""),
-            message=take(where, d, "message", str, "no reason given"),
-            log_tail=take(where, d, "log_tail", str, ""),
-        )
+        failed = cast("ComponentFailed", super()._from(where, d, generation))
+        return replace(failed, component=take(where, d, "component", str, ""))
 
 
 @dataclass(frozen=True)
