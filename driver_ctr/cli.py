@@ -80,6 +80,7 @@ def build_nvidia_driver_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--sign", metavar="KEYID", help="sign the modules with this key")
     _add_tag(p)
     _add_max_threads(p)
+    p.add_argument("--check", action="store_true", help="build in a scratch directory, report, store nothing")
 
     sub.add_parser("reload_nvidia_peermem", help="load nvidia-peermem once MOFED is ready, then wait for a signal")
     sub.add_parser("probe_nvidia_peermem", help="exit 1 when mlx5_core is loaded but nvidia-peermem is not")
@@ -140,7 +141,9 @@ def _update(args: argparse.Namespace) -> int:
 
     return build.update(
         _settings(args),
-        opts.UpdateOptions(kernel=args.kernel, sign=args.sign, tag=args.tag, max_threads=args.max_threads),
+        opts.UpdateOptions(
+            kernel=args.kernel, sign=args.sign, tag=args.tag, max_threads=args.max_threads, check=args.check
+        ),
     )
 
 

@@ -96,13 +96,13 @@ class DriverSide:
         except ProtocolError:
             return False
 
-    def hand_over(self, cache: HostCache, entry: CacheEntry) -> Optional[Handoff]:
+    def hand_over(self, cache: HostCache, entry: CacheEntry, what: str = "host cache") -> Optional[Handoff]:
         """Use a cache entry: copy it into this side's own trees, verifying the
         copy (the one read of every file); then publish it as a new generation's
         build so the DTK side finds it complete and idles. A corrupt entry is
         discarded and None returned: the DTK builds."""
         sh = self.shared
-        with phase(self.log, "restore from host cache", entry=str(entry.path)):
+        with phase(self.log, "restore from %s" % what, entry=str(entry.path)):
             tree = cache.adopt(entry, self.trees, self.settings.module_size_limit)
             if tree is None:
                 return None
@@ -114,7 +114,7 @@ class DriverSide:
                 sh.fs.copy_in(tree / f.path, "%s/%s" % (staging, f.path))
             sh.fs.replace(staging, proto.MODULES_DIR)
             details = dict(entry.record.build.details)
-            details["host_cache_entry"] = str(entry.path)
+            details["host_cache_entry" if what == "host cache" else "precompiled_bundle"] = str(entry.path)
             build = proto.BuildRecord(
                 builder=HOST_CACHE_BUILDER, files=entry.record.build.files, finished_at=proto.now(), details=details
             )
@@ -122,7 +122,7 @@ class DriverSide:
             sh.write_manifest(manifest)
             sh.write_flag(proto.Built(generation=gen, files=len(build.files), source=HOST_CACHE_BUILDER))
             sh.write_flag(proto.Prepared(generation=gen))
-        self.log.info("hand-off verified from the host cache: no build needed", generation=gen, kernel=self.kernel)
+        self.log.info("hand-off verified from the %s: no build needed" % what, generation=gen, kernel=self.kernel)
         return Handoff(manifest=manifest, tree=tree)
 
     # -- prepare -------------------------------------------------------------

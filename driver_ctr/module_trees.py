@@ -3,17 +3,17 @@
 Sources, each a small function that returns a verified :class:`ModuleTree`
 or a :class:`Miss` saying why not:
 
-1. ``shared_dir_build``  the shared dir's build for exactly these inputs;
-2. ``host_cache_entry``  the host cache (``/var/lib/driver-ctr/cache``);
-3. (precompiled bundles carried by the image: the ``build``/``update -k`` issue);
-4. ``local_build``       a build in this container, when the node kernel's tree is here;
-5. ``dtk_build``         the two-container protocol (``driver_side``);
-6. ``fallback_build``    the entitlement-based build: install the node kernel's trees here
-   (``fallback/``: apt today, dnf next), then ``local_build``; the one place that raises
-   :class:`FallbackRequired`.
+1. ``shared_dir_build``    the shared dir's build for exactly these inputs;
+2. ``precompiled_bundle``  a bundle the image carries for this kernel (``precompiled``);
+3. ``host_cache_entry``    the host cache (``/var/lib/driver-ctr/cache``);
+4. ``local_build``         a build in this container, when the node kernel's tree is here;
+5. ``dtk_build``           the two-container protocol (``driver_side``);
+6. ``fallback_build``      the entitlement-based build: install the node kernel's trees here
+   (``fallback/``: apt, dnf, a node-local repository), then ``local_build``; the one place that
+   raises :class:`FallbackRequired`.
 
-The orders: ``nvidia-driver load`` takes 1, 2; ``init`` takes 1, 2, 4, then 6;
-``nv-ctr-run-with-dtk`` takes 2 (handed over to the DTK side), 5, then 6.
+The orders: ``nvidia-driver load`` takes 1, 3; ``init`` takes 1, 2, 3, 4, then 6;
+``nv-ctr-run-with-dtk`` takes 2 or 3 (handed over to the DTK side), 5, then 6.
 Every build is stored in the host cache by the one policy,
 :func:`~driver_ctr.toolkit.host_cache.store_build`, which the DTK side calls too.
 """
@@ -24,15 +24,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, List, Optional, Tuple, Union
 
+from . import precompiled
 from .driver_side import DriverSide, FallbackReason
 from .toolkit import protocol as proto
 from .toolkit.build_logs import keep_build_log
 from .toolkit.builders import BuildOptions, BuildRequest, default_scratch, find_source
 from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, ProtocolError
 from .toolkit.fsio import remove_tree
-from .toolkit.host_cache import HostCache, store_build
+from .toolkit.host_cache import CacheEntry, HostCache, store_build
 from .toolkit.log import Logger, first_line, get_logger, phase
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -108,6 +109,33 @@ def host_cache_entry(src: Sources) -> Found:
     return ModuleTree(tree, src.kernel, "host cache")
 
 
+def precompiled_store(src: Sources) -> Union[Tuple[HostCache, CacheEntry], Miss]:
+    """The image's bundle for this kernel and these inputs (unverified: adopt or hand it over), or why none."""
+    s = src.settings
+    if s.gds_enabled or s.gdrcopy_enabled:
+        return Miss("precompiled", "GDS and GDRCopy build against this node's own build")
+    store = precompiled.open_store(s)
+    if store is None:
+        return Miss("precompiled", "the image carries none (%s)" % precompiled.store_dir(s))
+    entry = store.lookup(precompiled.bundle_inputs(s, src.kernel), src.signing_fingerprint(), verify=False)
+    if entry is None:
+        carried = precompiled.carried_kernels(store)
+        src.log.info("no precompiled bundle for this kernel", kernel=src.kernel, image_carries=carried)
+        return Miss("precompiled", "none for kernel %s (the image carries: %s)" % (src.kernel, ", ".join(carried)))
+    return store, entry
+
+
+def precompiled_bundle(src: Sources) -> Found:
+    found = precompiled_store(src)
+    if isinstance(found, Miss):
+        return found
+    store, entry = found
+    tree = store.adopt(entry, src.settings.paths.adopted_trees, src.settings.module_size_limit)
+    if tree is None:
+        return Miss("precompiled", "the bundle for kernel %s was corrupt (discarded)" % src.kernel)
+    return ModuleTree(tree, src.kernel, "precompiled")
+
+
 def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
     """Build in this container (the node kernel's tree is here) and store the
     build in the host cache. Raises :class:`NoKernelTree` when the tree is not here."""
@@ -156,6 +184,11 @@ def dtk_build(src: Sources) -> ModuleTree:
     side as this generation's build, else the DTK builds; a broken DTK falls back."""
     side = DriverSide(src.settings, src.cancel)
     side.require_mounted()
+    bundle = precompiled_store(src)
+    if not isinstance(bundle, Miss) and not side.prepared_for_inputs():
+        handed = side.hand_over(bundle[0], bundle[1], "precompiled bundle")
+        if handed is not None and handed.tree is not None:
+            return ModuleTree(handed.tree, src.kernel, "precompiled")
     components = src.settings.gds_enabled or src.settings.gdrcopy_enabled
     if components and src.cache is not None:
         src.log.info("GDS or GDRCopy on: the DTK builds (their modules need this build's NVIDIA symbol versions)")
@@ -228,7 +261,7 @@ def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:
 def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) -> ModuleTree:
     """``nvidia-driver init``: a build made earlier, else build here, else fall back."""
     src = Sources(settings, cancel)
-    found = _first(src, shared_dir_build, host_cache_entry)
+    found = _first(src, shared_dir_build, precompiled_bundle, host_cache_entry)
     if isinstance(found, ModuleTree):
         return found
     try:

@@ -88,12 +88,12 @@ def test_status_json(cli_env, root):
     assert "hunter2" not in r.stdout + r.stderr
 
 
-def test_placeholders_fail_clearly(cli_env):
-    """Commands whose capability comes later say so and exit 1: never a silent success."""
-    for argv in (["nvidia-driver", "update"], ["nvidia-driver", "build"]):
+def test_build_and_update_without_sources_name_what_is_missing(cli_env):
+    """No driver sources where the command runs: exit 1, the expected .run and where it was looked for."""
+    for argv in (["nvidia-driver", "update", "-k", "6.1.0-99-amd64"], ["nvidia-driver", "build"]):
         r = run(argv, cli_env)
         assert r.returncode == 1, argv
-        assert "not implemented yet" in r.stderr
+        assert "no NVIDIA driver sources: NVIDIA-Linux-x86_64-535.261.03.run is not in" in r.stderr, r.stderr
 
 
 def test_console_scripts_installed():

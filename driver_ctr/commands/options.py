@@ -25,6 +25,7 @@ class UpdateOptions:
     sign: Optional[str] = None  # -s KEYID
     tag: Optional[str] = None
     max_threads: Optional[int] = None
+    check: bool = False  # --check: build in scratch, report, store nothing
 
 
 @dataclass(frozen=True)

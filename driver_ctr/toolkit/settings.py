@@ -230,6 +230,7 @@ VARIABLES: Tuple[Var, ...] = (
         Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
         Var("DRIVER_CTR_LOCAL_REPO", "local_repo", _abs_path, host_path=True),
         Var("DRIVER_CTR_USERSPACE", "userspace", _choice(("auto", "none"))),
+        Var("DRIVER_CTR_PRECOMPILED_DIR", "precompiled_dir", _abs_path, host_path=True),
         Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
         Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
         Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
@@ -318,6 +319,7 @@ class Settings:
     local_repo: str = ""
     cache_keep: int = 3
     userspace: str = "auto"  # "none": modules only (the test suite; userspace from elsewhere)
+    precompiled_dir: str = ""  # default: /usr/src/nvidia-<version>/kernel/precompiled
     signing_key: str = ""
     signing_cert: str = ""
     signing_hash: str = "sha256"
