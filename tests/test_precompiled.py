@@ -159,3 +159,50 @@ def test_gds_needs_this_nodes_build_so_no_bundle_serves_it(root, tmp_path, kerne
     assert nvd(env, "update", "-k", k61, timeout=300).returncode == 0
     r = nvd(dict(env, GDS_ENABLED="true"), "init", timeout=300)
     assert "precompiled" not in [e.get("source") for e in events(r.stderr) if e["event"] == "modules found"]
+
+
+INIT_IN_GUEST = r"""
+O=/run/out
+mkdir -p /tmp/empty-shared
+timeout 900 python -m driver_ctr nvidia-driver init > $O/init.out 2> $O/init.err; echo $? > $O/init.rc
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_real_535_bundles_for_two_kernels_each_loads_in_a_vm_of_its_kernel(root, tmp_path, kernels):
+    """``update -k`` for bookworm's 6.1 (proprietary) and the backports' 6.12 (open, the flavour 535 supports
+    there) from NVIDIA's real 535 sources in one image root; then each kernel booted in a VM runs ``init``,
+    which takes its own bundle with no build and ends, as a machine without an NVIDIA GPU must, in the
+    "no NVIDIA GPU" diagnosis."""
+    import vm
+    from test_build_real import _sources
+
+    for k in kernels:
+        why = vm.unavailable_reason(k)
+        if why:
+            pytest.skip(why)
+        make_real_kernel_root(root, k)
+    flavours = dict(zip(kernels, ("proprietary", "open")))
+    env = env_for(root, kernels[0], DRIVER_CTR_SOURCE_DIR=str(_sources()), TMPDIR=str(tmp_path))
+    env["PATH"] = env["PATH"] + ":/sbin:/usr/sbin"
+    for k, flavour in flavours.items():
+        r = nvd(dict(env, KERNEL_MODULE_TYPE=flavour), "update", "-k", k, timeout=2400)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(_bundles(root)) == sorted(kernels)
+    for k, flavour in flavours.items():
+        script = vm.guest_exports(
+            k,
+            KERNEL_MODULE_TYPE=flavour,
+            DRIVER_CTR_SHARED_DIR="/tmp/empty-shared",
+            DRIVER_CTR_PRECOMPILED_DIR=str(root / STORE),
+        )
+        out = tmp_path / ("vm-" + k)
+        res = vm.boot(k, script + INIT_IN_GUEST, out, REPO / ".cache" / "vm")
+        assert res.rc == 0, res.console[-3000:]
+        err = (out / "init.err").read_text(errors="replace")
+        found = [e for e in events(err) if e["event"] == "modules found"]
+        assert found and found[0]["source"] == "precompiled", err[-3000:]
+        assert "building" not in [e["event"] for e in events(err)]
+        assert "could not load nvidia: No such device (ENODEV)" in err, err[-3000:]
+        assert "no NVIDIA GPU is visible to the kernel" in err
