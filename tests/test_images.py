@@ -5,6 +5,7 @@ modules built in the DTK container and verified by the driver container, the hos
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -77,3 +78,60 @@ def test_podman_e2e():
     assert build and {"nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko"} <= set(re.split(r"[ ,+]+", build.group(1)))
     assert re.search(r"^cache\s+[\d.]+\s+served from the host cache, no build", r.stdout, re.M)
     assert re.search(r"^broken\s+[\d.]+\s+broken DTK", r.stdout, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.kbuild
+def test_the_debian_image_carries_precompiled_bundles_and_no_kernel_tree():
+    """PRECOMPILED_KERNELS: a build stage runs `update -k` with the kernel's .debs as a node-local
+    repository (no network, scripts/kernel-debs); the final image holds the bundle, not the kernel's
+    trees, and `status` lists the kernels it carries."""
+    from harness import installed_kernel
+
+    why = _podman_works()
+    if why:
+        pytest.skip(why)
+    need_tool("apt-get")
+    kernel = installed_kernel(r"6\.1\.0-\d+-amd64")  # the archive's current 6.1: its .debs are there
+    from test_build_real import SOURCES as sources
+
+    if not (sources / "kernel/Makefile").is_file():
+        pytest.skip("NVIDIA sources not unpacked at %s (scripts/setup-test-deps)" % sources)
+    run = REPO / ".cache/images/precompiled/NVIDIA-Linux-x86_64-535.261.03.run"
+    if not run.is_file():
+        run.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(REPO / "scripts/make-standin-run"), str(sources), str(run)], check=True)
+    env = dict(
+        os.environ,
+        CONTAINERS_CONF=str(REPO / "images/podman/containers.conf"),
+        CONTAINERS_STORAGE_CONF=str(REPO / "images/podman/storage.conf"),
+    )
+    tag = "localhost/driver-ctr/driver:precompiled-test"
+    r = subprocess.run(
+        [str(REPO / "scripts/build-image"), "--run", str(run), "--tag", tag, "--precompiled-kernels", kernel],
+        capture_output=True,
+        text=True,
+        env=dict(env, PYTHONPATH=str(REPO)),
+        timeout=3600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    try:
+        st = subprocess.run(
+            ["podman", "run", "--rm", "-e", "DRIVER_CTR_KERNEL_RELEASE=" + kernel, tag, "status", "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert st.returncode == 0, st.stderr[-3000:]
+        assert json.loads(st.stdout)["precompiled_kernels"] == [kernel]
+
+        def sh(command: str) -> str:
+            argv = ["podman", "run", "--rm", "--entrypoint", "sh", tag, "-c", command]
+            return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300).stdout
+
+        assert "linux-headers" not in sh("ls /usr/src") and kernel not in sh("ls /lib/modules 2>&1")
+        video = sh("ls /usr/src/nvidia-535.261.03/kernel/precompiled/%s/*/modules/kernel/drivers/video" % kernel)
+        assert {"nvidia.ko", "nvidia-uvm.ko", "nvidia-modeset.ko"} <= set(video.split()), video
+    finally:
+        subprocess.run(["podman", "rmi", "-f", tag], capture_output=True, env=env)

@@ -2,8 +2,8 @@
 precompiled bundles (``precompiled``), built ahead of time, never loaded here.
 
 1. The target kernel: ``-k`` (its build tree installed where the command runs: an image build stage, a
-   DTK, a CI job), or the running kernel for ``build``. It is not the running kernel's business: nothing
-   is loaded.
+   DTK, a CI job; when it is not, the fallback's package managers install it, a node-local repository
+   first), or the running kernel for ``build``. Nothing is loaded.
 2. The same kbuild builder as everywhere: vermagic against that kernel, staging with ``depmod``; signed
    when ``-s KEYID`` is given (the key and certificate where ``DRIVER_CTR_SIGNING_KEY`` and
    ``DRIVER_CTR_SIGNING_CERT`` say they are mounted; the key is never stored in the image).
@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Optional
 
 from .. import precompiled
+from ..fallback import install_kernel_tree
 from ..toolkit import protocol as proto
 from ..toolkit.builders import BuildOptions as BuildRequestOptions
 from ..toolkit.builders import BuildRequest, default_scratch, find_source
-from ..toolkit.errors import BuildFailed, InvalidValue
+from ..toolkit.errors import BuildFailed, InvalidValue, NoKernelTree
 from ..toolkit.fsio import remove_tree
 from ..toolkit.kbuild import KbuildBuilder
 from ..toolkit.log import get_logger
+from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.signing import Signing
 from ..toolkit.waiting import Cancellation
@@ -68,19 +70,25 @@ def _bundle(
         source = find_source(
             settings.source_dir, [settings.paths.drivers_dir], settings.target_arch, settings.driver_version.raw
         )
+        request = BuildRequest(
+            target_kernel=kernel,
+            source=source,
+            paths=settings.paths,
+            staging_dir=staging,
+            log_path=work / "build.log",
+            scratch=default_scratch(),
+            options=options,
+            cancel=cancel,
+        )
         try:
-            result = KbuildBuilder().build(
-                BuildRequest(
-                    target_kernel=kernel,
-                    source=source,
-                    paths=settings.paths,
-                    staging_dir=staging,
-                    log_path=work / "build.log",
-                    scratch=default_scratch(),
-                    options=options,
-                    cancel=cancel,
-                )
-            )
+            try:
+                result = KbuildBuilder().build(request)
+            except NoKernelTree as exc:
+                # an image build stage without the kernel's trees: the fallback's package managers
+                # (a node-local repository first: DRIVER_CTR_LOCAL_REPO) install them here
+                log.info("the kernel's trees are not here: installing them", reason=exc.message)
+                install_kernel_tree(settings, kernel, Runner(cancel), log)
+                result = KbuildBuilder().build(request)
         except BuildFailed as exc:
             if not check:
                 raise

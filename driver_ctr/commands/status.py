@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any, Dict
 
-from .. import __version__
+from .. import __version__, precompiled
 from ..fast_path import decide_fast_path
 from ..toolkit import protocol as proto
 from ..toolkit.build_logs import build_logs
@@ -61,6 +61,7 @@ def collect(settings: Settings) -> Dict[str, Any]:
             "flags": sorted(f for f in proto.FLAGS if (shared / f).exists()),
         },
         "last_build_log": str(logs[0]) if logs else "",
+        "precompiled_kernels": precompiled.carried_kernels(precompiled.open_store(settings)),
     }
 
 
@@ -89,6 +90,7 @@ def render_text(info: Dict[str, Any]) -> str:
     )
     lines.append("shared:  %s [%s]" % (s["path"], ", ".join(s["flags"]) or "no flags"))
     lines.append("build log: %s" % (info["last_build_log"] or "none kept on this node"))
+    lines.append("precompiled: %s" % (", ".join(info["precompiled_kernels"]) or "none in this image"))
     lines.append("settings:")
     for key, value in sorted(info["settings"].items()):
         lines.append("  %s=%s" % (key, value))
