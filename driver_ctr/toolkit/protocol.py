@@ -69,17 +69,6 @@ NVIDIA_FS_BUILT = "nvidia_fs_built"
 GDRCOPY_BUILT = "gdrcopy_built"
 NVIDIA_FS_BUILD_FAILED = "nvidia_fs_build_failed"
 GDRCOPY_BUILD_FAILED = "gdrcopy_build_failed"
-FLAGS = (
-    DIR_PREPARED,
-    BUILD_STARTED,
-    TOOLKIT_BROKEN,
-    BUILD_FAILED,
-    BUILT,
-    NVIDIA_FS_BUILT,
-    GDRCOPY_BUILT,
-    NVIDIA_FS_BUILD_FAILED,
-    GDRCOPY_BUILD_FAILED,
-)  # status shows these
 # Flags of one generation's outcome: moved aside when a new generation starts.
 OUTCOME_FLAGS = (
     BUILD_STARTED,
@@ -91,6 +80,7 @@ OUTCOME_FLAGS = (
     NVIDIA_FS_BUILD_FAILED,
     GDRCOPY_BUILD_FAILED,
 )
+FLAGS = (DIR_PREPARED,) + OUTCOME_FLAGS  # status shows these
 
 SETTINGS_JSON = "settings.json"
 MANIFEST_JSON = "manifest.json"
