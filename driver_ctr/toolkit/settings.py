@@ -39,7 +39,7 @@ _RHEL_VERSION = re.compile(r"^\d+(\.\d+)?$")
 _DIGEST = re.compile(r"^[!-~]+$")  # printable, no whitespace: the state file is one line
 _NVFM_FIELD = re.compile(r"^[A-Z][A-Z0-9_]*$")
 # curl and dnf take a proxy without a scheme (proxy.corp:3128: http); a scheme, when given, must be one of these
-_PROXY_URL = re.compile(r"^((https?|socks5h?|socks4a?)://)?([^\s/]+@)?[^\s/:@]+(:\d+)?/?$", re.IGNORECASE)
+_PROXY_URL = re.compile(r"^((https?|socks5h?|socks4a?)://)?(\S+@)?[^\s/:@]+(:\d+)?/?$", re.IGNORECASE)
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -137,7 +137,8 @@ def _proxy(name: str, raw: str) -> str:
         if any(c.isspace() for c in v.replace(" ", "")):
             raise InvalidValue(name, raw, "a comma-separated list of hosts")
         return v
-    if not _PROXY_URL.match(v):
+    scheme_ok = "://" not in v or re.match(r"^(https?|socks5h?|socks4a?)://", v, re.IGNORECASE)
+    if not scheme_ok or not _PROXY_URL.match(v):
         raise InvalidValue(
             name, redact_url_credentials(raw), "a proxy such as http://proxy.example:3128 or proxy.example:3128"
         )
