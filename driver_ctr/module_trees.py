@@ -180,13 +180,14 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
 
 
 def dtk_build(src: Sources) -> ModuleTree:
-    """The two-container protocol: a host-cache entry handed over to the DTK
-    side as this generation's build, else the DTK builds; a broken DTK falls back."""
+    """The two-container protocol: the image's precompiled bundle or a host-cache entry handed over to
+    the DTK side as this generation's build, else the DTK builds; a broken DTK falls back."""
     side = DriverSide(src.settings, src.cancel)
     side.require_mounted()
     bundle = precompiled_store(src)
     if not isinstance(bundle, Miss) and not side.prepared_for_inputs():
-        handed = side.hand_over(bundle[0], bundle[1], "precompiled bundle")
+        store, bundle_entry = bundle
+        handed = side.hand_over(store, bundle_entry, "precompiled bundle")
         if handed is not None and handed.tree is not None:
             return ModuleTree(handed.tree, src.kernel, "precompiled")
     components = src.settings.gds_enabled or src.settings.gdrcopy_enabled
