@@ -42,7 +42,7 @@ from .node_state import (
     withdraw_modules,
     write_state,
 )
-from .toolkit.errors import Cancelled, DriverCtrError
+from .toolkit.errors import Cancelled, CommandFailed, DriverCtrError
 from .toolkit.log import Logger, get_logger
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -87,8 +87,15 @@ class Service:
                     params=report.params,
                     firmware=report.firmware,
                 )
-                publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
-                self.published = tree
+                try:
+                    publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
+                    self.published = tree
+                except (OSError, CommandFailed) as exc:  # the GPU driver is loaded: never undone for this
+                    self.log.warning(
+                        "could not put the loaded tree in the driver root's /lib/modules: a chroot modprobe "
+                        "(the nvidia-peermem sidecar) will not find the modules",
+                        reason=str(exc),
+                    )
             self.serve()
         except Cancelled as exc:
             self.log.info("stopping before the driver was ready", reason=str(exc))

@@ -400,3 +400,30 @@ def test_a_driver_root_left_mounted_by_a_killed_container_is_mounted_again(tmp_p
         ("mount", "--rbind"),
     ]
     assert runner.calls[-1] == ("mount", "--rbind", "/", str(target))
+
+
+def test_the_loaded_tree_is_published_in_the_driver_roots_lib_modules(tmp_path):
+    """No tree of that kernel in the container: a link to the verified tree (withdrawn on shutdown); the
+    fallback's real directory: NVIDIA's modules copied beside the kernel's and indexed by depmod."""
+    from fakes import FakeRunner
+
+    from driver_ctr.node_state import publish_modules, withdraw_modules
+
+    paths = HostPaths(str(tmp_path))
+    tree = tmp_path / "run/nvidia/driver-ctr/trees/k-1"
+    (tree / "kernel/drivers/video").mkdir(parents=True)
+    (tree / "kernel/drivers/video/nvidia-peermem.ko").write_bytes(b"\x7fELF peermem")
+    publish_modules(paths, tree, "6.1.0-1-amd64", FakeRunner(), get_logger())  # no command: a link
+    link = tmp_path / "lib/modules/6.1.0-1-amd64"
+    assert link.is_symlink() and link.resolve() == tree.resolve()
+    withdraw_modules(paths, tree, "6.1.0-1-amd64")
+    assert not link.exists() and not link.is_symlink()
+    real = tmp_path / "lib/modules/6.1.0-2-amd64"
+    (real / "kernel/fs").mkdir(parents=True)
+    runner = FakeRunner()
+    runner.expect(("depmod",))
+    publish_modules(paths, tree, "6.1.0-2-amd64", runner, get_logger())
+    assert (real / "kernel/drivers/video/nvidia-peermem.ko").read_bytes() == b"\x7fELF peermem"
+    assert runner.calls == [("depmod", "-b", str(tmp_path), "6.1.0-2-amd64")]
+    withdraw_modules(paths, tree, "6.1.0-2-amd64")
+    assert real.is_dir()  # a real directory is the container's: left as it is
