@@ -21,7 +21,6 @@ waiting for a signal, shutdown) is the lifecycle in ``service``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional
 
@@ -30,6 +29,7 @@ from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
 from .node_state import configure_firmware_path, mellanox_present, pci_devices
 from .toolkit import nvidia_modules as nv
 from .toolkit.errors import ProtocolError
+from .toolkit.fsio import replace_symlink
 from .toolkit.kernel_tree import first_module
 from .toolkit.log import get_logger
 from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
@@ -125,13 +125,7 @@ class Loader:
     def modprobe_base(self, tree: "ModuleTree", kernel: str) -> List[str]:
         """``modprobe -d <root>`` where ``<root>/lib/modules/<kernel>`` is the tree."""
         base = self.paths.run_nvidia / "driver-ctr" / "modroot"
-        link = base / "lib" / "modules" / kernel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.parent / (".%s.tmp" % kernel)
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(tree.root)
-        os.replace(str(tmp), str(link))
+        replace_symlink(base / "lib" / "modules" / kernel, tree.root)
         return ["modprobe", "-d", str(base), "-C", str(self.paths.modprobe_d), "-S", kernel]
 
     def load_tree(self, tree: "ModuleTree") -> LoadReport:

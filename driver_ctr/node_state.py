@@ -28,7 +28,7 @@ from typing import IO, List, Mapping, Optional
 
 from .toolkit import nvidia_modules as nv
 from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.fsio import atomic_write_text
+from .toolkit.fsio import atomic_write_text, replace_symlink
 from .toolkit.log import Logger
 from .toolkit.paths import HostPaths
 from .toolkit.runner import Runner
@@ -176,12 +176,7 @@ def publish_modules(paths: HostPaths, tree: Path, kernel: str, runner: Runner, l
     """Make ``/lib/modules/<kernel>`` of this container hold the loaded ``tree`` (see the module docstring)."""
     target = paths.module_dir(kernel)
     if target.is_symlink() or not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(".%s.driver-ctr" % kernel)
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(tree)
-        os.replace(str(tmp), str(target))
+        replace_symlink(target, tree)
         log.info("module tree linked into the driver root", path=str(target), tree=str(tree))
         return
     dest = target / nv.SUBDIR

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
-from .errors import BuildFailed, CommandFailed, ProtocolError, tail_lines
+from .errors import BuildFailed, CommandFailed, ProtocolError
 from .fsio import remove_tree
 from .kernel_tree import KernelTree
 from .modinfo import read_modinfo, vermagic_problem
@@ -170,10 +170,3 @@ def build_component(component: Component, fs: Confined, inputs: Inputs, runner: 
         return rel
     finally:
         remove_tree(work)
-
-
-def log_tail(path: Path) -> str:
-    try:
-        return tail_lines(path.read_text(errors="replace"), 30)
-    except OSError:
-        return ""

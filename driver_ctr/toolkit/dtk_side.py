@@ -31,6 +31,7 @@ from .build_logs import keep_build_log
 from .builders import Builder, BuildOptions, BuildRequest, BuildResult, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
+from .fsio import replace_symlink
 from .host_cache import HostCache, store_build
 from .jobs import plan_jobs
 from .kernel_tree import open_kernel_tree
@@ -377,12 +378,7 @@ def expose_sources(settings: Settings, result: BuildResult, log: Logger) -> None
     link = settings.paths.host("/usr/src/nvidia-%s" % settings.driver_version.raw)
     if link.exists() and not link.is_symlink():
         return  # the image's own
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(".%s.driver-ctr" % link.name)
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(result.sources_root)
-    os.replace(str(tmp), str(link))
+    replace_symlink(link, result.sources_root)
     log.info("NVIDIA sources exposed", path=str(link), sources=str(result.sources_root))
 
 

@@ -47,6 +47,16 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     fsync_dir(path.parent)
 
 
+def replace_symlink(link: Path, target: Path) -> None:
+    """Make ``link`` a symlink to ``target`` atomically (a temporary link renamed over it)."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(".%s.tmp-link" % link.name)
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(target)
+    os.replace(str(tmp), str(link))
+
+
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
 

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from .fsio import replace_symlink
 from .modinfo import undefined_symbols
 from .paths import HostPaths
 
@@ -77,11 +78,7 @@ def prepare_build(ofa: Path, workdir: Path, scratch: Path) -> Tuple[List[str], b
     """Make the build in ``workdir`` use ``ofa``: returns make's extra arguments and whether the
     conftest could be pointed at it (when not, the check after the build decides)."""
     root = scratch / ("ofa_kernel-%d" % os.getpid())
-    root.mkdir(parents=True, exist_ok=True)
-    link = root / "default"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(ofa)
+    replace_symlink(root / "default", ofa)
     conftest = workdir / "conftest.sh"
     pointed = False
     if conftest.is_file():
