@@ -186,6 +186,24 @@ def events(text: str) -> List[dict]:
     return out
 
 
+def podman_env() -> Dict[str, str]:
+    """The environment the tests run podman with: the project's containers.conf and storage."""
+    return dict(
+        os.environ,
+        CONTAINERS_CONF=str(REPO / "images/podman/containers.conf"),
+        CONTAINERS_STORAGE_CONF=str(REPO / "images/podman/storage.conf"),
+    )
+
+
+def podman_unavailable() -> str:
+    """'' when podman can build and run here, else why not."""
+    if not shutil.which("podman"):
+        return "podman is not installed (scripts/test installs it)"
+    env = dict(podman_env(), PATH="/usr/sbin:/usr/bin:/sbin:/bin")
+    r = subprocess.run(["podman", "info"], capture_output=True, text=True, env=env)
+    return "" if r.returncode == 0 else "podman cannot run here: %s" % (r.stderr.strip().splitlines() or ["?"])[-1]
+
+
 FIXTURE_SOURCES = REPO / "tests" / "fixtures" / "nvidia-src"
 
 
