@@ -13,7 +13,8 @@ or a :class:`Miss` saying why not:
    raises :class:`FallbackRequired`.
 
 The orders: ``nvidia-driver load`` takes 1, 3; ``init`` takes 1, 2, 3, 4, then 6;
-``nv-ctr-run-with-dtk`` takes 2 or 3 (handed over to the DTK side), 5, then 6.
+``nv-ctr-run-with-dtk`` takes 2 or 3 (handed over to the DTK side), 5, then 6. On the fast path
+(nothing to load) ``loaded_tree`` finds the loaded driver's tree among 1, 2, 3, to publish it.
 Every build is stored in the host cache by the one policy,
 :func:`~driver_ctr.toolkit.host_cache.store_build`, which the DTK side calls too.
 """
@@ -28,6 +29,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 from . import precompiled
 from .driver_side import DriverSide, FallbackReason
+from .toolkit import nvidia_modules as nv
 from .toolkit import protocol as proto
 from .toolkit.build_logs import keep_build_log
 from .toolkit.builders import BuildOptions, BuildRequest, default_scratch, find_source
@@ -35,6 +37,7 @@ from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, Prot
 from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import CacheEntry, HostCache, store_build
 from .toolkit.log import Logger, first_line, get_logger, phase
+from .toolkit.modinfo import read_modinfo
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
 from .toolkit.shared_fs import Confined
@@ -244,6 +247,29 @@ def _first(src: Sources, *sources: Callable[[Sources], Found]) -> Union[ModuleTr
             return f
         misses.append(f)
     return misses
+
+
+def loaded_tree(settings: Settings, cancel: Cancellation) -> Union[ModuleTree, Miss]:
+    """On the fast path: the verified tree of the driver that is loaded, from a source that never builds
+    (the shared dir, the image's bundle, the host cache), recognised by ``nvidia.ko``'s srcversion against
+    the kernel's ``/sys/module/nvidia/srcversion``. A restarted container lost the tree it published in
+    ``/lib/modules``, which a chroot modprobe (the nvidia-peermem sidecar) needs."""
+    src = Sources(settings, cancel)
+    try:
+        loaded = (settings.paths.sys / "module/nvidia/srcversion").read_text().strip()
+    except OSError as exc:
+        return Miss("loaded driver", "its srcversion is unreadable (%s)" % exc.strerror)
+    reasons = []
+    for source in (shared_dir_build, precompiled_bundle, host_cache_entry):
+        f = source(src)
+        if isinstance(f, Miss):
+            reasons.append("%s: %s" % (f.source, f.reason))
+            continue
+        built = read_modinfo(f.root / nv.staged_path("nvidia")).srcversion
+        if built == loaded:
+            return f
+        reasons.append("%s: nvidia.ko is srcversion %s, the loaded one %s" % (f.source, built or "(none)", loaded))
+    return Miss("loaded driver", "; ".join(reasons))
 
 
 def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:

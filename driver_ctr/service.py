@@ -15,6 +15,9 @@
   loaded driver already is this configuration (the fast path).
 - **load**: whatever NVIDIA driver is loaded is stopped and unloaded (never
   forced), then the tree is loaded (``driver_load``).
+- **publish**: the loaded tree goes in the driver root's ``/lib/modules`` for the nvidia-peermem
+  sidecar's chroot modprobe; on the fast path with RDMA, the loaded driver's tree is looked up
+  (``module_trees.loaded_tree``), since a restarted container has lost it.
 - **serve**: daemons, the driver root, the state file, ``Ready``.
 - **a failure (or a signal) before the wait undoes what was done**: once the
   node was touched (load or serve began), our daemons are stopped, the NVIDIA
@@ -87,15 +90,9 @@ class Service:
                     params=report.params,
                     firmware=report.firmware,
                 )
-                try:
-                    publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
-                    self.published = tree
-                except (OSError, CommandFailed) as exc:  # the GPU driver is loaded: never undone for this
-                    self.log.warning(
-                        "could not put the loaded tree in the driver root's /lib/modules: a chroot modprobe "
-                        "(the nvidia-peermem sidecar) will not find the modules",
-                        reason=str(exc),
-                    )
+                self.publish(tree)
+            elif self.settings.gpu_direct_rdma_enabled:
+                self.publish_loaded()
             self.serve()
         except Cancelled as exc:
             self.log.info("stopping before the driver was ready", reason=str(exc))
@@ -108,6 +105,33 @@ class Service:
                 self.log.warning("cleanup after the failure was incomplete", reason=str(exc))
             raise
         return self.wait_for_signal()
+
+    def publish(self, tree: "ModuleTree") -> None:
+        """Put the loaded tree in the driver root's ``/lib/modules`` (``node_state.publish_modules``) for a
+        chroot modprobe (the nvidia-peermem sidecar); the GPU driver is loaded: never undone for this."""
+        try:
+            publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
+            self.published = tree
+        except (OSError, CommandFailed) as exc:
+            self.not_published(str(exc))
+
+    def publish_loaded(self) -> None:
+        """The fast path with RDMA: this container is new, its ``/lib/modules`` lacks the loaded tree."""
+        from .module_trees import ModuleTree, loaded_tree
+
+        found = loaded_tree(self.settings, self.cancel)
+        if isinstance(found, ModuleTree):
+            self.log.info("the loaded driver's tree found", source=found.source, tree=str(found.root))
+            self.publish(found)
+        else:
+            self.not_published(found.reason)
+
+    def not_published(self, reason: str) -> None:
+        self.log.warning(
+            "could not put the loaded tree in the driver root's /lib/modules: a chroot modprobe "
+            "(the nvidia-peermem sidecar) will not find the modules",
+            reason=reason,
+        )
 
     def unload_ours(self) -> None:
         """Stop the daemons (they hold the devices), unload the NVIDIA modules, unmount the driver root."""

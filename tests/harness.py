@@ -34,6 +34,7 @@ static const char m_vermagic[] __attribute__((section(".modinfo"), used, aligned
 static const char m_name[] __attribute__((section(".modinfo"), used, aligned(1))) = "name=%(name)s";
 static const char m_version[] __attribute__((section(".modinfo"), used, aligned(1))) = "version=%(version)s";
 static const char m_depends[] __attribute__((section(".modinfo"), used, aligned(1))) = "depends=%(depends)s";
+static const char m_srcversion[] __attribute__((section(".modinfo"), used, aligned(1))) = "srcversion=%(srcversion)s";
 static const char m_parmtype[] __attribute__((section(".modinfo"), used, aligned(1))) = "parmtype=NVreg_Test:uint";
 int %(name)s_init(void) { return 0; }
 """
@@ -50,12 +51,20 @@ def make_fixture_module(dest: Path, name: str, kernel: str, version: str = "535.
             "name": name.replace("-", "_"),
             "version": version,
             "depends": depends,
+            "srcversion": fixture_srcversion(name, kernel, version),
         }
     )
     out = dest / (name + ".ko")
     subprocess.run(["gcc", "-c", "-o", str(out), str(src)], check=True)
     src.unlink()
     return out
+
+
+def fixture_srcversion(name: str, kernel: str, version: str = "535.261.03") -> str:
+    """The srcversion a fixture module carries (24 hex digits, as modpost writes it)."""
+    import hashlib
+
+    return hashlib.md5(("%s %s %s" % (name, kernel, version)).encode()).hexdigest()[:24].upper()
 
 
 def make_fixture_modules(dest: Path, kernel: str) -> Path:

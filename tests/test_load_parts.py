@@ -427,3 +427,46 @@ def test_the_loaded_tree_is_published_in_the_driver_roots_lib_modules(tmp_path):
     assert runner.calls == [("depmod", "-b", str(tmp_path), "6.1.0-2-amd64")]
     withdraw_modules(paths, tree, "6.1.0-2-amd64")
     assert real.is_dir()  # a real directory is the container's: left as it is
+
+
+def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_published(root, tmp_path):
+    """A restarted container takes the fast path (nothing to load) but has lost its /lib/modules link:
+    the tree whose nvidia.ko has the loaded srcversion is found among the sources that never build (here
+    the shared dir's build) and linked again, for the nvidia-peermem sidecar's chroot modprobe; another
+    build (a srcversion that differs) is never published, and the warning says why."""
+    from fakes import FakeRunner
+    from harness import RHEL_KERNEL, env_for, fixture_srcversion, make_dtk_image, make_fixture_modules, run_both
+
+    from driver_ctr.module_trees import Miss, loaded_tree
+    from driver_ctr.service import Service
+    from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    make_dtk_image(root)
+    fixture = make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture), GPU_DIRECT_RDMA_ENABLED="true")
+    d, _ = run_both(root, env)
+    assert d.returncode == 0, d.stderr
+    nvidia = root / "sys/module/nvidia"
+    nvidia.mkdir(parents=True)
+    (nvidia / "srcversion").write_text(fixture_srcversion("nvidia", RHEL_KERNEL) + "\n")
+    settings = Settings.from_env(env)
+    runner = FakeRunner()
+    runner.expect(("depmod",))
+    service = Service(settings, Cancellation(), runner)
+    service.publish_loaded()
+    assert service.published is not None and service.published.source == "shared dir"
+    # this root's /lib/modules/<kernel> is a real directory (the DTK image's, in these tests): copied beside
+    published = root / "lib/modules" / RHEL_KERNEL / "kernel/drivers/video/nvidia.ko"
+    assert published.read_bytes() == (service.published.root / "kernel/drivers/video/nvidia.ko").read_bytes()
+    assert runner.calls == [("depmod", "-b", str(root), RHEL_KERNEL)]
+
+    (nvidia / "srcversion").write_text("0123456789ABCDEF01234567\n")  # a driver of another build is loaded
+    found = loaded_tree(settings, Cancellation())
+    assert isinstance(found, Miss)
+    assert (
+        "shared dir: nvidia.ko is srcversion %s, the loaded one 0123456789ABCDEF01234567"
+        % (fixture_srcversion("nvidia", RHEL_KERNEL))
+        in found.reason
+    )
+    assert "precompiled: the image carries none" in found.reason and "host cache: not mounted" in found.reason
