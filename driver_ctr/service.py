@@ -30,10 +30,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 from .daemons import start_daemons, stop_daemons
 from .driver_load import Loader
+from .module_trees import ModuleTree, loaded_tree
 from .node_state import (
     PidLock,
     clear_daemons_status,
@@ -52,10 +53,7 @@ from .toolkit.settings import Settings
 from .toolkit.waiting import Cancellation
 from .unload import DriverInUse, unload
 
-if TYPE_CHECKING:
-    from .module_trees import ModuleTree
-
-Body = Callable[["Service"], Optional["ModuleTree"]]
+Body = Callable[["Service"], Optional[ModuleTree]]
 
 
 class Service:
@@ -70,7 +68,7 @@ class Service:
         self.log: Logger = get_logger(side="driver")
         self.lock: Optional[PidLock] = None
         self.touched = False  # the node's driver state was changed by us
-        self.published: Optional["ModuleTree"] = None  # the tree linked into the driver root
+        self.published: Optional[ModuleTree] = None  # the tree linked into the driver root
 
     def run(self, body: Body) -> int:
         """The whole lifecycle (see the module docstring); the exit status."""
@@ -106,7 +104,7 @@ class Service:
             raise
         return self.wait_for_signal()
 
-    def publish(self, tree: "ModuleTree") -> None:
+    def publish(self, tree: ModuleTree) -> None:
         """Put the loaded tree in the driver root's ``/lib/modules`` (``node_state.publish_modules``) for a
         chroot modprobe (the nvidia-peermem sidecar); the GPU driver is loaded: never undone for this."""
         try:
@@ -117,8 +115,6 @@ class Service:
 
     def publish_loaded(self) -> None:
         """The fast path with RDMA: this container is new, its ``/lib/modules`` lacks the loaded tree."""
-        from .module_trees import ModuleTree, loaded_tree
-
         found = loaded_tree(self.settings, self.cancel)
         if isinstance(found, ModuleTree):
             self.log.info("the loaded driver's tree found", source=found.source, tree=str(found.root))
