@@ -20,13 +20,12 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from .toolkit.errors import DriverCtrError, ProtocolError
 from .toolkit.fsio import atomic_write_text
+from .toolkit.inputs import read_input_text
 from .toolkit.log import Logger
 from .toolkit.modinfo import ModInfo
 from .toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
-from .toolkit.shared_fs import read_regular_file
 
 CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
-PARAMETER_FILE_LIMIT = 64 << 10
 
 _INT = re.compile(r"^[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
 _UINT = re.compile(r"^\+?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)$")
@@ -90,7 +89,7 @@ def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MOD
         if not (f.exists() or f.is_symlink()):
             continue
         try:  # a ConfigMap file is a symlink to a regular file; a FIFO or directory is named, never read
-            content = read_regular_file(f, PARAMETER_FILE_LIMIT, "parameter file").decode("utf-8", "replace")
+            content = read_input_text(f, "parameter file")
         except ProtocolError as exc:
             raise ParameterError("%s: %s" % (f, exc.message)) from None
         params: List[Param] = []

@@ -23,6 +23,7 @@ from typing import List, Optional
 
 from .toolkit.errors import CommandFailed, DriverCtrError
 from .toolkit.fsio import atomic_write_text
+from .toolkit.inputs import read_input_text
 from .toolkit.log import Logger
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -47,7 +48,7 @@ def install_licence(settings: Settings, log: Logger) -> None:
             "DRIVER_TYPE=vgpu needs the licence configuration %s (the operator mounts the licensing-config "
             "ConfigMap there: driver.licensingConfig.configMapName / secretName)" % src
         )
-    atomic_write_text(paths.host(GRIDD_CONF), src.read_text(errors="replace"))
+    atomic_write_text(paths.host(GRIDD_CONF), read_input_text(src, "vGPU file"))
     if settings.vgpu_license_server_type == "NLS":
         tokens_src = paths.drivers_dir / "ClientConfigToken"
         tokens = sorted(p for p in tokens_src.glob("*") if p.is_file()) if tokens_src.is_dir() else []

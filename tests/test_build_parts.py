@@ -222,12 +222,17 @@ def test_first_error_picks_the_compiler_error_and_strips_the_scratch_dir():
         "/tmp/driver-ctr/build-12/nvidia/nv-pci.c:213:5: error: too few arguments to function 'pci_resize_resource'\n"
         "make[3]: *** [scripts/Makefile.build:250: nvidia/nv-pci.o] Error 1\n"
     )
-    assert first_error(log, work) == "nvidia/nv-pci.c:213:5: error: too few arguments to function 'pci_resize_resource'"
     assert (
-        first_error("conftest\n*** Failed PREEMPT_RT sanity check. Bailing out! ***\nmake: Error 1\n", work)
+        first_error(log.splitlines(), work)
+        == "nvidia/nv-pci.c:213:5: error: too few arguments to function 'pci_resize_resource'"
+    )
+    assert (
+        first_error(
+            "conftest\n*** Failed PREEMPT_RT sanity check. Bailing out! ***\nmake: Error 1\n".splitlines(), work
+        )
         == "*** Failed PREEMPT_RT sanity check. Bailing out! ***"
     )
-    assert first_error("", work) == "the build printed nothing"
+    assert first_error([], work) == "the build printed nothing"
 
 
 # -- the cancellable runner -------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..toolkit.errors import CommandFailed, InvalidValue
+from ..toolkit.inputs import UnreadableInput, read_input, read_input_text
 from ..toolkit.kernel_tree import compiler_version, present_compiler_version
 from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
@@ -64,10 +65,10 @@ def certificate_problems(cert: Path, key: Path, runner: Runner) -> List[str]:
     """An entitlement pair that cannot serve: not PEM, unreadable, or expired (openssl, no network)."""
     problems = []
     try:
-        if b"PRIVATE KEY-----" not in key.read_bytes()[:4096]:
+        if b"PRIVATE KEY-----" not in read_input(key, "certificate")[:4096]:
             problems.append("the entitlement key %s is not a PEM private key" % key)
-    except OSError as exc:
-        problems.append("the entitlement key %s cannot be read: %s" % (key, exc.strerror))
+    except UnreadableInput as exc:
+        problems.append("the entitlement key: %s" % exc)
     try:
         r = runner.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate", "-checkend", "0"], check=False)
     except CommandFailed:  # no openssl in this image: dnf will say
@@ -89,11 +90,11 @@ def repo_file_problems(repos: Path) -> List[str]:
     for f in sorted(repos.glob("*.repo")):
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
-            parser.read_string(f.read_text(errors="replace"), source=str(f))
+            parser.read_string(read_input_text(f, "repository file"), source=str(f))
         except configparser.Error as exc:
             problems.append("the repository file %s does not parse: %s" % (f, str(exc).replace("\n", " ")))
-        except OSError as exc:
-            problems.append("the repository file %s cannot be read: %s" % (f, exc.strerror))
+        except UnreadableInput as exc:
+            problems.append("the repository file: %s" % exc)
     return problems
 
 

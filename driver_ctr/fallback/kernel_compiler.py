@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
 from ..toolkit.errors import CommandFailed
+from ..toolkit.inputs import read_input, read_input_text
 from ..toolkit.kernel_tree import parse_config
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
@@ -79,7 +80,7 @@ def _candidates(image: bytes) -> Iterator[Tuple[bytes, str]]:
 
 def linux_banner(vmlinuz: Path, runner: Optional[Runner] = None) -> str:
     """The ``Linux version ...`` line of a kernel image, or '' when none is found."""
-    image = vmlinuz.read_bytes()
+    image = read_input(vmlinuz, "kernel image")
     found = _BANNER.search(image)  # an uncompressed image
     tried = 0
     for data, kind in [] if found else _candidates(image):
@@ -104,7 +105,7 @@ def kernel_compiler_text(paths: HostPaths, kernel: str, runner: Optional[Runner]
     module_dir = paths.module_dir(kernel)
     config = paths.follow(module_dir / "build") / ".config"
     if config.is_file():
-        text = parse_config(config.read_text(errors="replace")).get("CONFIG_CC_VERSION_TEXT", "")
+        text = parse_config(read_input_text(config, "kernel tree file")).get("CONFIG_CC_VERSION_TEXT", "")
         if text:
             return text
     images: List[Path] = [module_dir / "vmlinuz", paths.host("/boot/vmlinuz-%s" % kernel)]

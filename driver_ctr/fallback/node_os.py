@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 from ..toolkit.errors import ProtocolError
-from ..toolkit.shared_fs import read_regular_file
+from ..toolkit.inputs import read_input_text
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def read_node_os(path: Path) -> NodeOS:
     """The node's OS; a missing or unreadable file is a ProtocolError naming it."""
     if not (path.exists() or path.is_symlink()):
         raise ProtocolError(path, "the node's os-release is not mounted (the DaemonSet mounts /etc/os-release there)")
-    fields = parse_os_release(read_regular_file(path, 64 << 10, "os-release").decode("utf-8", "replace"))
+    fields = parse_os_release(read_input_text(path, "os-release"))
     return NodeOS(
         id=fields.get("ID", "").lower(),
         version_id=fields.get("VERSION_ID", ""),

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .errors import InvalidValue, ProtocolError
+from .inputs import read_input
 from .paths import HostPaths
-from .shared_fs import RECORD_LIMIT, read_regular_file
 from .versions import KernelRelease, compare_kernel_releases, parse_kernel_release
 
 USABLE = "usable"
@@ -78,7 +78,7 @@ def inspect_dtk(paths: HostPaths, node_kernel: str) -> DtkFacts:
     p = paths.dtk_release_json
     if p.exists() or p.is_symlink():
         try:
-            data = json.loads(read_regular_file(p, RECORD_LIMIT, "the DTK release file").decode("utf-8"))
+            data = json.loads(read_input(p, "record").decode("utf-8"))
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             for k in ("KERNEL_VERSION", "RT_KERNEL_VERSION", "RHEL_VERSION"):

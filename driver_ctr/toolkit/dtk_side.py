@@ -33,6 +33,7 @@ from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
 from .fsio import replace_symlink
 from .host_cache import HostCache, store_build
+from .inputs import read_tail
 from .jobs import plan_jobs
 from .kernel_tree import open_kernel_tree
 from .log import Logger, first_line, get_logger, phase
@@ -383,7 +384,8 @@ def expose_sources(settings: Settings, result: BuildResult, log: Logger) -> None
 
 
 def _log_tail(path: Path) -> str:
+    """The last lines of the build log, read from its end (a log of any size costs 64 KiB)."""
     try:
-        return tail_lines(path.read_text(errors="replace"), 30)
-    except OSError:
+        return tail_lines(read_tail(path, "build log").decode("utf-8", "replace"), 30)
+    except (OSError, ProtocolError):
         return ""

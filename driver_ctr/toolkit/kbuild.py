@@ -16,11 +16,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional, Sequence
+from typing import IO, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .builders import Builder, BuildRequest, BuildResult
 from .errors import BuildFailed, CommandFailed, tail_lines
 from .fsio import remove_tree
+from .inputs import read_tail
 from .jobs import plan_jobs
 from .kernel_tree import KernelTree, compiler_version, open_kernel_tree, present_compiler_version
 from .log import get_logger
@@ -45,16 +46,31 @@ def make_argv(tree: KernelTree, jobs: int, modules: Sequence[str], extra: Sequen
     ]
 
 
-def first_error(text: str, workdir: Path) -> str:
+def first_error(lines: Iterable[str], workdir: Path) -> str:
     """The line that says why a build failed: the first compiler error, else
-    the first ``***`` line (conftest, make), else the last line."""
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    picked = (
-        next((l for l in lines if ": error:" in l or "fatal error:" in l), None)
-        or next((l for l in lines if "***" in l), None)
-        or (lines[-1] if lines else "the build printed nothing")
-    )
+    the first ``***`` line (conftest, make), else the last line. ``lines`` is
+    streamed (a build log of any size is read once, a line at a time)."""
+    error = stars = last = None
+    for raw in lines:
+        line = raw.strip()
+        if not line:
+            continue
+        last = line
+        if error is None and (": error:" in line or "fatal error:" in line):
+            error = line
+            break
+        if stars is None and "***" in line:
+            stars = line
+    picked = error or stars or last or "the build printed nothing"
     return picked.replace(str(workdir) + "/", "")
+
+
+def _log_error_and_tail(log: Path, workdir: Path) -> Tuple[str, str]:
+    """The first error of a build log (streamed) and its last 30 lines (read from its end)."""
+    with open(str(log), "r", errors="replace") as f:
+        why = first_error(f, workdir)
+    tail = read_tail(log, "build log").decode("utf-8", "replace")
+    return why, tail_lines(tail.replace(str(workdir) + "/", ""), 30)
 
 
 class KbuildBuilder(Builder):
@@ -155,9 +171,8 @@ class KbuildBuilder(Builder):
             try:
                 self.runner.run(argv, cwd=str(work), env=env, stdout_file=logf, timeout=o.timeout_s, cancel=req.cancel)
             except CommandFailed as exc:
-                text = req.log_path.read_text(errors="replace")
-                why = first_error(text, work) if exc.returncode is not None else exc.summary
-                raise BuildFailed("compile", why, tail_lines(text.replace(str(work) + "/", ""), 30)) from None
+                why, tail = _log_error_and_tail(req.log_path, work)
+                raise BuildFailed("compile", why if exc.returncode is not None else exc.summary, tail) from None
             compile_s = time.monotonic() - compile_start
             built = [work / ko_file(m) for m in modules]
             missing = [p.name for p in built if not p.is_file()]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from .errors import BuildFailed, CommandFailed, NoKernelTree
+from .inputs import read_input_text
 from .modinfo import read_modinfo
 from .nvidia_modules import is_module
 from .paths import HostPaths
@@ -161,7 +162,7 @@ def open_kernel_tree(paths: HostPaths, release: str, build_tree: Optional[Path] 
     cfg = sysout / ".config"
     if not cfg.is_file():
         raise BuildFailed("prepare", "kernel build tree %s for %s has no .config" % (sysout, release))
-    config = parse_config(cfg.read_text(errors="replace"))
+    config = parse_config(read_input_text(cfg, "kernel tree file"))
     return KernelTree(release=release, module_dir=module_dir, syssrc=syssrc, sysout=sysout, config=config)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from .fsio import replace_symlink
+from .inputs import UnreadableInput, read_input_text
 from .modinfo import undefined_symbols
 from .paths import HostPaths
 
@@ -38,8 +39,8 @@ _OFA_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64
 def exports_peer_memory(symvers: Path) -> bool:
     """``Module.symvers`` exports both IB peer-memory symbols (the test NVIDIA's conftest makes)."""
     try:
-        text = symvers.read_text(errors="replace")
-    except OSError:
+        text = read_input_text(symvers, "kernel tree file")
+    except (OSError, UnreadableInput):
         return False
     exported = set()
     for line in text.splitlines():

@@ -27,25 +27,11 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator, List, Optional, Tuple
 
 from .errors import ProtocolError
+from .inputs import LIMITS, describe_mode
 
-RECORD_LIMIT = 1 << 20  # flags, the manifest, settings.json: 1 MiB is far above any real one
+RECORD_LIMIT = LIMITS["record"]  # flags, the manifest, settings.json
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-
-
-def describe_mode(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISLNK, "a symlink"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return "a special file"
 
 
 def rel_ok(rel: str) -> bool:
@@ -62,28 +48,6 @@ def _parts(rel: str) -> Tuple[str, ...]:
     if not rel_ok(rel):
         raise ProtocolError(rel, "unsafe path %r: expected a plain relative path" % rel)
     return PurePosixPath(rel).parts
-
-
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """Read a file outside the shared dir (an image's or a ConfigMap's: symlinks
-    allowed, as Kubernetes mounts ConfigMaps through them) that must be a regular
-    file of at most ``limit`` bytes; opened non-blocking, so a FIFO is an error,
-    never a hang."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise ProtocolError(path, "%s cannot be opened: %s" % (what, exc.strerror)) from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
-        os.close(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ProtocolError(path, "%s is %s, not a regular file" % (what, describe_mode(st.st_mode)))
-        raise ProtocolError(path, "%s is %d bytes, over the bound of %d" % (what, st.st_size, limit))
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise ProtocolError(path, "%s grew over the bound of %d bytes while read" % (what, limit))
-    return data
 
 
 def _remove_tree_at(dfd: int, name: str) -> None:

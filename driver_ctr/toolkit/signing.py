@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Optional, Sequence
 
 from .errors import BuildFailed, CommandFailed
+from .inputs import UnreadableInput, read_input
 from .modinfo import has_signature
 from .runner import Runner
 
@@ -28,9 +29,9 @@ _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----",
 def certificate_fingerprint(cert: Path) -> str:
     """sha256 of the certificate's DER bytes (PEM or DER file)."""
     try:
-        raw = cert.read_bytes()
-    except OSError as exc:
-        raise BuildFailed("sign", "cannot read the signing certificate %s: %s" % (cert, exc.strerror)) from None
+        raw = read_input(cert, "certificate")
+    except UnreadableInput as exc:
+        raise BuildFailed("sign", "the signing certificate: %s" % exc) from None
     m = _PEM.search(raw)
     der = base64.b64decode(b"".join(m.group(1).split())) if m else raw
     return hashlib.sha256(der).hexdigest()

@@ -24,6 +24,7 @@ from typing import IO, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .errors import BuildFailed, CommandFailed
 from .fsio import remove_tree
+from .inputs import read_input_text
 from .modinfo import ModInfo
 from .nvidia_modules import COMPANIONS, SUBDIR, module_name, normalize
 from .runner import Runner
@@ -48,7 +49,7 @@ class KernelModules:
         deps: Dict[str, Tuple[str, ...]] = {}
         dep_file = module_dir / "modules.dep"
         if dep_file.is_file():
-            for line in dep_file.read_text(errors="replace").splitlines():
+            for line in read_input_text(dep_file, "kernel tree file").splitlines():
                 target, sep, rest = line.partition(":")
                 if not sep:
                     continue
@@ -58,7 +59,7 @@ class KernelModules:
         builtin: Set[str] = set()
         b = module_dir / "modules.builtin"
         if b.is_file():
-            builtin = {module_name(l.strip()) for l in b.read_text(errors="replace").splitlines() if l.strip()}
+            builtin = {module_name(l.strip()) for l in read_input_text(b, "kernel tree file").splitlines() if l.strip()}
         return cls(root=module_dir, paths=paths, deps=deps, builtin=builtin)
 
     def provides(self, name: str) -> bool:
@@ -175,7 +176,7 @@ def stage_modules(
 
 
 def _lines(files: Sequence[Path]) -> List[str]:
-    return [line for f in files for line in f.read_text(errors="replace").splitlines() if line.strip()]
+    return [line for f in files for line in read_input_text(f, "kernel tree file").splitlines() if line.strip()]
 
 
 def symvers_modules(files: Sequence[Path]) -> Set[str]:
