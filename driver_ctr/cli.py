@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Ty
 from . import __version__
 from .commands import options as opts
 from .toolkit import log as logmod
-from .toolkit.errors import Cancelled, DriverCtrError
+from .toolkit.errors import Cancelled, DriverCtrError, FileSystemError, innermost_step
 from .toolkit.redact import redact_url_credentials
 from .toolkit.settings import BUILD_ONLY_VARIABLES, Settings
 
@@ -221,7 +221,10 @@ EXIT_STATUS: Tuple[Tuple[Type[BaseException], int], ...] = (
 def _dispatch(parser: argparse.ArgumentParser, table: Dict[str, Command], argv: Optional[Sequence[str]]) -> int:
     args = parser.parse_args(argv)
     try:
-        return table[args.command](args)
+        try:
+            return table[args.command](args)
+        except OSError as exc:  # a full disk, a name too long, EACCES: named, never a traceback
+            raise FileSystemError(exc, args.command + innermost_step(exc)) from exc
     except tuple(cls for cls, _ in EXIT_STATUS) as exc:
         status = next(code for cls, code in EXIT_STATUS if isinstance(exc, cls))
         if isinstance(exc, DriverCtrError) and status != 0:  # a child's output may hold a proxy's credentials

@@ -30,7 +30,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 from .daemons import start_daemons, stop_daemons
 from .driver_load import Loader
@@ -46,7 +46,7 @@ from .node_state import (
     withdraw_modules,
     write_state,
 )
-from .toolkit.errors import Cancelled, CommandFailed, DriverCtrError
+from .toolkit.errors import Cancelled, CommandFailed
 from .toolkit.log import Logger, get_logger
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -99,7 +99,7 @@ class Service:
         except BaseException:
             try:
                 self.undo()
-            except DriverCtrError as exc:
+            except Exception as exc:  # noqa: BLE001 - the failure that started the undo is the one reported
                 self.log.warning("cleanup after the failure was incomplete", reason=str(exc))
             raise
         return self.wait_for_signal()
@@ -149,29 +149,50 @@ class Service:
 
     def wait_for_signal(self) -> int:
         """Block until SIGTERM/SIGINT; then shut down. While the driver is in use,
-        say so once and keep running (reference semantics)."""
+        say so once and keep running (reference semantics): nothing is taken back."""
         told = False
         while True:
             while not self.cancel.cancelled:
                 self.cancel.sleep(0.5)
             self.log.info("caught signal", signal=self.cancel.signal_name)
             try:
-                self.undo()
-                return 0
+                if self.touched:
+                    self.unload_ours()
             except DriverInUse as exc:
                 if not told:
                     self.log.warning("driver in use: not unloading, keeping the container running", reason=str(exc))
                     told = True
                 self.cancel.clear()
+                continue
+            self.undo(unload=False)
+            return 0
 
-    def undo(self) -> None:
-        """Take back what was done: the driver when the node was touched, then
-        the state, the readiness and the lock."""
-        if self.touched:
-            self.unload_ours()
-        remove_state(self.paths)
-        clear_daemons_status(self.paths)
-        if self.lock is not None:
-            self.lock.release(remove=True)
+    def undo(self, unload: bool = True) -> None:
+        """Take back what was done: the driver when the node was touched (``unload``), then the state, the
+        readiness and the lock. Every step runs whatever an earlier one raised; the first error is raised
+        once the last step has run, the others are logged."""
+        steps: List[Tuple[str, Callable[[], None]]] = []
+        if self.touched and unload:
+            steps.append(("unload the driver", self.unload_ours))
+        steps += [
+            ("remove the state file", lambda: remove_state(self.paths)),
+            ("remove the readiness file", lambda: clear_daemons_status(self.paths)),
+            ("release the lock", self._release_lock),
+        ]
+        first: Optional[BaseException] = None
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - the later steps run whatever this one raised
+                if first is None:
+                    first = exc
+                else:
+                    self.log.warning("cleanup step failed", step=what, reason=str(exc))
+        if first is not None:
+            raise first
         if self.touched:
             self.log.info("shut down: no NVIDIA module left loaded, driver root unmounted, pid and state removed")
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release(remove=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.fsio import atomic_write_text
-from .toolkit.inputs import read_input_text
+from .toolkit.fsio import atomic_write_bytes, atomic_write_text
+from .toolkit.inputs import read_input, read_input_text
 from .toolkit.log import Logger
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -43,7 +43,7 @@ def install_licence(settings: Settings, log: Logger) -> None:
     """``gridd.conf`` and, for NLS, the client configuration tokens, from ``/drivers``."""
     paths = settings.paths
     src = paths.drivers_dir / "gridd.conf"
-    if not src.is_file():
+    if not os.path.lexists(str(src)):  # anything else there is read, and named when it is not a regular file
         raise VgpuError(
             "DRIVER_TYPE=vgpu needs the licence configuration %s (the operator mounts the licensing-config "
             "ConfigMap there: driver.licensingConfig.configMapName / secretName)" % src
@@ -60,7 +60,7 @@ def install_licence(settings: Settings, log: Logger) -> None:
         dest = paths.host(TOKENS_DIR)
         dest.mkdir(parents=True, exist_ok=True)
         for t in tokens:
-            shutil.copyfile(str(t), str(dest / t.name))
+            atomic_write_bytes(dest / t.name, read_input(t, "vGPU file"))
         log.info("NLS client configuration token installed", tokens=[t.name for t in tokens], to=str(dest))
     log.info("vGPU licence configuration installed", gridd_conf=str(paths.host(GRIDD_CONF)))
 

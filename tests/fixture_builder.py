@@ -3,12 +3,16 @@
 
 It stages the ``*.ko`` of the request's source directory (prepared fixture
 modules) instead of compiling. The directory may hold ``FAIL`` (its text
-becomes the build log and the failure) and ``DELAY`` (seconds to sleep
-mid-build, to test restarts during a build).
+becomes the build log and the failure), ``DELAY`` (seconds to sleep
+mid-build, to test restarts during a build) and ``RAISE`` (``ENOSPC`` or
+another errno name: that OSError ends the build, as a full disk would;
+``bug``: a RuntimeError, as a bug would).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import time
 from typing import Mapping
@@ -31,6 +35,13 @@ class FixtureBuilder(Builder):
             delay = source / "DELAY"
             if delay.is_file():
                 time.sleep(float(delay.read_text().strip() or "0"))
+            raised = source / "RAISE"
+            if raised.is_file():
+                what = raised.read_text().strip()
+                if what == "bug":
+                    raise RuntimeError("a bug in the builder")
+                code = getattr(errno, what)
+                raise OSError(code, os.strerror(code), str(request.staging_dir / "nvidia.ko"))
             fail = source / "FAIL"
             if fail.is_file():
                 text = fail.read_text()

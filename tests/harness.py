@@ -361,3 +361,32 @@ def nvd(env: Dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
         text=True,
         timeout=timeout,
     )
+
+
+def run_with_small_disk(mountpoint: Path, size: str, script: str, env: Dict[str, str], timeout: float = 120):
+    """``script`` (sh) in a private mount namespace where ``mountpoint`` is a tmpfs of ``size``: a full disk
+    for the product, while the test host's own mounts are never touched (the namespace and its tmpfs end
+    with the script). ``$LEFT`` in the script lists what is in the small disk. Skips when this machine
+    cannot make a mount namespace."""
+    import pytest
+
+    if not shutil.which("unshare"):
+        pytest.skip("unshare is not installed (util-linux)")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip("no private mount namespace here for a small tmpfs: %s" % probe.stderr.strip())
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    full = 'mount -t tmpfs -o size=%s driver-ctr-test %s || exit 97\nLEFT="ls -A %s"\n%s' % (
+        size,
+        mountpoint,
+        mountpoint,
+        script,
+    )
+    return subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", full],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -470,3 +470,31 @@ def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_publish
         in found.reason
     )
     assert "precompiled: the image carries none" in found.reason and "host cache: not mounted" in found.reason
+
+
+def test_undo_runs_every_step_when_the_unload_raises(root):
+    """Issue 20.9: the old driver is in use before a load, so the unload raises; the undo still removes the
+    state and readiness files and releases the lock (and removes the pid file), then raises the first error."""
+    import types
+
+    from fakes import FakeRunner
+    from harness import env_for
+
+    from driver_ctr.service import Service
+    from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.toolkit.waiting import Cancellation
+    from driver_ctr.unload import DriverInUse
+
+    settings = Settings.from_env(env_for(root))
+    (root / "sys/module/nvidia").mkdir(parents=True)
+    (root / "sys/module/nvidia/refcnt").write_text("1\n")  # held by something that is not ours
+    settings.paths.state_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.paths.state_file.write_text("an earlier digest\n")
+    runner = FakeRunner()  # no command is expected: the unload refuses before any modprobe
+    service = Service(settings, Cancellation(), runner)
+    with pytest.raises(DriverInUse):
+        service.run(lambda _svc: types.SimpleNamespace(source="test", root=root, kernel="k"))
+    assert not settings.paths.pid_file.exists()
+    assert not (settings.paths.validations_dir / ".driver-daemons-status").exists()
+    assert not settings.paths.state_file.exists()
+    assert runner.calls == []

@@ -391,3 +391,217 @@ def test_20_two_dtk_sides_at_once_do_not_break_each_other(root, tmp_path):
     assert second.returncode == 0, err
     assert "FileNotFoundError" not in err and "Traceback" not in err
     assert "another DTK side holds the shared directory" in err
+
+
+# -- issue 20: every input from outside is hostile until verified ---------------------------------------------
+# An audit ran a hostile or broken node against the surfaces outside the shared dir; each test below names its
+# finding and failed on the code before the fix.
+
+
+def _promptly(call, *args):
+    """``call(*args)`` in a thread: its result, or the exception it raised; a call still blocked after
+    PROMPT_S (a blocking open of a FIFO never returns) fails the test."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(call, *args)
+    try:
+        return future.result(timeout=PROMPT_S)
+    except concurrent.futures.TimeoutError:
+        raise AssertionError("%s(%s) blocked" % (call.__name__, ", ".join(map(str, args)))) from None
+    except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+        return exc
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _hostile(path, kind):
+    """A FIFO, /dev/zero behind a link, or a file over its kind's bound at ``path``."""
+    from driver_ctr.toolkit.inputs import LIMITS
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(str(path))
+    elif kind == "device":
+        path.symlink_to("/dev/zero")
+    else:
+        with open(str(path), "wb") as f:
+            f.truncate(max(LIMITS.values()) + 1)
+
+
+HOSTILE = ["fifo", "device", "oversize"]
+NAMED = {"fifo": "a FIFO, not a regular file", "device": "a character device", "oversize": "over the bound"}
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_20_1_mofeds_symvers_is_named_never_read_blocking(root, kind):
+    from driver_ctr.toolkit.mofed import find_ofa_kernel
+    from driver_ctr.toolkit.paths import HostPaths
+
+    tree = root / "run/mellanox/drivers/usr/src/ofa_kernel/default"
+    _hostile(tree / "Module.symvers", kind)
+    found, why = _promptly(find_ofa_kernel, HostPaths(root=str(root)), "6.1.0-57-amd64", "amd64", False)
+    assert found is None and NAMED[kind] in why and "Module.symvers" in why
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_20_1_entitlement_key_certificate_and_repository_files_are_named(tmp_path, kind):
+    from fakes import FakeRunner
+
+    from driver_ctr.fallback.dnf import certificate_problems, repo_file_problems
+
+    key, cert, repos = tmp_path / "e-key.pem", tmp_path / "e.pem", tmp_path / "yum.repos.d"
+    _hostile(key, kind)
+    _hostile(cert, kind)
+    _hostile(repos / "redhat.repo", kind)
+    problems = _promptly(certificate_problems, cert, key, FakeRunner())  # openssl is never reached
+    assert len(problems) == 2 and all(NAMED[kind] in p for p in problems), problems
+    assert "entitlement key" in problems[0] and "entitlement certificate" in problems[1]
+    (repo_problem,) = _promptly(repo_file_problems, repos)
+    assert NAMED[kind] in repo_problem and "redhat.repo" in repo_problem
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_20_1_os_release_parameter_vgpu_and_signing_files_are_named(root, tmp_path, kind):
+    from driver_ctr.fallback.node_os import read_node_os
+    from driver_ctr.module_params import read_param_files
+    from driver_ctr.toolkit.errors import DriverCtrError
+    from driver_ctr.toolkit.signing import certificate_fingerprint
+
+    os_release, drivers, cert = tmp_path / "os-release", tmp_path / "drivers", tmp_path / "signing.pem"
+    _hostile(os_release, kind)
+    _hostile(drivers / "nvidia.conf", kind)
+    _hostile(cert, kind)
+    for call, arg in ((read_node_os, os_release), (read_param_files, drivers), (certificate_fingerprint, cert)):
+        err = _promptly(call, arg)
+        assert isinstance(err, DriverCtrError) and NAMED[kind] in str(err), (call.__name__, err)
+
+
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_20_1_gridd_conf_is_named_and_nothing_is_written(root, kind):
+    from driver_ctr.toolkit.settings import Settings
+    from driver_ctr.vgpu import GRIDD_CONF, install_licence
+
+    env = env_for(root, DRIVER_TYPE="vgpu")
+    _hostile(root / "drivers/gridd.conf", kind)
+    err = _promptly(install_licence, Settings.from_env(env), None)
+    assert NAMED[kind] in str(err)
+    assert not (root / GRIDD_CONF.lstrip("/")).exists()
+
+
+def test_20_1_a_large_input_read_ends_on_cancellation(tmp_path):
+    from driver_ctr.toolkit.errors import Cancelled
+    from driver_ctr.toolkit.inputs import read_input
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    big = tmp_path / "Module.symvers"
+    with open(str(big), "wb") as f:
+        f.truncate(64 << 20)
+    cancel = Cancellation()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        read_input(big, "kernel tree file", cancel=cancel)
+
+
+def test_20_1_the_dtk_sides_log_tail_reads_the_end_of_the_log_only(tmp_path):
+    import tracemalloc
+
+    from driver_ctr.toolkit.dtk_side import _log_tail
+
+    log = tmp_path / "build.log"
+    with open(str(log), "wb") as f:
+        f.truncate(256 << 20)  # 256 MiB of NULs (sparse), then the compiler's last words
+        f.seek(0, os.SEEK_END)
+        f.write(b"nv.c:1:1: error: the last words\nmake: *** Error 1\n")
+    tracemalloc.start()
+    tail = _log_tail(log)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert tail.endswith("nv.c:1:1: error: the last words\nmake: *** Error 1")
+    assert peak < 4 << 20, peak  # a few buffers of 64 KiB, not the file
+
+
+def test_20_7_build_logs_never_follow_a_link_and_rotate_only_their_own(root, tmp_path):
+    from driver_ctr.toolkit.build_logs import KEEP, build_logs, keep_build_log
+    from driver_ctr.toolkit.paths import HostPaths
+
+    paths = HostPaths(root=str(root))
+    log = tmp_path / "build.log"
+    log.write_text("the compiler's words\n")
+    other = _outside(tmp_path)
+    (other / "build-6.1.0-1-amd64-1-20260101T000000.000Z.log").write_text("someone else's\n")
+    (root / "var/log").mkdir(parents=True)
+    (root / "var/log/driver-ctr").symlink_to(other)
+    assert keep_build_log(paths, log, "6.1.0-57-amd64", 1) is None  # never written through the link
+    assert build_logs(paths) == []
+    assert len(list(other.iterdir())) == 5
+    (root / "var/log/driver-ctr").unlink()
+    d = root / "var/log/driver-ctr"
+    d.mkdir()
+    (d / "build-notes.log").write_text("an admin's file of a similar name\n")
+    (d / "build-x\ninjected-1-20260101T000000.000Z.log").write_text("a name with a newline\n")
+    kept = [keep_build_log(paths, log, "6.1.0-57-amd64", g) for g in range(KEEP + 3)]
+    assert all(k is not None for k in kept)
+    assert build_logs(paths) == kept[::-1][:KEEP]
+    assert (d / "build-notes.log").is_file() and (d / "build-x\ninjected-1-20260101T000000.000Z.log").is_file()
+
+
+@pytest.mark.parametrize("raised, words", [("ENOSPC", "No space left on device (ENOSPC)"), ("bug", "RuntimeError")])
+def test_20_3_any_failure_of_the_dtk_side_is_signalled_and_the_driver_side_reports_it(root, tmp_path, raised, words):
+    """A full disk in the build (an OSError) or a bug (any exception) ends the DTK side with
+    driver_build_failed carrying the reason, and the driver side reports it at once, not at its deadline."""
+    make_dtk_image(root)
+    mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
+    (mods / "RAISE").write_text(raised)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
+    shared = make_shared_dir(root)
+    drv = start_driver(env)
+    dtk = start_dtk(env, shared)
+    wait_for_file(shared / "driver_build_failed")
+    t0 = time.monotonic()
+    d = finish(drv, PROMPT_S)
+    assert time.monotonic() - t0 < PROMPT_S
+    assert d.returncode == 1 and words in d.stderr, d.stderr[-2000:]
+    k = finish(dtk, PROMPT_S)
+    assert k.returncode == 1 and words in k.stderr
+    assert json.loads((shared / "driver_build_failed").read_text())["message"].count(words) == 1
+    assert ("Traceback" in k.stderr) == (raised == "bug")  # a bug shows where it is; a full disk does not
+
+
+def test_20_3_a_full_shared_dir_at_prepare_is_a_named_error_and_leaves_nothing_half_written(root, tmp_path):
+    from harness import run_with_small_disk
+
+    make_dtk_image(root)
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)))
+    shared = make_shared_dir(root)
+    script = '%s -m driver_ctr ocp_dtk_entrypoint nv-ctr-run-with-dtk --dry-run; echo "rc=$?"; echo "left: $($LEFT)"'
+    r = run_with_small_disk(shared, "16k", script % sys.executable, env, timeout=PROMPT_S * 3)
+    assert "rc=1" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert "No space left on device (ENOSPC)" in r.stderr and str(shared) in r.stderr
+    (left,) = [l for l in r.stdout.splitlines() if l.startswith("left:")]
+    assert ".tmp" not in left and "dir_prepared" not in left, left  # no temporary, nothing a DTK side trusts
+
+
+def test_20_3_a_full_shared_dir_during_the_dtk_build_is_signalled_and_reported(root, tmp_path):
+    """The DTK side fills the shared dir while staging its build: it still writes driver_build_failed (the
+    build log's room is given back when the flag cannot be written) and the driver side reports the cause."""
+    from harness import run_with_small_disk
+
+    make_dtk_image(root)
+    mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
+    with open(str(mods / "nvidia-big.ko"), "wb") as f:
+        f.write(os.urandom(3 << 20))  # larger than the room left once the driver side has prepared
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods))
+    shared = make_shared_dir(root)
+    script = (
+        "(until [ -f {s}/dir_prepared ]; do sleep 0.05; done; exec {s}/ocp_dtk_entrypoint dtk-build-driver) "
+        "2>{t}/dtk.err & dtk=$!\n"
+        '{py} -m driver_ctr ocp_dtk_entrypoint nv-ctr-run-with-dtk --dry-run; echo "rc=$?"\n'
+        'wait "$dtk"; echo "dtk=$?"\n'
+    ).format(s=shared, t=tmp_path, py=sys.executable)
+    r = run_with_small_disk(shared, "3m", script, env, timeout=PROMPT_S * 6)
+    dtk_err = (tmp_path / "dtk.err").read_text()
+    assert "rc=1" in r.stdout and "dtk=1" in r.stdout, r.stdout + r.stderr[-2000:] + dtk_err[-2000:]
+    assert "No space left on device (ENOSPC)" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + dtk_err

@@ -70,7 +70,13 @@ def certificate_problems(cert: Path, key: Path, runner: Runner) -> List[str]:
     except UnreadableInput as exc:
         problems.append("the entitlement key: %s" % exc)
     try:
-        r = runner.run(["openssl", "x509", "-in", str(cert), "-noout", "-enddate", "-checkend", "0"], check=False)
+        read_input(cert, "certificate")  # a regular file within its bound before openssl opens it
+    except UnreadableInput as exc:
+        return problems + ["the entitlement certificate: %s" % exc]
+    try:
+        r = runner.run(
+            ["openssl", "x509", "-in", str(cert), "-noout", "-enddate", "-checkend", "0"], check=False, timeout=60
+        )
     except CommandFailed:  # no openssl in this image: dnf will say
         return problems
     end = re.search(r"notAfter=(.*)", r.stdout)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Mapping, NoReturn, Optional
 
 from . import log as logmod
 from . import protocol as proto
 from .dtk_side import DtkSide
-from .errors import DriverCtrError, InvalidValue
+from .errors import DriverCtrError, FileSystemError, InvalidValue, innermost_step
 from .log import first_line
 from .paths import HostPaths
 from .redact import redact_url_credentials
@@ -61,18 +62,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         side = DtkSide(shared, env, cancel)
         return side.run()
-    except DriverCtrError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever ends the DTK side is signalled to the driver side
+        if isinstance(exc, OSError):
+            exc = FileSystemError(exc, "dtk-build-driver" + innermost_step(exc))
+        if not isinstance(exc, DriverCtrError):  # a bug: its traceback too, after the driver side is told
+            traceback.print_exc()
         sys.stderr.write("ocp_dtk_entrypoint %s: %s\n" % (args.command, redact_url_credentials(str(exc))))
         _signal_failure(shared, exc, side.generation if side is not None else None)
         return 1
 
 
-def _signal_failure(shared: Path, exc: DriverCtrError, generation: Optional[int]) -> None:
+def _signal_failure(shared: Path, exc: Exception, generation: Optional[int]) -> None:
     """Tell the driver side, so it fails fast instead of waiting for its deadline.
     The flag names the generation the failure was about (None: read before any
-    manifest, so it speaks of whichever is current), never a newer one."""
+    manifest, so it speaks of whichever is current), never a newer one. A full
+    shared directory (the likeliest reason a flag cannot be written) is given
+    the build log's room back once, then the flag is written again."""
     sd = proto.SharedDir(shared)
+    message = first_line(exc) if isinstance(exc, DriverCtrError) else "%s: %s" % (type(exc).__name__, exc)
+    flag = proto.Failed(generation=generation, phase="protocol", message=message)
+    for attempt in range(2):
+        try:
+            sd.write_flag(flag)
+            return
+        except (OSError, DriverCtrError):
+            if attempt == 0:
+                _free_room(sd)
+
+
+def _free_room(sd: proto.SharedDir) -> None:
     try:
-        sd.write_flag(proto.Failed(generation=generation, phase="protocol", message=first_line(exc)))
-    except (OSError, DriverCtrError):
+        with open(str(sd.build_log), "r+b") as f:  # the tail is in the flag already
+            f.truncate(0)
+    except OSError:
         pass

@@ -30,7 +30,16 @@ from . import protocol as proto
 from .build_logs import keep_build_log
 from .builders import Builder, BuildOptions, BuildRequest, BuildResult, choose_builder, default_scratch, find_source
 from .dtk_decision import DtkDecision, decide, inspect_dtk
-from .errors import BuildFailed, Cancelled, DriverCtrError, HandoffTimeout, ProtocolError, tail_lines
+from .errors import (
+    BuildFailed,
+    Cancelled,
+    DriverCtrError,
+    FileSystemError,
+    HandoffTimeout,
+    ProtocolError,
+    innermost_step,
+    tail_lines,
+)
 from .fsio import replace_symlink
 from .host_cache import HostCache, store_build
 from .inputs import read_tail
@@ -304,8 +313,10 @@ class DtkSide:
         except Cancelled:
             sh.fs.remove(staging_name)
             raise
-        except DriverCtrError as exc:
+        except (DriverCtrError, OSError) as exc:  # a full disk, EACCES: signalled like any failed build
             sh.fs.remove(staging_name)
+            if isinstance(exc, OSError):
+                exc = FileSystemError(exc, current + innermost_step(exc))
             if isinstance(exc, BuildFailed):
                 phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(sh.build_log)
             else:
@@ -353,7 +364,9 @@ class DtkSide:
                 self.log.info("%s built" % component.name, module=rel)
             except Cancelled:
                 raise
-            except DriverCtrError as exc:
+            except (DriverCtrError, OSError) as exc:  # an optional component never fails the GPU driver
+                if isinstance(exc, OSError):
+                    exc = FileSystemError(exc, "build %s" % component.name + innermost_step(exc))
                 message = exc.message if isinstance(exc, BuildFailed) else first_line(exc)
                 failed_phase = exc.phase if isinstance(exc, BuildFailed) else "build"
                 self.log.error(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+ECHO_LIMIT = 200  # characters of a bad value shown back in an error
+
 
 class DriverCtrError(Exception):
     """Base of every error a user can act on; ``str()`` is the message."""
@@ -118,6 +120,64 @@ class NoKernelTree(BuildFailed):
         super().__init__("prepare", message)
 
 
+class FileSystemError(DriverCtrError):
+    """An operating-system error (a full disk, a name too long, a permission refused, a read-only mount)
+    reached a command's boundary: said as what failed, where, and the errno's words, never a traceback.
+    ``errno`` and ``path`` are the OSError's."""
+
+    def __init__(self, exc: OSError, where: str = "") -> None:
+        self.errno = exc.errno
+        self.path = exc.filename
+        self.where = where
+        super().__init__(describe_os_error(exc, where))
+
+
+def describe_os_error(exc: OSError, where: str = "") -> str:
+    """``<where>: <path>: <strerror> (<ERRNO>)``: an OSError in words, with its symbolic errno."""
+    import errno as _errno
+
+    code = _errno.errorcode.get(exc.errno, "") if exc.errno is not None else ""
+    words = exc.strerror or str(exc) or type(exc).__name__
+    text = "%s (%s)" % (words, code) if code else words
+    if exc.filename is not None:
+        target = str(exc.filename)
+        if exc.filename2 is not None:
+            target += " -> %s" % exc.filename2
+        text = "%s: %s" % (echo_path(target), text)
+    return "%s: %s" % (where, text) if where else text
+
+
+_IO_MODULES = ("toolkit/shared_fs.py", "toolkit/fsio.py", "toolkit/inputs.py")  # how, not which step
+
+
+def innermost_step(exc: BaseException) -> str:
+    """`` (in <module>.<function>)``: the innermost frame of driver-ctr's own code (above the file
+    helpers) that ``exc`` passed through, the step a named OS error happened in; '' when none."""
+    import traceback
+
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if "driver_ctr/" in f.filename.replace("\\", "/")
+        and not f.name.startswith("<")
+        and not f.filename.endswith(_IO_MODULES)
+    ]
+    if not frames:
+        return ""
+    f = frames[-1]
+    module = f.filename.replace("\\", "/").rsplit("driver_ctr/", 1)[-1][: -len(".py")].replace("/", ".")
+    return " (in %s.%s)" % (module, f.name)
+
+
+def echo_path(path: str, limit: int = ECHO_LIMIT) -> str:
+    """A path from the node in a message: control characters escaped (a newline in a file name never starts
+    a line of its own), cut to ``limit`` characters with the full length said."""
+    text = path.encode("unicode_escape", "backslashreplace").decode("ascii")
+    if len(text) <= limit:
+        return text
+    return "%s... (%d characters)" % (text[:limit], len(path))
+
+
 class HandoffTimeout(DriverCtrError):
     """A wait of the two-container protocol passed its deadline."""
 
@@ -143,9 +203,6 @@ class FallbackRequired(DriverCtrError):
         if self.reasons:
             text += "\n" + "\n".join("  - %s" % r for r in self.reasons)
         super().__init__(text)
-
-
-ECHO_LIMIT = 200  # characters of a bad value shown back in an error
 
 
 def echo(value: object, limit: int = ECHO_LIMIT) -> str:

@@ -37,11 +37,9 @@ _OFA_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64
 
 
 def exports_peer_memory(symvers: Path) -> bool:
-    """``Module.symvers`` exports both IB peer-memory symbols (the test NVIDIA's conftest makes)."""
-    try:
-        text = read_input_text(symvers, "kernel tree file")
-    except (OSError, UnreadableInput):
-        return False
+    """``Module.symvers`` exports both IB peer-memory symbols (the test NVIDIA's conftest makes); a file that
+    is absent or not a regular file within its bound is :class:`UnreadableInput`."""
+    text = read_input_text(symvers, "kernel tree file")
     exported = set()
     for line in text.splitlines():
         parts = line.split("\t")
@@ -61,8 +59,11 @@ def find_ofa_kernel(paths: HostPaths, kernel: str, arch: str, use_host_mofed: bo
     tried = candidates(paths, kernel, arch, use_host_mofed)
     for d in tried:
         if d.is_dir():
-            if exports_peer_memory(d / "Module.symvers"):
-                return d, ""
+            try:
+                if exports_peer_memory(d / "Module.symvers"):
+                    return d, ""
+            except UnreadableInput as exc:
+                return None, str(exc)
             return None, "%s has no Module.symvers exporting %s" % (
                 d / "Module.symvers",
                 " and ".join(PEER_MEMORY_SYMBOLS),

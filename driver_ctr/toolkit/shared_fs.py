@@ -253,11 +253,13 @@ class Confined:
                     os.fsync(out.fileno())
                 os.chmod(tmp, mode, dir_fd=dfd)
                 os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
+            except BaseException as exc:
                 try:
                     os.unlink(tmp, dir_fd=dfd)
                 except FileNotFoundError:
                     pass
+                if isinstance(exc, OSError) and exc.filename is None:  # a write's error names no file: this one
+                    raise OSError(exc.errno, exc.strerror, str(self.root / rel)) from exc
                 raise
             os.fsync(dfd)
 
