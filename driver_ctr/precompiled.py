@@ -48,4 +48,4 @@ def open_store(settings: Settings, create: bool = False) -> Optional[HostCache]:
 def carried_kernels(store: Optional[HostCache]) -> List[str]:
     if store is None:
         return []
-    return sorted(p.name for p in store.dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(store.kernels())

@@ -106,16 +106,28 @@ def test_prune_keeps_the_newest_kernels_and_never_the_current_one(tmp_path):
     assert left == ["6.1.0-50-amd64", "6.1.0-53-amd64"]
 
 
-def test_crashed_writers_leftovers_are_cleaned_only_when_old(tmp_path):
+def test_a_dead_writers_leftovers_are_swept_whatever_their_age_a_live_writers_kept(tmp_path):
+    """Issue 20.4: a killed `update -k` left a full .tmp copy that a rerun within 10 minutes kept (so it shipped
+    in the image). A temporary is a live writer's while its flock is held (seen across the pid namespaces of
+    both containers), so a young one nobody holds is swept and a held one is kept, whatever their ages."""
+    import fcntl
+
     (tmp_path / "cache").mkdir()
     cache = HostCache(tmp_path / "cache")
-    old = tmp_path / "cache/.tmp-abc-1"
-    young = tmp_path / "cache/.tmp-def-2"
-    old.mkdir()
-    young.mkdir()
-    os.utime(str(old), (time.time() - 3600, time.time() - 3600))
-    cache.clean_temporaries()
-    assert not old.exists() and young.exists()  # young: maybe another container's store in progress
+    dead, live = tmp_path / "cache/.tmp-abc-1", tmp_path / "cache/.tmp-def-2"
+    dead.mkdir()
+    (dead / "nvidia.ko").write_bytes(b"half a copy")
+    live.mkdir()
+    os.utime(str(live), (time.time() - 3600, time.time() - 3600))
+    (tmp_path / "cache/.tmp-stray").symlink_to(tmp_path)  # a link of that name is removed as itself
+    fd = os.open(str(live), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert sorted(cache.clean_temporaries()) == [".tmp-abc-1", ".tmp-stray"]
+        assert not dead.exists() and live.is_dir() and (tmp_path / "cache").is_dir()
+    finally:
+        os.close(fd)
+    assert cache.clean_temporaries() == [".tmp-def-2"]
 
 
 def test_unsafe_kernel_names_cannot_escape_the_cache(tmp_path):
@@ -123,3 +135,92 @@ def test_unsafe_kernel_names_cannot_escape_the_cache(tmp_path):
     for bad in ("../etc", "", "..", "a/b"):
         with pytest.raises(ValueError):
             cache.entry_dir(bad, "k")
+
+
+def _outside(tmp_path: Path) -> Path:
+    out = tmp_path / "outside"
+    out.mkdir()
+    for i in range(6):
+        (out / ("keep-%d" % i)).write_text("host data %d\n" % i)
+    return out
+
+
+def test_discarding_a_corrupt_entry_never_follows_a_link_out_of_the_store(tmp_path):
+    """Issue 20.4: with the store's <kernel> directory a link, discarding a corrupt entry deleted 36 files
+    outside the store. The link is removed as itself; what it pointed at is untouched."""
+    (tmp_path / "cache").mkdir()
+    cache = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    entry = Path(_store(cache, tmp_path, kernel))
+    outside = _outside(tmp_path)
+    key = entry.name
+    (outside / key).mkdir()
+    (outside / key / "entry.json").write_text("{not json")  # a corrupt entry, reached through the link
+    os.rename(str(tmp_path / "cache" / kernel), str(tmp_path / "moved"))
+    (tmp_path / "cache" / kernel).symlink_to(outside)
+    assert cache.lookup(_inputs(kernel), "") is None
+    assert not os.path.lexists(str(tmp_path / "cache" / kernel))
+    assert sorted(p.name for p in outside.iterdir()) == sorted(["keep-%d" % i for i in range(6)] + [key])
+    assert (outside / key / "entry.json").read_text() == "{not json"
+
+
+def test_storing_replaces_a_planted_link_and_writes_nothing_through_it(tmp_path):
+    (tmp_path / "cache").mkdir()
+    cache = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    outside = _outside(tmp_path)
+    (tmp_path / "cache" / kernel).symlink_to(outside)
+    entry = Path(_store(cache, tmp_path, kernel))
+    assert not (tmp_path / "cache" / kernel).is_symlink() and entry.parent == tmp_path / "cache" / kernel
+    assert sorted(p.name for p in outside.iterdir()) == ["keep-%d" % i for i in range(6)]
+    assert cache.lookup(_inputs(kernel), "") is not None
+
+
+def test_two_writers_of_one_entry_converge_on_the_first(tmp_path, capfd):
+    """Issue 20.4: two stores interleaved exactly gave an ENOTEMPTY traceback. The second writer finds the
+    first's entry at its final rename, keeps it and says so."""
+    (tmp_path / "cache").mkdir()
+    cache = HostCache(tmp_path / "cache")
+    other = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    real_replace = cache.fs.replace
+
+    def publish_first(src: str, dst: str) -> None:
+        if src.startswith(".tmp-") and "/" in dst and not (tmp_path / "cache" / dst).exists():
+            _store(other, tmp_path / "other", kernel)  # the other writer's rename lands first
+        real_replace(src, dst)
+
+    cache.fs.replace = publish_first  # type: ignore[method-assign]
+    (tmp_path / "other").mkdir()
+    entry = Path(_store(cache, tmp_path, kernel))
+    assert "another writer stored the same entry meanwhile: theirs kept" in capfd.readouterr().err
+    assert cache.lookup(_inputs(kernel), "") is not None
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")] == []
+    assert entry.is_dir()
+
+
+def test_a_signal_during_the_verifying_copy_ends_it_and_keeps_the_good_entry(tmp_path, monkeypatch):
+    """Issue 20.8: the verifying copy of a large bundle (4.3 s for 1 GiB) did not check for cancellation;
+    now each chunk does, and a cancellation is never taken for a corrupt entry."""
+    from driver_ctr.toolkit.errors import Cancelled
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    (tmp_path / "cache").mkdir()
+    cache = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    t = _tree(tmp_path, kernel)
+    with open(str(t / NV / "firmware.bin"), "wb") as f:
+        f.truncate(32 << 20)
+    cache.store(_inputs(kernel), BuildRecord(builder="kbuild", files=describe_tree(t)), t)
+    entry = cache.lookup(_inputs(kernel), "", verify=False)
+    assert entry is not None
+    cancel = Cancellation()
+    cancel.set()
+    monkeypatch.setattr(Cancellation, "installed", cancel)
+    with pytest.raises(Cancelled):
+        cache.adopt(entry, tmp_path / "trees")
+    with pytest.raises(Cancelled):
+        cache.lookup(_inputs(kernel), "")
+    monkeypatch.setattr(Cancellation, "installed", None)
+    assert cache.lookup(_inputs(kernel), "") is not None  # still there, still good
+    assert list((tmp_path / "trees").iterdir()) == []  # no partial copy left behind

@@ -6,7 +6,7 @@ Layout under the cache directory (a hostPath, default
 
     <kernel release>/<key>/entry.json   inputs, signing fingerprint, files (sha256, vermagic)
     <kernel release>/<key>/modules/     the staged tree, as handed over
-    .tmp-*                              entries being written (removed on start)
+    .tmp-*                              entries being written, each flocked by its writer
 
 ``key`` digests the build inputs (kernel, driver version, module type, the
 operator's config digest, features, arch) and the signing certificate's
@@ -14,21 +14,33 @@ fingerprint. An entry is published by renaming a complete temporary
 directory, and verified on every use (sha256 and vermagic of every file, no
 unlisted module): a corrupt entry is discarded with a warning, never used.
 The newest ``keep`` kernels are kept; the current kernel is never pruned.
+
+The store is a hostPath that the DTK container mounts too: every read, publish,
+discard and sweep goes through the store directory's descriptors
+(:class:`~.shared_fs.Confined`), so a link planted anywhere in it is never
+followed (a link where a kernel's directory belongs is replaced, never written
+through). A writer holds a flock on its temporary directory for as long as it
+writes; a temporary that nobody holds is a dead writer's, swept whatever its age
+(a lock, unlike a pid, is seen across the two containers' pid namespaces). Two
+writers of the same entry converge: the second finds the first's and keeps it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-import time
+import stat
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from .errors import DriverCtrError, ProtocolError
-from .fsio import atomic_write_json, read_json, remove_tree
+from .errors import Cancelled, DriverCtrError, ProtocolError
 from .log import Logger, get_logger
 from .protocol import (
     MODULE_LIMIT,
@@ -41,7 +53,7 @@ from .protocol import (
     now,
     verify_files,
 )
-from .shared_fs import Confined
+from .shared_fs import RECORD_LIMIT, Confined
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -73,6 +85,7 @@ class CacheEntry:
 class HostCache:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.dir = directory
+        self.fs = Confined(directory)
         self.keep = keep
         self.log = get_logger(cache=str(directory))
 
@@ -87,16 +100,33 @@ class HostCache:
             return None
         return cls(d, settings.cache_keep)
 
-    def entry_dir(self, kernel: str, key: str) -> Path:
-        if "/" in kernel or kernel in ("", ".", ".."):
+    def entry_rel(self, kernel: str, key: str) -> str:
+        """``<kernel>/<key>``, the entry's path inside the store."""
+        if "/" in kernel or kernel in ("", ".", "..") or kernel.startswith(".") or "\x00" in kernel:
             raise ValueError("kernel release %r cannot name a cache directory" % kernel)
-        return self.dir / kernel / key
+        return "%s/%s" % (kernel, key)
+
+    def entry_dir(self, kernel: str, key: str) -> Path:
+        return self.dir / self.entry_rel(kernel, key)
+
+    def kernels(self) -> List[str]:
+        """The kernels the store holds entries for (real directories only: a link is never followed)."""
+        out = []
+        for name in self.fs.listdir():
+            st = self.fs.stat(name)
+            if not name.startswith(".") and st is not None and stat.S_ISDIR(st.st_mode):
+                out.append(name)
+        return out
 
     # -- read ------------------------------------------------------------------
 
     def contains(self, inputs: BuildInputs, signing_fingerprint: str) -> bool:
         """An entry exists (unverified: use :meth:`lookup` before using one)."""
-        return (self.entry_dir(inputs.kernel_release, cache_key(inputs, signing_fingerprint)) / ENTRY_JSON).is_file()
+        rel = self.entry_rel(inputs.kernel_release, cache_key(inputs, signing_fingerprint))
+        try:
+            return self.fs.is_file("%s/%s" % (rel, ENTRY_JSON))
+        except ProtocolError:
+            return False  # a link or a special file: not an entry (lookup discards it)
 
     def lookup(self, inputs: BuildInputs, signing_fingerprint: str, verify: bool = True) -> Optional[CacheEntry]:
         """The entry for these inputs, or None; a corrupt one is discarded.
@@ -107,42 +137,55 @@ class HostCache:
         """
         kernel = inputs.kernel_release
         key = cache_key(inputs, signing_fingerprint)
-        path = self.entry_dir(kernel, key)
-        if not path.is_dir():
-            self.log.info("host cache miss", kernel=kernel, digest=key)
-            return None
+        rel = self.entry_rel(kernel, key)
         try:
-            record = CacheRecord.from_json(path / ENTRY_JSON, read_json(path / ENTRY_JSON, "host cache entry"))
+            if self.fs.kind(rel) is None:
+                self.log.info("host cache miss", kernel=kernel, digest=key)
+                return None
+            raw = self.fs.read_bytes("%s/%s" % (rel, ENTRY_JSON), RECORD_LIMIT)
+            record = CacheRecord.from_json(self.dir / rel / ENTRY_JSON, _json(self.dir / rel / ENTRY_JSON, raw))
             if record.key != key or record.inputs != inputs:
-                raise ProtocolError(path / ENTRY_JSON, "not an entry for these inputs")
+                raise ProtocolError(self.dir / rel / ENTRY_JSON, "not an entry for these inputs")
             if verify:
-                verify_files(Confined(path), MODULES, record.build.files, kernel)
+                verify_files(self.fs, "%s/%s" % (rel, MODULES), record.build.files, kernel)
+        except Cancelled:
+            raise  # a signal during verification says nothing about the entry
         except DriverCtrError as exc:
-            self.discard(path, str(exc))
+            self._discard_bad(kernel, rel, str(exc))
             return None
-        _touch(path.parent)
+        self._touch(kernel)
         self.log.info("host cache hit", kernel=kernel, digest=key, files=len(record.build.files))
-        return CacheEntry(path, record)
+        return CacheEntry(self.dir / rel, record)
 
     def discard(self, path: Path, reason: str) -> None:
-        self.log.warning("host cache entry is corrupt: discarded, never loaded", entry=str(path), reason=reason)
-        self._discard(path)
+        """Discard the entry at ``path`` (one of this store's ``<kernel>/<key>``)."""
+        rel = str(path.relative_to(self.dir))
+        self._discard_bad(rel.split("/", 1)[0], rel, reason)
+
+    def _discard_bad(self, kernel: str, rel: str, reason: str) -> None:
+        self.log.warning(
+            "host cache entry is corrupt: discarded, never loaded", entry=str(self.dir / rel), reason=reason
+        )
+        try:
+            if self.fs.kind(kernel) != "dir":
+                raise ProtocolError(self.dir / kernel, "not a directory")
+            self._discard(rel)
+        except ProtocolError:  # a link or a file where the kernel's directory belongs: removed as itself
+            self.fs.remove(kernel)
 
     # -- write -----------------------------------------------------------------
 
     def store(self, inputs: BuildInputs, build: BuildRecord, modules: Path) -> CacheEntry:
-        """Publish ``modules`` (a verified staged tree described by ``build``) for these inputs."""
+        """Publish ``modules`` (a verified staged tree described by ``build``) for these inputs. When another
+        writer published the same entry meanwhile, theirs is kept (the same inputs: the same modules)."""
         kernel = inputs.kernel_release
         fingerprint = build.signing_fingerprint
         key = cache_key(inputs, fingerprint)
-        final = self.entry_dir(kernel, key)
+        rel = self.entry_rel(kernel, key)
         self.clean_temporaries()
-        tmp = self.dir / (".tmp-%s-%d" % (key, os.getpid()))
-        remove_tree(tmp)
-        try:
-            tmp.mkdir(parents=True)
-            shutil.copytree(str(modules), str(tmp / MODULES))
-            files = describe_tree(tmp / MODULES)
+        with self._temporary(key) as tmp:
+            shutil.copytree(str(modules), str(self.dir / tmp / MODULES))
+            files = describe_tree(self.dir / tmp / MODULES)
             if build.files and {f.path: f.sha256 for f in build.files} != {f.path: f.sha256 for f in files}:
                 raise DriverCtrError("the tree copied into the host cache differs from the verified build")
             record = CacheRecord(
@@ -159,72 +202,140 @@ class HostCache:
                     details=build.details,
                 ),
             )
-            atomic_write_json(tmp / ENTRY_JSON, record.to_json())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            old = self.dir / (".tmp-old-%s-%d" % (key, os.getpid()))
-            if final.exists():
-                os.replace(str(final), str(old))
-            os.replace(str(tmp), str(final))
-            remove_tree(old)
-        finally:
-            remove_tree(tmp)
-        _touch(final.parent)
+            self.fs.write_atomic("%s/%s" % (tmp, ENTRY_JSON), (json.dumps(record.to_json(), indent=2) + "\n").encode())
+            self.fs.ensure_dir(kernel)  # a link planted there is replaced by a real directory, never followed
+            if self.fs.kind(rel) is not None:
+                self._discard(rel)
+            try:
+                self.fs.replace(tmp, rel)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                self.log.info("another writer stored the same entry meanwhile: theirs kept", kernel=kernel, digest=key)
+        self._touch(kernel)
         self.log.info("stored in the host cache", kernel=kernel, digest=key, files=len(files))
         self.prune(kernel)
-        return CacheEntry(final, record)
+        return CacheEntry(self.dir / rel, record)
 
     def adopt(self, entry: CacheEntry, trees: Path, limit: int = MODULE_LIMIT) -> Optional[Path]:
         """Copy an entry's tree into ``trees`` (the driver side's own), verifying the
         copy; a corrupt entry is discarded and None returned."""
+        rel = str(entry.path.relative_to(self.dir))
         try:
             return adopt(
-                Confined(entry.path),
-                MODULES,
+                self.fs,
+                "%s/%s" % (rel, MODULES),
                 entry.record.build.files,
                 entry.record.inputs.kernel_release,
                 trees,
                 limit,
             )
+        except Cancelled:
+            raise  # a signal during the verifying copy says nothing about the entry
         except DriverCtrError as exc:
             self.discard(entry.path, str(exc))
             return None
 
     def prune(self, current_kernel: str) -> List[str]:
         """Keep ``keep`` kernels: the current one and the most recently used others."""
-        kernels = [d for d in self.dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
-        kernels.sort(key=lambda d: d.stat().st_mtime, reverse=True)
+        kernels = []
+        for name in self.kernels():
+            st = self.fs.stat(name)
+            if st is not None:
+                kernels.append((st.st_mtime, name))
         removed = []
         kept = 1  # the current kernel, always kept
-        for d in kernels:
-            if d.name == current_kernel:
+        for _, name in sorted(kernels, reverse=True):
+            if name == current_kernel:
                 continue
             if kept < self.keep:
                 kept += 1
                 continue
-            self._discard(d)
-            removed.append(d.name)
+            self._discard(name)
+            removed.append(name)
         if removed:
             self.log.info("host cache pruned", removed=removed, keep=self.keep)
         return removed
 
-    def clean_temporaries(self, older_than_s: float = 600.0) -> None:
-        """Remove what a crashed writer left (old enough not to be another
-        container's store in progress)."""
-        t = time.time()
-        for p in self.dir.glob(".tmp-*"):
+    def clean_temporaries(self) -> List[str]:
+        """Remove what dead writers left: every temporary whose writer's flock is gone, whatever its age
+        (a live writer, here or in the other container, still holds its own)."""
+        removed = []
+        for name in self.fs.listdir():
+            if not name.startswith(".tmp-"):
+                continue
+            st = self.fs.stat(name)
+            if st is not None and not stat.S_ISDIR(st.st_mode):  # a stray file or link: nobody's, removed as itself
+                self.fs.remove(name)
+                removed.append(name)
+                continue
+            fd = self._lock_temporary(name, block=False)
+            if fd is None:
+                continue  # a writer at work
             try:
-                if t - p.stat().st_mtime > older_than_s:
-                    remove_tree(p)
-            except OSError:
-                pass
+                self.fs.remove(name)
+                removed.append(name)
+            finally:
+                os.close(fd)
+        if removed:
+            self.log.info("dead writers' temporaries swept", removed=removed)
+        return removed
 
-    def _discard(self, path: Path) -> None:
-        aside = self.dir / (".tmp-discard-%d-%d" % (os.getpid(), time.monotonic_ns()))
+    # -- descriptors -------------------------------------------------------------
+
+    @contextmanager
+    def _temporary(self, key: str) -> Iterator[str]:
+        """A new temporary directory of this store, flocked for as long as it is written; gone afterwards
+        (published by a rename, or removed)."""
+        name = ".tmp-%s-%d-%s" % (key, os.getpid(), uuid.uuid4().hex[:8])
+        self.fs.ensure_dir(name)
+        fd = self._lock_temporary(name, block=True)
         try:
-            os.replace(str(path), str(aside))
+            yield name
+        finally:
+            try:
+                self.fs.remove(name)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _lock_temporary(self, name: str, block: bool) -> Optional[int]:
+        """A flock on temporary directory ``name`` (never through a link): its descriptor; None when another
+        holds it, or when it is gone or not a directory."""
+        try:
+            with self.fs.dir_fd() as dfd:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENOENT):
+                return None
+            raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except OSError:
-            aside = path
-        remove_tree(aside)
+            os.close(fd)
+            return None
+        return fd
+
+    def _discard(self, rel: str) -> None:
+        """Move ``rel`` aside under a flocked temporary name, then remove it, never through a link."""
+        aside = ".tmp-discard-%d-%s" % (os.getpid(), uuid.uuid4().hex[:8])
+        try:
+            self.fs.replace(rel, aside)
+        except OSError:
+            aside = rel
+        fd = self._lock_temporary(aside, block=False) if aside != rel else None
+        try:
+            self.fs.remove(aside)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _touch(self, kernel: str) -> None:
+        try:
+            with self.fs.dir_fd() as dfd:
+                os.utime(kernel, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            pass
 
 
 def store_build(
@@ -245,8 +356,8 @@ def store_build(
         return None
 
 
-def _touch(path: Path) -> None:
+def _json(path: Path, raw: bytes) -> object:
     try:
-        os.utime(str(path))
-    except OSError:
-        pass
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(path, "host cache entry is not valid JSON: %s" % exc) from None

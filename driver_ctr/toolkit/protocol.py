@@ -54,6 +54,7 @@ from .fsio import remove_tree
 from .modinfo import read_modinfo, vermagic_problem
 from .nvidia_modules import is_module
 from .shared_fs import RECORD_LIMIT, Confined, rel_ok
+from .waiting import check_cancelled
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -721,6 +722,7 @@ def _copy_hashing(src: BinaryIO, dest: Optional[Path]) -> Tuple[str, int]:
     out = open(str(dest), "wb") if dest is not None else None
     try:
         for chunk in iter(lambda: src.read(1 << 20), b""):
+            check_cancelled()  # a 1 GiB bundle is copied in seconds: a SIGTERM is not kept waiting
             h.update(chunk)
             size += len(chunk)
             if out is not None:

@@ -124,6 +124,15 @@ class Confined:
         except FileNotFoundError:
             return None
 
+    @contextmanager
+    def dir_fd(self) -> Iterator[int]:
+        """A descriptor of the tree's root (never through a link), for an ``*at`` call of the caller's."""
+        fd = self._open_root()
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     # -- questions --------------------------------------------------------------
 
     def kind(self, rel: str) -> Optional[str]:

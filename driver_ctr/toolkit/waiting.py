@@ -23,7 +23,12 @@ TICK_S = 0.5  # longest sleep between checks of the cancel flag
 
 
 class Cancellation:
-    """Set by SIGTERM/SIGINT (after :meth:`install`) or by a test."""
+    """Set by SIGTERM/SIGINT (after :meth:`install`) or by a test.
+
+    The one installed in this process is also :func:`check_cancelled`'s: a long loop of pure Python (a
+    verifying copy, unpacking a package) that is not handed a cancellation checks the process's own."""
+
+    installed: Optional["Cancellation"] = None
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -36,6 +41,7 @@ class Cancellation:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        Cancellation.installed = self
         return self
 
     def set(self) -> None:
@@ -56,6 +62,12 @@ class Cancellation:
 
     def sleep(self, seconds: float) -> None:
         self._event.wait(seconds)
+
+
+def check_cancelled() -> None:
+    """Raise :class:`Cancelled` when the process's installed cancellation is set (a signal came)."""
+    if Cancellation.installed is not None:
+        Cancellation.installed.check()
 
 
 class DirWatch:
