@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from pathlib import Path
 from typing import IO, List, Mapping, Optional
 
@@ -32,6 +31,7 @@ from .toolkit.fsio import atomic_write_text, replace_symlink
 from .toolkit.log import Logger
 from .toolkit.paths import HostPaths
 from .toolkit.runner import Runner
+from .toolkit.shared_fs import Confined
 
 SECOND_INSTANCE = "An instance of the NVIDIA driver is already running, aborting"
 DAEMONS_STATUS = ".driver-daemons-status"
@@ -179,15 +179,15 @@ def publish_modules(paths: HostPaths, tree: Path, kernel: str, runner: Runner, l
         replace_symlink(target, tree)
         log.info("module tree linked into the driver root", path=str(target), tree=str(tree))
         return
-    dest = target / nv.SUBDIR
-    dest.mkdir(parents=True, exist_ok=True)
+    # the kernel's own tree (a package's, a DTK image's): written through its descriptors, never through a
+    # link inside it (a link there is an error: nothing lands outside the tree)
+    fs = Confined(target)
+    fs.make_dirs(nv.SUBDIR)
     for f in sorted((tree / nv.SUBDIR).iterdir()):
         if nv.is_module(f.name):
-            tmp = dest / (".%s.driver-ctr" % f.name)
-            shutil.copyfile(str(f), str(tmp))
-            os.replace(str(tmp), str(dest / f.name))
+            fs.copy_in(f, "%s/%s" % (nv.SUBDIR, f.name))
     runner.run(["depmod", "-b", str(paths.host("/")), kernel], timeout=600)
-    log.info("NVIDIA modules copied beside the kernel's in the driver root", path=str(dest))
+    log.info("NVIDIA modules copied beside the kernel's in the driver root", path=str(target / nv.SUBDIR))
 
 
 def withdraw_modules(paths: HostPaths, tree: Path, kernel: str) -> None:

@@ -46,7 +46,7 @@ from .node_state import (
     withdraw_modules,
     write_state,
 )
-from .toolkit.errors import Cancelled, CommandFailed
+from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.log import Logger, get_logger
 from .toolkit.runner import Runner
 from .toolkit.settings import Settings
@@ -110,7 +110,7 @@ class Service:
         try:
             publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)
             self.published = tree
-        except (OSError, CommandFailed) as exc:
+        except (OSError, DriverCtrError) as exc:  # a link in the tree, a full disk: the driver stays
             self.not_published(str(exc))
 
     def publish_loaded(self) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Sequence, Tuple
+from typing import IO, Any, Callable, Iterator, List, Sequence, Tuple
 
 from driver_ctr.toolkit.errors import CommandFailed
 from driver_ctr.toolkit.runner import Result, Runner
@@ -29,6 +31,11 @@ class FakeRunner(Runner):
             return Result(tuple(argv), returncode, stdout, stderr, stdout.encode())
 
         self.answers.append((tuple(prefix), handler))
+
+    @contextmanager
+    def stream(self, argv: Sequence[Any], **_kw: Any) -> Iterator[IO[bytes]]:  # type: ignore[override]
+        """The registered answer's stdout as the stream (never a real process)."""
+        yield io.BytesIO(self.run(argv).stdout_bytes)
 
     def run(self, argv: Sequence[Any], **_kw: Any) -> Result:  # type: ignore[override]
         argv_t = tuple(str(a) for a in argv)

@@ -390,3 +390,52 @@ def run_with_small_disk(mountpoint: Path, size: str, script: str, env: Dict[str,
         text=True,
         timeout=timeout,
     )
+
+
+def make_deb(path: Path, package: str, members: List[tuple]) -> Path:
+    """A .deb built by hand (ar: debian-binary, control.tar.gz, data.tar.xz), so its data may hold what
+    ``dpkg-deb --build`` would not make from a directory: ``members`` are ``(TarInfo, bytes or None)``."""
+    import io
+    import tarfile
+
+    def tar(entries: List[tuple], mode: str) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as t:
+            for info, data in entries:
+                t.addfile(info, io.BytesIO(data) if data is not None else None)
+        return buf.getvalue()
+
+    control = ("Package: %s\nVersion: 1\nArchitecture: amd64\nMaintainer: t <t@t>\nDescription: t\n" % package).encode()
+    cinfo = tarfile.TarInfo("./control")
+    cinfo.size = len(control)
+    parts = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.gz", tar([(cinfo, control)], "w:gz")),
+        ("data.tar.xz", tar(members, "w:xz")),
+    ]
+    out = io.BytesIO()
+    out.write(b"!<arch>\n")
+    for name, data in parts:
+        out.write(("%-16s%-12d%-6d%-6d%-8s%-10d`\n" % (name, 0, 0, 0, "100644", len(data))).encode())
+        out.write(data + (b"\n" if len(data) % 2 else b""))
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def tar_entry(name: str, kind: str = "file", data: bytes = b"", mode: int = 0o644, link: str = "", size: int = -1):
+    """``(TarInfo, data)`` for :func:`make_deb`: kind file, dir, symlink, hardlink, chr, fifo."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.mode = mode
+    info.type = {
+        "file": tarfile.REGTYPE,
+        "dir": tarfile.DIRTYPE,
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "chr": tarfile.CHRTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }[kind]
+    info.linkname = link
+    info.size = len(data) if kind == "file" and size < 0 else max(size, 0) if kind == "file" else 0
+    return info, data if kind == "file" else None

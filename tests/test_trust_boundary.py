@@ -605,3 +605,248 @@ def test_20_3_a_full_shared_dir_during_the_dtk_build_is_signalled_and_reported(r
     assert "rc=1" in r.stdout and "dtk=1" in r.stdout, r.stdout + r.stderr[-2000:] + dtk_err[-2000:]
     assert "No space left on device (ENOSPC)" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr + dtk_err
+
+
+# -- 20.2: package contents are a trust boundary ------------------------------------------------------------------
+
+PK = "6.1.0-99-amd64"
+
+
+def _headers(extra=()):
+    from harness import tar_entry
+
+    hdr = "./usr/src/linux-headers-%s" % PK
+    return [
+        tar_entry(hdr, "dir", mode=0o755),
+        tar_entry(hdr + "/Makefile", data=b"all:\n"),
+        tar_entry(hdr + "/.config", data=b"CONFIG_MODULES=y\n"),
+        tar_entry("./lib/modules/%s/build" % PK, "symlink", link="/usr/src/linux-headers-%s" % PK),
+        *extra,
+    ]
+
+
+def _apt_install(root, tmp_path, packages):
+    """The apt backend installing ``packages`` ({name: members}) from a node-local repository into ``root``."""
+    from harness import make_deb
+
+    from driver_ctr.fallback.apt import AptBackend
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+
+    repo = tmp_path / "repo"
+    repo.mkdir(exist_ok=True)
+    for name, members in packages.items():
+        make_deb(repo / (name + ".deb"), name, members)
+    apt = AptBackend(root, Runner(), dict(os.environ), get_logger(), repo)
+    return apt.install(list(packages), PK)
+
+
+def _listing(d):
+    return sorted(str(p.relative_to(d)) + ("@" if p.is_symlink() else "") for p in d.rglob("*"))
+
+
+def test_20_2_a_package_installs_only_the_kernels_build_tree_never_the_daemonsets_mounts(root, tmp_path):
+    from harness import tar_entry
+
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "lib").symlink_to("usr/lib")  # a merged-usr root: its own link is the one gone through
+    planted = [
+        tar_entry("./run/nvidia/validations/.driver-ctr-ready", data=b"ready\n"),
+        tar_entry("./var/lib/driver-ctr/cache/%s/k/entry.json" % PK, data=b"{}"),
+        tar_entry("./var/log/driver-ctr/build-x.log", data=b"forged\n"),
+        tar_entry("./etc/modprobe.d/evil.conf", data=b"install nvidia /bin/sh\n"),
+    ]
+    _apt_install(root, tmp_path, {"linux-headers-" + PK: _headers(planted)})
+    assert not (root / "run").exists() and not (root / "var/lib/driver-ctr/cache").exists()
+    assert not (root / "var/log").exists() and not (root / "etc").exists()
+    assert (root / ("usr/src/linux-headers-%s/Makefile" % PK)).is_file()
+    assert os.readlink(str(root / "usr/lib/modules" / PK / "build")) == "/usr/src/linux-headers-%s" % PK
+    assert (root / "lib").is_symlink()
+    assert [p.name for p in (root / "var/tmp").iterdir()] == []  # the scratch is gone
+
+
+HOSTILE_MEMBERS = {
+    "a character device": ("./usr/src/linux-headers-%s/null" % PK, "chr", {}),
+    "a FIFO": ("./usr/src/linux-headers-%s/fifo" % PK, "fifo", {}),
+    "the setuid bit": ("./usr/src/linux-headers-%s/su" % PK, "file", {"mode": 0o4755}),
+    "the setgid bit": ("./usr/src/linux-headers-%s/sg" % PK, "file", {"mode": 0o2755}),
+    "a link out of the package's tree": ("./usr/src/linux-headers-%s/x" % PK, "symlink", {"link": "../../../../.."}),
+    "a link out of the kernel's build tree": ("./lib/modules/%s/kernel" % PK, "symlink", {"link": "/etc"}),
+    "a name that climbs out": ("../../etc/cron.d/x", "file", {}),
+}
+
+
+@pytest.mark.parametrize("why", sorted(HOSTILE_MEMBERS))
+def test_20_2_a_hostile_member_refuses_the_package_by_name_and_nothing_is_installed(root, tmp_path, why):
+    from harness import tar_entry
+
+    from driver_ctr.fallback.package_contents import UnsafePackage
+
+    name, kind, kw = HOSTILE_MEMBERS[why]
+    with pytest.raises(UnsafePackage) as exc:
+        _apt_install(root, tmp_path, {"linux-headers-" + PK: _headers([tar_entry(name, kind, **kw)])})
+    assert why in str(exc.value) and "linux-headers-%s.deb" % PK in str(exc.value)
+    assert _listing(root) == ["var", "var/tmp"]  # nothing installed, the scratch gone
+
+
+def test_20_2_a_link_of_one_package_is_never_written_through_by_the_next(root, tmp_path):
+    from harness import tar_entry
+
+    from driver_ctr.fallback.package_contents import UnsafePackage
+
+    link = tar_entry("./lib/modules/%s/kernel" % PK, "symlink", link="/usr/src/linux-headers-%s" % PK)
+    through = [tar_entry("./lib/modules/%s/kernel/evil.ko" % PK, data=b"\x7fELF")]
+    with pytest.raises(UnsafePackage) as exc:
+        _apt_install(root, tmp_path, {"linux-headers-" + PK: _headers([link]), "linux-image-" + PK: through})
+    assert "would be written through a link" in str(exc.value)
+    assert _listing(root) == ["var", "var/tmp"]
+
+
+def test_20_2_a_link_already_in_the_root_is_never_written_through(root, tmp_path):
+    from harness import tar_entry
+
+    from driver_ctr.toolkit.errors import ProtocolError
+
+    outside = _outside(tmp_path)
+    (root / "lib/modules" / PK).mkdir(parents=True)
+    (root / "lib/modules" / PK / "kernel").symlink_to(outside)
+    with pytest.raises(ProtocolError):
+        _apt_install(root, tmp_path, {"linux-image-" + PK: [tar_entry("./lib/modules/%s/kernel/a.ko" % PK)]})
+    assert sorted(p.name for p in outside.iterdir()) == ["keep-%d" % i for i in range(4)]
+
+
+def test_20_2_the_size_bound_refuses_a_package_before_its_data_is_written(tmp_path):
+    import io
+
+    from harness import make_deb, tar_entry
+
+    from driver_ctr.fallback.package_contents import UnsafePackage, tar_members, unpack, wanted
+    from driver_ctr.toolkit.shared_fs import Confined
+
+    big = tar_entry("./usr/src/linux-headers-%s/zeros" % PK, data=bytes(2 << 20))
+    deb = make_deb(tmp_path / "bomb.deb", "bomb", _headers([big]))
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(UnsafePackage, match="over the bound of 1048576 bytes"):
+        unpack("bomb.deb", tar_members(io.BytesIO(tar)), Confined(tmp_path / "scratch"), wanted(PK), bound=1 << 20)
+    assert not (tmp_path / ("scratch/usr/src/linux-headers-%s/zeros" % PK)).exists()
+
+
+def test_20_2_a_half_install_is_redone_never_trusted(root, tmp_path):
+    from harness import make_deb
+
+    from driver_ctr.fallback import install_kernel_tree
+    from driver_ctr.toolkit.errors import NoKernelTree
+    from driver_ctr.toolkit.kernel_tree import open_kernel_tree
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+    from driver_ctr.toolkit.settings import Settings
+
+    repo = root / "repo"  # DRIVER_CTR_LOCAL_REPO is a node path, under the root
+    repo.mkdir()
+    make_deb(repo / "h.deb", "linux-headers-" + PK, _headers())
+    make_deb(repo / "m.deb", "linux-image-" + PK, [])  # no modules.dep: depmod will make one
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text('ID=debian\nVERSION_ID="12"\n')
+    settings = Settings.from_env(env_for(root, PK, DRIVER_CTR_LOCAL_REPO="/repo"))
+    install_kernel_tree(settings, PK, Runner(), get_logger())
+    paths = settings.paths
+    marker = paths.module_dir(PK) / ".driver-ctr-install-incomplete"
+    assert not marker.exists()
+    open_kernel_tree(paths, PK)  # complete: trusted
+    marker.write_text("installing\n")  # as a start killed mid-install leaves it
+    with pytest.raises(NoKernelTree, match="were being installed when a start ended"):
+        open_kernel_tree(paths, PK)
+    install_kernel_tree(settings, PK, Runner(), get_logger())  # redone, then trusted
+    assert not marker.exists()
+    open_kernel_tree(paths, PK)
+
+
+def test_20_2_the_node_local_repositorys_problems_are_named(root, tmp_path, capfd):
+    from harness import make_deb
+
+    from driver_ctr.fallback.apt import AptBackend
+    from driver_ctr.fallback.base import FallbackFailed
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+
+    fifo = tmp_path / "repo-fifo"
+    os.mkfifo(str(fifo))
+    err = _promptly(AptBackend(root, Runner(), {}, get_logger(), fifo).local_kernel_packages, PK)
+    assert isinstance(err, FallbackFailed) and "repo-fifo is a FIFO, not a directory" in str(err)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    os.mkfifo(str(repo / ("linux-headers-%s.deb" % PK)))  # would stall dpkg-deb for its 60 s timeout
+    make_deb(repo / "other.deb", "linux-kbuild-6.1", [])
+    assert _promptly(AptBackend(root, Runner(), {}, get_logger(), repo).local_kernel_packages, PK) == []
+    err = capfd.readouterr().err
+    assert "node-local repository entry skipped" in err and "is a FIFO" in err
+    assert "the node-local repository lacks the kernel's packages" in err and "linux-headers-" + PK in err
+
+
+def test_20_2_publishing_beside_the_kernels_modules_never_follows_a_link_in_its_tree(root, tmp_path):
+    """A package's link inside /lib/modules/<k> had let publish_modules write the fixture .ko files into the
+    machine's own /lib/modules (it happened during the audit)."""
+    from fakes import FakeRunner
+
+    from driver_ctr.node_state import publish_modules
+    from driver_ctr.toolkit.errors import ProtocolError
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.paths import HostPaths
+
+    outside = _outside(tmp_path)
+    tree = make_fixture_modules(tmp_path / "tree" / NV, PK).parent.parent.parent
+    (root / "lib/modules" / PK).mkdir(parents=True)
+    (root / "lib/modules" / PK / "kernel").symlink_to(outside)
+    with pytest.raises(ProtocolError, match="where a directory is expected"):
+        publish_modules(HostPaths(root=str(root)), tree, PK, FakeRunner(), get_logger())
+    assert sorted(p.name for p in outside.iterdir()) == ["keep-%d" % i for i in range(4)]
+
+
+def test_20_7_a_preflight_installs_the_kernels_trees_into_its_own_scratch_root_apts_state_too(root, tmp_path):
+    from fakes import FakeRunner
+    from harness import make_deb
+
+    from driver_ctr.fallback import install_kernel_tree
+    from driver_ctr.fallback.apt import AptBackend
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+    from driver_ctr.toolkit.settings import Settings
+
+    (root / "repo").mkdir()
+    make_deb(root / "repo/h.deb", "linux-headers-" + PK, _headers())
+    make_deb(root / "repo/m.deb", "linux-image-" + PK, [])
+    settings = Settings.from_env(env_for(root, PK, DRIVER_CTR_LOCAL_REPO="/repo"))
+    before = _listing(root)
+    scratch = tmp_path / "check-root"
+    install_kernel_tree(settings, PK, Runner(), get_logger(), root=scratch)
+    assert _listing(root) == before  # the running system's root: untouched
+    assert (scratch / "lib/modules" / PK / "modules.dep").is_file()
+    fake = FakeRunner()
+    fake.expect(("apt-get",))
+    AptBackend(scratch, fake, {}, get_logger(), apt_state=scratch / "apt").refresh()
+    assert fake.calls == [
+        ("apt-get", "-o", "Dir::State::Lists=%s/apt/lists" % scratch, "-o", "Dir::Cache=%s/apt/cache" % scratch)
+        + ("update", "-q")
+    ]
+
+
+def test_20_8_unpacking_a_package_ends_on_cancellation(tmp_path, monkeypatch):
+    import io
+
+    from harness import make_deb
+
+    from driver_ctr.fallback.package_contents import tar_members, unpack, wanted
+    from driver_ctr.toolkit.errors import Cancelled
+    from driver_ctr.toolkit.shared_fs import Confined
+    from driver_ctr.toolkit.waiting import Cancellation
+
+    deb = make_deb(tmp_path / "h.deb", "h", _headers())
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
+    cancel = Cancellation()
+    cancel.set()
+    monkeypatch.setattr(Cancellation, "installed", cancel)
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(Cancelled):
+        unpack("h.deb", tar_members(io.BytesIO(tar)), Confined(tmp_path / "scratch"), wanted(PK))
+    assert list((tmp_path / "scratch").iterdir()) == []

@@ -8,7 +8,8 @@ precompiled bundles (``precompiled``), built ahead of time, never loaded here.
    when ``-s KEYID`` is given (the key and certificate where ``DRIVER_CTR_SIGNING_KEY`` and
    ``DRIVER_CTR_SIGNING_CERT`` say they are mounted; the key is never stored in the image).
 3. ``--check``: the build in a scratch directory, pass or fail with the compiler's first error, nothing
-   stored (a preflight for the next kernel, before an upgrade).
+   stored (a preflight for the next kernel, before an upgrade); missing kernel trees are installed into a
+   scratch root, never into the running system.
 4. Otherwise the bundle is stored in the image's precompiled store, described file by file (sha256,
    vermagic) like a host-cache entry.
 """
@@ -31,6 +32,7 @@ from ..toolkit.errors import BuildFailed, InvalidValue, NoKernelTree
 from ..toolkit.fsio import remove_tree
 from ..toolkit.kbuild import KbuildBuilder
 from ..toolkit.log import get_logger
+from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.signing import Signing
@@ -85,9 +87,13 @@ def _bundle(
                 result = KbuildBuilder().build(request)
             except NoKernelTree as exc:
                 # an image build stage without the kernel's trees: the fallback's package managers
-                # (a node-local repository first: DRIVER_CTR_LOCAL_REPO) install them here
-                log.info("the kernel's trees are not here: installing them", reason=exc.message)
-                install_kernel_tree(settings, kernel, Runner(cancel), log)
+                # (a node-local repository first: DRIVER_CTR_LOCAL_REPO) install them here; a preflight
+                # installs them into its own scratch root (apt's state too) and changes nothing outside it
+                root = work / "root" if check else None
+                log.info("the kernel's trees are not here: installing them", reason=exc.message, root=str(root or "/"))
+                install_kernel_tree(settings, kernel, Runner(cancel), log, root=root)
+                if root is not None:
+                    request = replace(request, paths=HostPaths(root=str(root)))
                 result = KbuildBuilder().build(request)
         except BuildFailed as exc:
             if not check:

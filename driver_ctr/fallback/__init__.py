@@ -16,11 +16,15 @@ an upper-case ``HTTP_PROXY``).
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional
 
 from ..toolkit.dtk_decision import inspect_dtk
 from ..toolkit.errors import CommandFailed, InvalidValue
+from ..toolkit.fsio import atomic_write_text
+from ..toolkit.kernel_tree import INCOMPLETE
 from ..toolkit.log import Logger
+from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
@@ -56,12 +60,26 @@ def package_manager_env(settings: Settings) -> Dict[str, str]:
     return env
 
 
-def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) -> PackageManager:
+def backend_for(
+    settings: Settings, kernel: str, runner: Runner, log: Logger, target: Optional[HostPaths] = None
+) -> PackageManager:
+    """The node's package manager, installing into ``target``'s root (default: the settings' own). A target
+    that is not the settings' own root (a preflight's scratch) keeps apt's state there too."""
+    target = target or settings.paths
     family = node_family(settings, kernel)
     local = settings.host_path("local_repo")
     env = package_manager_env(settings)
+    root = target.host("/")
+    scratch = target != settings.paths
     if family == "debian":
-        return AptBackend(settings.paths.host("/"), runner, dict(env, DEBIAN_FRONTEND="noninteractive"), log, local)
+        return AptBackend(
+            root,
+            runner,
+            dict(env, DEBIAN_FRONTEND="noninteractive"),
+            log,
+            local,
+            apt_state=target.host("/var/lib/driver-ctr/apt") if scratch else None,
+        )
     if family == "rhel":
         return DnfBackend(
             settings.paths,
@@ -73,17 +91,23 @@ def backend_for(settings: Settings, kernel: str, runner: Runner, log: Logger) ->
             settings.openshift_version,
             settings.dnf_releasever,
             local,
+            root=root,
         )
     raise FallbackFailed(
         "no package-manager backend for this node (os-release %s, kernel %s)" % (settings.paths.host_os_release, kernel)
     )
 
 
-def install_kernel_tree(settings: Settings, kernel: str, runner: Runner, log: Logger) -> List[str]:
+def install_kernel_tree(
+    settings: Settings, kernel: str, runner: Runner, log: Logger, root: Optional[Path] = None
+) -> List[str]:
     """Make ``/lib/modules/<kernel>`` look like a DTK image's: the node-local repository first
     (no network), else the configured sources; ``depmod``; then the DTK decision's own check of
-    the build tree. Returns the packages installed."""
-    backend = backend_for(settings, kernel, runner, log)
+    the build tree. Returns the packages installed. ``root``: where the trees go (default: the
+    container's root); a preflight gives its own scratch root, and nothing outside it changes.
+    The install is marked incomplete (``kernel_tree.INCOMPLETE``) until it is complete."""
+    target = HostPaths(root=str(root)) if root is not None else settings.paths
+    backend = backend_for(settings, kernel, runner, log, target)
     problems = backend.preflight()
     if problems:
         raise FallbackFailed(
@@ -98,17 +122,20 @@ def install_kernel_tree(settings: Settings, kernel: str, runner: Runner, log: Lo
     else:
         backend.refresh()
         names = backend.kernel_packages(kernel)
-    installed = backend.install(names)
+    marker = target.module_dir(kernel) / INCOMPLETE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, "installing %s\n" % " ".join(names))
+    installed = backend.install(names, kernel)
     installed += backend.install_compiler(kernel)
-    paths = settings.paths
     try:
-        runner.run(["depmod", "-b", str(paths.host("/")), kernel], timeout=600)
+        runner.run(["depmod", "-b", str(target.host("/")), kernel], timeout=600)
     except CommandFailed as exc:
         raise FallbackFailed("depmod for %s after unpacking failed: %s" % (kernel, exc.summary)) from None
-    facts = inspect_dtk(paths, kernel)
+    facts = inspect_dtk(target, kernel)
     if facts.build_tree is None:
         raise FallbackFailed(
             "installed %s, but the kernel build tree is still unusable: %s"
             % (", ".join(installed), facts.build_tree_problem)
         )
+    marker.unlink()
     return installed

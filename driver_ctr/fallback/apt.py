@@ -3,8 +3,9 @@
 Packages: ``linux-headers-<kver>`` and what it needs of its own kind (``linux-headers-<…>-common``,
 ``linux-kbuild-<…>``), and the module tree: ``linux-modules-<kver>`` on Ubuntu, ``linux-image-<kver>`` on
 Debian. They are fetched with ``apt-get download`` (or taken from the node-local repository) and unpacked
-with ``dpkg-deb -x``: never installed as a boot kernel, no maintainer scripts, no initramfs. Existing
-symlinked directories of the root (a merged-usr ``/lib -> usr/lib``) are kept.
+as their archives stream, under the rules of :mod:`package_contents` (a trust boundary): never installed
+as a boot kernel, no maintainer scripts, no initramfs, only the kernel's build-tree paths. The root's own
+merged-usr links (``/lib -> usr/lib``) are kept.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from ..toolkit.errors import CommandFailed
 from ..toolkit.log import Logger
 from ..toolkit.runner import Runner
+from ..toolkit.shared_fs import Confined
 from .base import FallbackFailed, PackageManager
+from .package_contents import install, local_archives, private_scratch, tar_members, unpack, wanted
 
 _OWN_KIND = re.compile(r"^linux-(headers|kbuild)-")
 LIKELY_CAUSE = (
@@ -32,7 +35,13 @@ class AptBackend(PackageManager):
     name = "apt"
 
     def __init__(
-        self, root: Path, runner: Runner, env: Mapping[str, str], log: Logger, local_repo: Optional[Path] = None
+        self,
+        root: Path,
+        runner: Runner,
+        env: Mapping[str, str],
+        log: Logger,
+        local_repo: Optional[Path] = None,
+        apt_state: Optional[Path] = None,
     ) -> None:
         self.root = root
         self.runner = runner
@@ -40,6 +49,12 @@ class AptBackend(PackageManager):
         self.log = log
         self.local_repo = local_repo
         self._local: Optional[Dict[str, Path]] = None
+        # a preflight's own apt lists and cache: the machine's apt state is never touched
+        self.options: List[str] = []
+        if apt_state is not None:
+            for d in ("lists/partial", "cache/archives/partial"):
+                (apt_state / d).mkdir(parents=True, exist_ok=True)
+            self.options = ["-o", "Dir::State::Lists=%s/lists" % apt_state, "-o", "Dir::Cache=%s/cache" % apt_state]
 
     def available(self) -> str:
         missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb") if not shutil.which(t)]
@@ -47,7 +62,7 @@ class AptBackend(PackageManager):
 
     def refresh(self) -> None:
         try:
-            self.runner.run(["apt-get", "update", "-q"], env=self.env, timeout=900)
+            self.runner.run(["apt-get", *self.options, "update", "-q"], env=self.env, timeout=900)
         except CommandFailed as exc:
             raise FallbackFailed(
                 "apt-get update failed (the sources, the proxy or the network): %s" % exc.summary
@@ -59,10 +74,9 @@ class AptBackend(PackageManager):
         """Package name -> .deb of the node-local repository (read once)."""
         if self._local is None:
             self._local = {}
-            if self.local_repo is not None and self.local_repo.is_dir():
-                for deb in sorted(self.local_repo.glob("*.deb")):
-                    name = self.runner.run(["dpkg-deb", "-f", str(deb), "Package"], timeout=60).stdout.strip()
-                    self._local[name] = deb
+            for deb in local_archives(self.local_repo, ".deb", self.log):
+                name = self.runner.run(["dpkg-deb", "-f", str(deb), "Package"], timeout=60).stdout.strip()
+                self._local[name] = deb
         return self._local
 
     def local_kernel_packages(self, kernel: str) -> List[str]:
@@ -71,6 +85,14 @@ class AptBackend(PackageManager):
         headers = "linux-headers-" + kernel
         modules = [n for n in ("linux-modules-" + kernel, "linux-image-" + kernel) if n in local]
         if headers not in local or not modules:
+            if self.local_repo is not None and local:
+                lacks = [headers] if headers not in local else []
+                lacks += [] if modules else ["linux-modules-%s or linux-image-%s" % (kernel, kernel)]
+                self.log.warning(
+                    "the node-local repository lacks the kernel's packages: using apt's sources",
+                    repository=str(self.local_repo),
+                    lacks=lacks,
+                )
             return []
         own = sorted(n for n in local if _OWN_KIND.match(n) and n != headers)
         return [headers] + own + modules[:1]
@@ -78,7 +100,9 @@ class AptBackend(PackageManager):
     # -- the configured sources --------------------------------------------------------
 
     def _exists(self, name: str) -> bool:
-        r = self.runner.run(["apt-cache", "show", "--no-all-versions", name], env=self.env, timeout=120, check=False)
+        r = self.runner.run(
+            ["apt-cache", *self.options, "show", "--no-all-versions", name], env=self.env, timeout=120, check=False
+        )
         return r.returncode == 0 and bool(r.stdout.strip())
 
     def kernel_packages(self, kernel: str) -> List[str]:
@@ -91,6 +115,7 @@ class AptBackend(PackageManager):
         r = self.runner.run(
             [
                 "apt-cache",
+                *self.options,
                 "depends",
                 "--no-recommends",
                 "--no-suggests",
@@ -118,27 +143,35 @@ class AptBackend(PackageManager):
 
     # -- installing ----------------------------------------------------------------------
 
-    def install(self, names: Sequence[str]) -> List[str]:
+    def install(self, names: Sequence[str], kernel: str) -> List[str]:
+        """Each package unpacked into private scratch under :mod:`package_contents`' rules, then only the
+        kernel's build-tree paths moved into the root."""
         local = self.local_packages()
+        prefixes = wanted(kernel)
         with tempfile.TemporaryDirectory(prefix="driver-ctr-apt-") as t:
             work = Path(t)
             fetch = [n for n in names if n not in local]
             if fetch:
                 try:
-                    self.runner.run(["apt-get", "download", "-q", *fetch], cwd=str(work), env=self.env, timeout=1800)
+                    self.runner.run(
+                        ["apt-get", *self.options, "download", "-q", *fetch], cwd=str(work), env=self.env, timeout=1800
+                    )
                 except CommandFailed as exc:
                     raise FallbackFailed("apt-get download %s failed: %s" % (" ".join(fetch), exc.summary)) from None
             debs = [local[n] for n in names if n in local] + sorted(work.glob("*.deb"))
-            for deb in debs:
-                staging = work / "x"
-                self.runner.run(["dpkg-deb", "-x", str(deb), str(staging)], timeout=600)
-                # into the root, through its symlinked directories (merged-usr /lib -> usr/lib kept)
-                shutil.copytree(str(staging), str(self.root), symlinks=True, dirs_exist_ok=True)
-                shutil.rmtree(str(staging))
+            scratch = private_scratch(self.root)
+            try:
+                for deb in debs:
+                    with self.runner.stream(["dpkg-deb", "--fsys-tarfile", str(deb)]) as tar:
+                        unpack(deb.name, tar_members(tar), Confined(scratch), prefixes)
+                placed = install(Confined(scratch), Confined(self.root), prefixes)
+            finally:
+                Confined(scratch.parent).remove(scratch.name)
             self.log.info(
                 "kernel packages unpacked",
                 packages=list(names),
                 root=str(self.root),
+                files=len(placed),
                 from_local_repo=[n for n in names if n in local],
             )
         return list(names)

@@ -36,8 +36,9 @@ class PackageManager:
         """The packages that hold ``kernel``'s build tree and module tree."""
         raise NotImplementedError
 
-    def install(self, names: Sequence[str]) -> List[str]:
-        """Put ``names`` into the root (unpacked, never as a boot kernel); returns what was installed."""
+    def install(self, names: Sequence[str], kernel: str) -> List[str]:
+        """Put ``names``, the packages of ``kernel``'s trees, into the root (unpacked, never as a boot
+        kernel); returns what was installed."""
         raise NotImplementedError
 
     def install_compiler(self, kernel: str) -> List[str]:

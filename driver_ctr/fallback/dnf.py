@@ -34,10 +34,12 @@ from ..toolkit.kernel_tree import compiler_version, present_compiler_version
 from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
+from ..toolkit.shared_fs import Confined
 from ..toolkit.versions import parse_kernel_release
 from .base import FallbackFailed, PackageManager
 from .download_errors import explain
 from .kernel_compiler import kernel_compiler_text
+from .package_contents import cpio_members, install, local_archives, private_scratch, unpack, wanted
 
 ENTITLEMENT_DIRS = ("/etc/pki/entitlement", "/run/secrets/etc-pki-entitlement")
 REPOS_DIR = "/etc/yum.repos.d"
@@ -166,8 +168,10 @@ class DnfBackend(PackageManager):
         openshift_version: str = "",
         dnf_releasever: str = "",
         local_repo: Optional[Path] = None,
+        root: Optional[Path] = None,
     ) -> None:
         self.paths = paths
+        self.root = root if root is not None else paths.host("/")  # where the trees go
         self.runner = runner
         self.env = dict(env)
         self.log = log
@@ -188,9 +192,8 @@ class DnfBackend(PackageManager):
     def _dnf(self, *args: str, releasever: str, offline: bool = False) -> List[str]:
         # a repository we depend on fails loudly: a refused certificate is an error, not an empty repository
         argv = ["dnf", "-y", "--releasever=%s" % releasever, "--setopt=skip_if_unavailable=False"]
-        root = self.paths.host("/")
-        if str(root) != "/":
-            argv.append("--installroot=%s" % root)
+        if str(self.root) != "/":
+            argv.append("--installroot=%s" % self.root)
         if offline:
             return argv + ["--disablerepo=*"] + list(args)
         return argv + ["--enablerepo=%s" % r for r in self.repos] + list(args)
@@ -216,7 +219,7 @@ class DnfBackend(PackageManager):
         """What the node-local repository's RPMs answer to (name, name-version-release, with .arch) -> file."""
         if self._local is None:
             self._local = {}
-            rpms = sorted(self.local_repo.glob("*.rpm")) if self.local_repo is not None else []
+            rpms = local_archives(self.local_repo, ".rpm", self.log)
             if rpms:
                 qf = "%{NAME} %{VERSION} %{RELEASE} %{ARCH}\\n"
                 try:
@@ -281,11 +284,36 @@ class DnfBackend(PackageManager):
 
     # -- installing ----------------------------------------------------------------------
 
-    def install(self, names: Sequence[str]) -> List[str]:
+    def install(self, names: Sequence[str], kernel: str) -> List[str]:
+        """The node-local repository's RPMs are unpacked under :mod:`package_contents`' rules (only the
+        kernel's build-tree paths reach the root, no scriptlet runs); the repositories' through dnf."""
+        local = self.local_packages()
+        if all(n in local for n in names):
+            self.offline = True
+            return self._unpack_local(names, kernel)
+        return self._dnf_install(names)
+
+    def _unpack_local(self, names: Sequence[str], kernel: str) -> List[str]:
+        root = self.root
+        prefixes = wanted(kernel)
+        scratch = private_scratch(root)
+        try:
+            for n in names:
+                rpm = self.local_packages()[n]
+                with self.runner.stream(["rpm2cpio", str(rpm)]) as cpio:
+                    unpack(rpm.name, cpio_members(cpio), Confined(scratch), prefixes)
+            placed = install(Confined(scratch), Confined(root), prefixes)
+        except CommandFailed as exc:
+            raise FallbackFailed("an RPM of the node-local repository does not unpack: %s" % exc.summary) from None
+        finally:
+            Confined(scratch.parent).remove(scratch.name)
+        self.log.info("kernel packages unpacked", packages=list(names), files=len(placed), from_local_repo=True)
+        return list(names)
+
+    def _dnf_install(self, names: Sequence[str]) -> List[str]:
         rv = self.releasever or self.releasevers[0]
         local = self.local_packages()
         offline = all(n in local for n in names)
-        self.offline = self.offline or offline
         argv = self._dnf("install", *(str(local[n]) if offline else n for n in names), releasever=rv, offline=offline)
         try:
             self.runner.run(argv, env=self.env, timeout=1800)
@@ -307,7 +335,7 @@ class DnfBackend(PackageManager):
             if "Curl error" in text or "Status code" in text:
                 raise FallbackFailed("dnf install could not download: %s" % explain(text, self.env)) from None
             raise FallbackFailed("dnf install failed: %s" % exc.summary) from None
-        self.log.info("kernel packages installed", packages=list(names), from_local_repo=offline)
+        self.log.info("packages installed", packages=list(names), from_local_repo=offline)
         return list(names)
 
     def install_compiler(self, kernel: str) -> List[str]:
@@ -329,4 +357,4 @@ class DnfBackend(PackageManager):
             )
             return []
         self.log.info("installing the kernel's gcc", kernel_compiler=text, image_gcc=have or "none")
-        return self.install(["gcc-%s" % want])
+        return self._dnf_install(["gcc-%s" % want])

@@ -140,11 +140,20 @@ class KernelTree:
         return None
 
 
+# In a kernel's module directory while the fallback installs its packages: a half-install is never trusted.
+INCOMPLETE = ".driver-ctr-install-incomplete"
+
+
 def open_kernel_tree(paths: HostPaths, release: str, build_tree: Optional[Path] = None) -> KernelTree:
     """The trees of ``release``; a missing or incomplete tree is a BuildFailed
     that says what is missing. ``build_tree`` is the tree the DTK decision
     resolved, when there was one."""
     module_dir = paths.module_dir(release)
+    if os.path.lexists(str(module_dir / INCOMPLETE)):
+        raise NoKernelTree(
+            "the kernel's packages for %s were being installed when a start ended (%s): installed again"
+            % (release, module_dir / INCOMPLETE)
+        )
     build = module_dir / "build"
     sysout = Path(build_tree) if build_tree else paths.follow(build)
     if not sysout.is_dir():

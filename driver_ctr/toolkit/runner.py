@@ -17,9 +17,11 @@ import copy
 import os
 import signal
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import IO, TYPE_CHECKING, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import CommandFailed
 from .log import get_logger
@@ -100,6 +102,47 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandFailed(args, proc.returncode, stdout, stderr)
         return Result(tuple(args), proc.returncode, stdout, stderr, out)
+
+    @contextmanager
+    def stream(
+        self,
+        argv: Sequence[Union[str, "os.PathLike[str]"]],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        cancel: Optional["Cancellation"] = None,
+    ) -> Iterator[IO[bytes]]:
+        """Run ``argv`` with its stdout as a pipe the caller reads (an archive unpacked as it streams, never
+        held whole); stderr is kept in a temporary file for the error. On leaving, a child the caller stopped
+        reading from is ended (its process group); one that exits non-zero is :class:`CommandFailed`."""
+        args = [str(a) for a in argv]
+        cancel = cancel if cancel is not None else self.cancel
+        if cancel is not None:
+            cancel.check()  # nothing new starts after a TERM
+        _log.debug("stream", argv=args)
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env=dict(env) if env is not None else None,
+                    start_new_session=True,
+                )
+            except (FileNotFoundError, PermissionError) as exc:
+                raise CommandFailed(args, None, reason="could not start: %s" % exc) from None
+            assert proc.stdout is not None
+            try:
+                yield proc.stdout
+                proc.stdout.read()  # whatever the caller left, so the child is not stuck on a full pipe
+                proc.wait()
+            finally:
+                proc.stdout.close()
+                if proc.poll() is None:
+                    _stop(proc, True)
+            if proc.returncode != 0:
+                err.seek(0)
+                raise CommandFailed(args, proc.returncode, "", err.read(64 << 10).decode("utf-8", "replace"))
 
     @staticmethod
     def _communicate(

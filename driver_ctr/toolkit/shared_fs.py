@@ -32,6 +32,7 @@ from .inputs import LIMITS, describe_mode
 RECORD_LIMIT = LIMITS["record"]  # flags, the manifest, settings.json
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def rel_ok(rel: str) -> bool:
@@ -217,15 +218,15 @@ class Confined:
             os.close(top)
         return sorted(out)
 
-    def _walk(self, fd: int, path: Path, prefix: str, out: List[str]) -> None:
+    def _walk(self, fd: int, path: Path, prefix: str, out: List[str], links: bool = False) -> None:
         for name in sorted(os.listdir(fd)):
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISREG(st.st_mode):
+            if stat.S_ISREG(st.st_mode) or (links and stat.S_ISLNK(st.st_mode)):
                 out.append(prefix + name)
             elif stat.S_ISDIR(st.st_mode):
                 sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 try:
-                    self._walk(sub, path / name, prefix + name + "/", out)
+                    self._walk(sub, path / name, prefix + name + "/", out, links)
                 finally:
                     os.close(sub)
             else:
@@ -271,6 +272,54 @@ class Confined:
                     raise OSError(exc.errno, exc.strerror, str(self.root / rel)) from exc
                 raise
             os.fsync(dfd)
+
+    def make_dirs(self, rel: str) -> None:
+        """``rel`` and its parents as real directories; an existing link or file on the way is an error,
+        never followed nor removed."""
+        with self._parent(rel, create=True) as (dfd, name):
+            st = self._lstat(dfd, name)
+            if st is None:
+                os.mkdir(name, 0o755, dir_fd=dfd)
+            elif not stat.S_ISDIR(st.st_mode):
+                raise ProtocolError(self.root / rel, "is %s where a directory is expected" % describe_mode(st.st_mode))
+
+    @contextmanager
+    def create(self, rel: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+        """A new regular file ``rel`` (parents made real directories) open for writing; an existing entry of
+        that name is :class:`FileExistsError`, a link on the way a :class:`ProtocolError`."""
+        with self._parent(rel, create=True) as (dfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC, mode, dir_fd=dfd)
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as out:
+            yield out
+
+    def symlink(self, rel: str, target: str) -> None:
+        """A new symbolic link ``rel`` -> ``target`` (the target is never opened)."""
+        with self._parent(rel, create=True) as (dfd, name):
+            os.symlink(target, name, dir_fd=dfd)
+
+    def link(self, src: str, dst: str) -> None:
+        """A new hard link ``dst`` to the regular file ``src``, both inside the tree."""
+        with self._parent(src) as (sfd, sname), self._parent(dst, create=True) as (dfd, dname):
+            os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    def walk_entries(self, rel: str) -> List[str]:
+        """Every regular file and symbolic link below directory ``rel`` (relative to it), sorted; links are
+        listed, never followed; a special file is a ProtocolError."""
+        out: List[str] = []
+        if rel:
+            with self._parent(rel) as (dfd, name):
+                try:
+                    top = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                except OSError as exc:
+                    raise self._error(self.root / rel, exc) from None
+        else:
+            top = self._open_root()
+        try:
+            self._walk(top, self.root / rel, "", out, links=True)
+        finally:
+            os.close(top)
+        return sorted(out)
 
     def ensure_dir(self, rel: str) -> None:
         """``rel`` is a real directory afterwards: anything else there (a file, a
