@@ -34,6 +34,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             self.send_error(404)
             return
+        mode = getattr(self.server, "mode", "")
+        if mode in ("endless", "drip"):  # a hostile or broken mirror: no end, or a byte now and then
+            self.send_response(200)
+            if mode == "drip":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for _ in range(100_000):  # bounded: the client stops long before
+                    self.wfile.write(b"x" if mode == "drip" else bytes(1 << 16))
+                    self.wfile.flush()
+                    if mode == "drip":
+                        self.server.dripped.wait(0.3)  # type: ignore[attr-defined]
+            except OSError:
+                pass
+            return
         start = 0
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
@@ -68,6 +83,8 @@ def _server(tmp_path):
     }
     srv.cut = 0
     srv.requests = []
+    srv.mode = ""
+    srv.dripped = threading.Event()  # never set: the drip's pause
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -181,3 +198,40 @@ def test_bad_arguments_are_named():
         timeout=30,
     )
     assert r.returncode == 1 and "535.x" in r.stderr
+
+
+# -- issue 20.5: a hostile or broken mirror is bounded ----------------------------------------------------------
+
+
+def test_a_checksum_that_is_not_64_hex_digits_is_refused_before_any_download(server, tmp_path):
+    r = _fetch(server, tmp_path, "--sha256", "z" * 64)
+    assert r.returncode == 1 and "64 hexadecimal digits" in r.stderr
+    assert server.requests == []
+    server.files["/tesla/%s/%s.sha256sum" % (VERSION, NAME)] = ("%s  %s\n" % ("g" * 64, NAME)).encode()
+    r = _fetch(server, tmp_path)
+    assert r.returncode == 1 and 'does not hold a sha256 ("<64 hex digits>' in r.stderr
+    assert [p for p, _ in server.requests] == ["/tesla/%s/%s.sha256sum" % (VERSION, NAME)]
+
+
+def test_an_endless_body_stops_at_the_size_bound_and_leaves_nothing(server, tmp_path):
+    server.mode = "endless"
+    r = _fetch(server, tmp_path, "--sha256", "ab" * 32, "--max-size", str(4 << 20))
+    assert r.returncode == 1 and "sent more than 4194304 bytes: stopped" in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dripping_mirror_ends_at_the_deadline(server, tmp_path):
+    server.mode = "drip"
+    r = _fetch(server, tmp_path, "--sha256", "ab" * 32, "--deadline", "2")
+    assert r.returncode == 1 and "did not finish within --deadline 2 s" in r.stderr, r.stderr
+
+
+def test_a_planted_part_link_is_never_appended_through(server, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"host data\n")
+    out = tmp_path / "drivers"
+    out.mkdir()
+    (out / (NAME + ".part")).symlink_to(outside)
+    r = _fetch(server, out)
+    assert r.returncode == 0, r.stderr
+    assert outside.read_bytes() == b"host data\n" and (out / NAME).read_bytes() == PAYLOAD
