@@ -97,14 +97,16 @@ def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MOD
             text = line.split("#", 1)[0].strip()
             if not text:
                 continue
+            # a line that does not parse is named by file and line, never printed: the file is a node's or a
+            # ConfigMap's, and a link may have put another file's secrets there
             try:
                 words = shlex.split(text)
             except ValueError as exc:
-                raise ParameterError("%s:%d: cannot parse %r: %s" % (f, n, line, exc)) from None
-            for w in words:
+                raise ParameterError("%s:%d: the line does not parse (%s)" % (f, n, exc)) from None
+            for i, w in enumerate(words, 1):
                 name, eq, value = w.partition("=")
                 if not eq or not name:
-                    raise ParameterError("%s:%d: %r is not name=value" % (f, n, w))
+                    raise ParameterError("%s:%d: word %d of the line is not name=value" % (f, n, i))
                 params.append(Param(mod, name, value, "%s:%d" % (f, n)))
         out[mod] = params
     return out

@@ -80,7 +80,7 @@ def test_parameters_checked_against_the_module(tmp_path):
         ("NVreg_X=4294967296", "uint", "out of range for uint"),
         ("NVreg_X=maybe", "bool", "expected a boolean"),
         ("NVreg_X=1,x,3", "array of int", "expected an integer (int)"),
-        ("justaword", "uint", "'justaword' is not name=value"),
+        ("justaword", "uint", "nvidia.conf:2: word 1 of the line is not name=value"),
     ],
 )
 def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):

@@ -245,6 +245,16 @@ def test_13_proxy_credentials_are_redacted_whatever_the_password(password, user)
     s = Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "HTTPS_PROXY": url})
     assert s.describe()["HTTPS_PROXY"] == "http://***@proxy.example:3128"
     assert "HTTPS_PROXY" not in s.shared()
+    # issue 20.6: the same proxy without a scheme (the README accepts it) in status, its JSON, logs and errors
+    bare = "%s:%s@proxy.example:3128" % (user, password)
+    assert redact_url_credentials(bare) == "***@proxy.example:3128"
+    assert redact_url_credentials("the proxy %s refused" % bare) == "the proxy ***@proxy.example:3128 refused"
+    assert redact_url_credentials("https_proxy=" + bare) == "https_proxy=***@proxy.example:3128"
+    s = Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64", "HTTPS_PROXY": bare})
+    assert s.describe()["HTTPS_PROXY"] == "***@proxy.example:3128"
+    assert json.dumps(_redact(None, "info", {"event": "x", "proxy": bare})) == json.dumps(
+        {"event": "x", "proxy": "***@proxy.example:3128"}
+    )
 
 
 def test_13_the_two_reported_leaks():
@@ -850,3 +860,60 @@ def test_20_8_unpacking_a_package_ends_on_cancellation(tmp_path, monkeypatch):
     with pytest.raises(Cancelled):
         unpack("h.deb", tar_members(io.BytesIO(tar)), Confined(tmp_path / "scratch"), wanted(PK))
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+# -- 20.6: no echo of what is not ours to print ------------------------------------------------------------------
+
+
+def test_20_6_an_unparsable_parameter_line_is_named_by_file_and_line_never_printed(tmp_path):
+    from driver_ctr.module_params import ParameterError, read_param_files
+
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$6$s3cr3tHASH'unclosed:19000:0:99999:7:::\n")
+    drivers = tmp_path / "drivers"
+    drivers.mkdir()
+    (drivers / "nvidia.conf").symlink_to(shadow)  # a ConfigMap-like link to another file
+    with pytest.raises(ParameterError) as exc:
+        read_param_files(drivers)
+    assert "nvidia.conf:1: the line does not parse" in str(exc.value) and "s3cr3t" not in str(exc.value)
+    shadow.write_text("NVreg_A=1 s3cr3tHASH\n")
+    with pytest.raises(ParameterError) as exc:
+        read_param_files(drivers)
+    assert "nvidia.conf:1: word 2 of the line is not name=value" in str(exc.value) and "s3cr3t" not in str(exc.value)
+
+
+def test_20_6_the_peermem_sidecars_parameters_are_checked_as_the_load_path_checks_them(root, capfd):
+    from harness import make_fixture_module
+
+    from driver_ctr.commands.peermem import checked_parameters
+    from driver_ctr.module_params import ParameterError
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.settings import Settings
+
+    settings = Settings.from_env(env_for(root))
+    mods = root / "run/nvidia/driver/lib/modules" / RHEL_KERNEL
+    make_fixture_module(mods / NV, "nvidia-peermem", RHEL_KERNEL)  # declares NVreg_Test:uint, as fixtures do
+    (mods / "modules.dep").write_text("%s/nvidia-peermem.ko:\n" % NV)
+    (root / "drivers").mkdir()
+    conf = root / "drivers/nvidia-peermem.conf"
+    conf.write_text("NVreg_Test=7 peerdirect_secret=hunter2\n")
+    assert checked_parameters(settings, get_logger()) == ["NVreg_Test=7"]  # the unknown one dropped
+    err = capfd.readouterr().err
+    assert "unknown module parameter dropped" in err and "hunter2" not in err
+    conf.write_text("\nNVreg_Test=-1\n")
+    with pytest.raises(ParameterError, match=r"nvidia-peermem.conf:2: NVreg_Test='-1': expected an integer"):
+        checked_parameters(settings, get_logger())
+
+
+def test_20_6_status_escapes_names_from_the_node(root, tmp_path):
+    from driver_ctr.commands.status import collect, render_text
+    from driver_ctr.toolkit.settings import Settings
+
+    logs = root / "var/log/driver-ctr"
+    logs.mkdir(parents=True)
+    store = root / "usr/src/nvidia-535.261.03/kernel/precompiled"
+    (store / "6.1.0-1-amd64\ninjected: yes").mkdir(parents=True)
+    settings = Settings.from_env(env_for(root, HTTPS_PROXY="user:pw@proxy.corp:3128"))
+    text = render_text(collect(settings))
+    assert "\ninjected: yes" not in text and "6.1.0-1-amd64\\ninjected: yes" in text
+    assert "pw@" not in text and "HTTPS_PROXY=***@proxy.corp:3128" in text

@@ -7,8 +7,10 @@ reads two directories and logs nothing, so it imports nothing heavy.
 
 from __future__ import annotations
 
+from typing import List
+
 from ..toolkit.errors import Cancelled
-from ..toolkit.log import get_logger
+from ..toolkit.log import Logger, get_logger
 from ..toolkit.settings import Settings
 from .options import NoOptions
 
@@ -42,13 +44,9 @@ def reload(settings: Settings, options: NoOptions) -> int:
         if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
             log.info("nvidia-peermem module already loaded, skipping modprobe")
         else:
-            from .. import module_params
             from ..toolkit.nvidia_modules import PEERMEM
 
-            params = module_params.read_param_files(settings.paths.drivers_dir, (PEERMEM,)).get(PEERMEM, [])
-            words = ["%s=%s" % (p.name, p.value) for p in params]
-            if words:
-                log.info("Module parameters provided for nvidia-peermem", params=words)
+            words = checked_parameters(settings, log)
             Runner().run(
                 ["chroot", str(settings.paths.driver_root), "modprobe", PEERMEM, *words], timeout=300, cancel=cancel
             )
@@ -58,6 +56,32 @@ def reload(settings: Settings, options: NoOptions) -> int:
     except Cancelled:
         pass
     return 0
+
+
+def checked_parameters(settings: Settings, log: Logger) -> List[str]:
+    """``nvidia-peermem.conf``'s parameters as the load path takes them (``module_params.usable``): read from
+    the module the chroot's modprobe will load (the driver root's ``/lib/modules/<kernel>``), an unknown
+    one dropped with a warning, a bad value refused before modprobe runs, naming the file and line. Only
+    the names are logged."""
+    from .. import module_params
+    from ..toolkit.modinfo import read_modinfo
+    from ..toolkit.nvidia_modules import PEERMEM, module_name
+    from ..toolkit.paths import reroot
+    from ..toolkit.staging import KernelModules
+
+    params = module_params.read_param_files(settings.paths.drivers_dir, (PEERMEM,)).get(PEERMEM, [])
+    if not params:
+        return []
+    module_dir = reroot(settings.paths.driver_root, "/lib/modules/%s" % settings.running_kernel())
+    rel = KernelModules.read(module_dir).paths.get(module_name(PEERMEM))
+    if rel is None:
+        raise module_params.ParameterError(
+            "%s: the parameters cannot be checked: nvidia-peermem is not among the driver root's modules (%s)"
+            % (params[0].source.split(":")[0], module_dir)
+        )
+    kept = module_params.usable({PEERMEM: params}, {PEERMEM: read_modinfo(module_dir / rel)}, log)[PEERMEM]
+    log.info("module parameters for nvidia-peermem", parameters=[p.name for p in kept])
+    return ["%s=%s" % (p.name, p.value) for p in kept]
 
 
 def probe(settings: Settings, options: NoOptions) -> int:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .. import __version__, precompiled
 from ..fast_path import decide_fast_path
 from ..toolkit import protocol as proto
 from ..toolkit.build_logs import build_logs
-from ..toolkit.errors import InvalidValue
+from ..toolkit.errors import InvalidValue, printable
 from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
 from .options import StatusOptions
@@ -66,6 +66,12 @@ def collect(settings: Settings) -> Dict[str, Any]:
 
 
 def render_text(info: Dict[str, Any]) -> str:
+    """The text form; every value from the node (file names, a digest, settings) with its control characters
+    escaped, one fact a line."""
+    return "\n".join(printable(line) for line in _lines(info)) + "\n"
+
+
+def _lines(info: Dict[str, Any]) -> List[str]:
     lines = ["driver-ctr %s" % info["driver_ctr_version"]]
     d, k, l, s = info["driver"], info["kernel"], info["loaded"], info["shared_dir"]
     lines.append(
@@ -94,7 +100,7 @@ def render_text(info: Dict[str, Any]) -> str:
     lines.append("settings:")
     for key, value in sorted(info["settings"].items()):
         lines.append("  %s=%s" % (key, value))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def run(settings: Settings, options: StatusOptions) -> int:

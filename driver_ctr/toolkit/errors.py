@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 ECHO_LIMIT = 200  # characters of a bad value shown back in an error
@@ -169,10 +170,19 @@ def innermost_step(exc: BaseException) -> str:
     return " (in %s.%s)" % (module, f.name)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a name from the node never starts
+    a line of its own nor moves a terminal's cursor."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def echo_path(path: str, limit: int = ECHO_LIMIT) -> str:
-    """A path from the node in a message: control characters escaped (a newline in a file name never starts
-    a line of its own), cut to ``limit`` characters with the full length said."""
-    text = path.encode("unicode_escape", "backslashreplace").decode("ascii")
+    """A path from the node in a message: control characters escaped (:func:`printable`), cut to ``limit``
+    characters with the full length said."""
+    text = printable(path)
     if len(text) <= limit:
         return text
     return "%s... (%d characters)" % (text[:limit], len(path))

@@ -19,17 +19,19 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_url_credentials(text: str) -> str:
-    """Replace the user-info of every URL in ``text`` with ``***``:
-    ``scheme://user:password@host`` -> ``scheme://***@host``.
-
+    """Replace the user-info of every URL in ``text`` with ``***``, with or without a scheme (a proxy may
+    be given as ``user:password@proxy:3128``): ``scheme://user:password@host`` -> ``scheme://***@host``,
+    ``user:password@host`` -> ``***@host``; see :func:`_redact_schemeless` for the second form.
     The user-info is everything from ``://`` to the *last* ``@`` of the URL
     token (up to whitespace or a quote), so a password holding ``@``, ``/``,
     ``:`` or percent-escapes is hidden whole; a path holding ``@`` is hidden
     too (more than needed, never less). Linear in the length of ``text``:
     every character is looked at a bounded number of times.
     """
-    if "://" not in text:
+    if "@" not in text:
         return text
+    if "://" not in text:
+        return _redact_schemeless(text)
     out = []
     pos = 0  # everything before pos is already in out
     i = text.find("://")
@@ -49,6 +51,33 @@ def redact_url_credentials(text: str) -> str:
             out.append(REDACTED)
             pos = at  # keeps the "@host..."
         i = text.find("://", end)
+    out.append(text[pos:])
+    return _redact_schemeless("".join(out))
+
+
+_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_TOKEN = re.compile(r"[^\s\"'`]+")  # maximal runs: each character is in one token, looked at once
+
+
+def _redact_schemeless(text: str) -> str:
+    """``user:password@host`` tokens (up to whitespace or a quote) without ``://``: everything before the
+    token's last ``@`` is hidden when it holds a ``:`` (a user and a password; a ``NAME=`` in front, as in
+    ``https_proxy=user:pw@host``, is kept). Linear: each token is looked at once."""
+    out = []
+    pos = 0
+    for m in _TOKEN.finditer(text):
+        token = m.group(0)
+        at = token.rfind("@")
+        if at <= 0 or at == len(token) - 1 or "://" in token:
+            continue
+        lead = _ASSIGNMENT.match(token)
+        start = lead.end() if lead else 0
+        user_info = token[start:at]
+        if ":" not in user_info or user_info == REDACTED:
+            continue
+        out.append(text[pos : m.start() + start])
+        out.append(REDACTED)
+        pos = m.start() + at
     out.append(text[pos:])
     return "".join(out)
 
