@@ -150,9 +150,9 @@ def mount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
         runner.run(["umount", "-l", "-R", str(target)], timeout=60)
     target.mkdir(parents=True, exist_ok=True)
     for argv in (
-        ["mount", "--make-runbindable", "/sys"],
-        ["mount", "--make-private", "/sys"],
-        ["mount", "--rbind", "/", str(target)],
+        ["mount", "--make-runbindable", str(paths.sys)],
+        ["mount", "--make-private", str(paths.sys)],
+        ["mount", "--rbind", str(paths.host("/")), str(target)],
     ):
         runner.run(argv, timeout=60)
     if host_selinux_enabled(paths):

@@ -49,6 +49,9 @@ def _cli_env(root: Path) -> dict:
     env["DRIVER_CTR_ROOT"] = str(root)
     env["DRIVER_CTR_LOG_FORMAT"] = "json"
     env["PYTHONPATH"] = str(REPO)
+    from harness import path_with
+
+    env["PATH"] = path_with(env)  # the stand-in node tools first (harness.node_tools)
     return env
 
 
@@ -89,3 +92,26 @@ def _built(built_template: tuple, root: Path) -> tuple:
     template, mods = built_template
     copy_root(template, root)
     return env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(mods)), make_shared_dir(root)
+
+
+@pytest.fixture(autouse=True)
+def _the_product_runs_only_with_stand_in_node_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard of "tests never touch their host": a test that starts the product as a process on this
+    machine (``python -m driver_ctr``) must give it the stand-in node tools first on its PATH (harness.env_for),
+    so no modprobe, insmod, rmmod, mount or umount of the product reaches the host's kernel or mount namespace,
+    whatever that kernel could load. Loading for real is the VM tier's, in the guest."""
+    import subprocess
+
+    from harness import guard_node_tools
+
+    real = subprocess.Popen
+
+    class GuardedPopen(real):  # type: ignore[misc,valid-type]
+        def __init__(self, args, *a, **kw):  # type: ignore[no-untyped-def]
+            argv = [str(x) for x in args] if isinstance(args, (list, tuple)) else [str(args)]
+            launcher = bool(argv) and argv[0].endswith("/nvidia-driver")  # the DTK side's launcher only builds
+            if "driver_ctr" in argv[1:3] or launcher:
+                guard_node_tools(kw.get("env") or dict(os.environ))
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", GuardedPopen)

@@ -101,6 +101,69 @@ def make_dtk_image(
     (root / "etc/driver-toolkit-release.json").write_text(json.dumps(release_json))
 
 
+# -- the node's tools, never the test host's -----------------------------------------------------------------
+# Tests never load a module into, mount onto or unload from the machine they run on: every process a test
+# starts gets these stand-ins first on its PATH (env_for), whatever the host's kernel could do. They record
+# their arguments in $NODE_TOOLS_LOG and answer as this project's hosts do: a load is refused
+# ("Operation not permitted"), or accepted with NODE_TOOLS_LOADING=accept (a fault-injection run that must
+# reach Ready). modprobe's read-only questions (--show-depends, a staging tree's) go to the real modprobe.
+# Loading for real happens in the VM tier, in the guest.
+NODE_TOOLS = ("modprobe", "insmod", "rmmod", "mount", "umount", "chcon", "chroot")
+_STAND_IN = """#!/bin/sh
+# driver-ctr test stand-in for %(tool)s (tests/harness.py): the test host is never touched
+[ -n "$NODE_TOOLS_LOG" ] && echo "%(tool)s $*" >> "$NODE_TOOLS_LOG"
+case %(tool)s in
+  modprobe)
+    for a in "$@"; do
+      case "$a" in --show-depends|-D|--resolve-alias|-R|-c|--showconfig) exec %(real)s "$@" ;; esac
+    done
+    for a in "$@"; do case "$a" in -r|--remove) exit 0 ;; esac; done ;;
+  insmod) ;;
+  chroot) [ "$NODE_TOOLS_LOADING" = accept ] && exit 0
+          echo "chroot: stand-in: tests never enter a node's root" >&2; exit 1 ;;
+  *) exit 0 ;;
+esac
+[ "$NODE_TOOLS_LOADING" = accept ] && exit 0
+for a in "$@"; do case "$a" in -*) ;; *) m=$a ;; esac; done
+echo "%(tool)s: ERROR: could not insert '$m': Operation not permitted" >&2
+exit 1
+"""
+_node_tools_dir: List[Path] = []
+
+
+def node_tools() -> Path:
+    """The directory of the stand-in node tools (made once per test process)."""
+    if not _node_tools_dir:
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="driver-ctr-node-tools-"))
+        real = shutil.which("modprobe", path="/usr/sbin:/sbin:/usr/bin:/bin") or "/sbin/modprobe"
+        for tool in NODE_TOOLS:
+            (d / tool).write_text(_STAND_IN % {"tool": tool, "real": real})
+            (d / tool).chmod(0o755)
+        _node_tools_dir.append(d)
+    return _node_tools_dir[0]
+
+
+def guard_node_tools(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` unchanged when the stand-in node tools come first on its PATH; otherwise the test is stopped:
+    the product is never started where it could load, mount or unload on the test host."""
+    first = env.get("PATH", "").split(os.pathsep)[0]
+    if first != str(node_tools()):
+        raise AssertionError(
+            "refusing to start the product with the host's own modprobe/mount on PATH (%s): use harness.env_for" % first
+        )
+    return env
+
+
+def path_with(env: Dict[str, str], *first: object, rest: Optional[str] = None) -> str:
+    """A PATH for ``env``: the stand-in node tools, then ``first`` (a test's own stand-ins), then ``rest``
+    (default: ``env``'s PATH without the node tools)."""
+    tools = str(node_tools())
+    tail = env.get("PATH", "") if rest is None else rest
+    return os.pathsep.join([tools, *map(str, first), *(d for d in tail.split(os.pathsep) if d and d != tools)])
+
+
 def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, str]:
     env = {
         k: v
@@ -110,7 +173,7 @@ def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, st
     env.update(BASE_ENV)
     # The real interpreter first on PATH (as /usr/bin/python3 is in a DTK image),
     # not a version-manager shim that costs a shell start per call.
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["PATH"] = os.pathsep.join((str(node_tools()), os.path.dirname(sys.executable), env.get("PATH", "")))
     env.update(
         DRIVER_CTR_ROOT=str(root),
         DRIVER_CTR_KERNEL_RELEASE=kernel,
@@ -139,7 +202,7 @@ def start_driver(env: Dict[str, str], *extra: str, dry_run: bool = True) -> subp
         [sys.executable, "-m", "driver_ctr", "ocp_dtk_entrypoint", "nv-ctr-run-with-dtk"]
         + (["--dry-run"] if dry_run else [])
         + list(extra),
-        env=env,
+        env=guard_node_tools(env),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -153,7 +216,9 @@ def start_dtk(env: Dict[str, str], shared: Path) -> subprocess.Popen:
         shared,
         shared,
     )
-    return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["sh", "-c", script], env=guard_node_tools(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(p: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -355,7 +420,7 @@ def nvd(env: Dict[str, str], *args: str, timeout: float = 60) -> subprocess.Comp
     """``nvidia-driver ARGS`` as a process, to its end."""
     return subprocess.run(
         [sys.executable, "-m", "driver_ctr", "nvidia-driver", *args],
-        env=env,
+        env=guard_node_tools(env),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -376,7 +441,9 @@ def run_with_small_disk(mountpoint: Path, size: str, script: str, env: Dict[str,
     if probe.returncode != 0:
         pytest.skip("no private mount namespace here for a small tmpfs: %s" % probe.stderr.strip())
     mountpoint.mkdir(parents=True, exist_ok=True)
-    full = 'mount -t tmpfs -o size=%s driver-ctr-test %s || exit 97\nLEFT="ls -A %s"\n%s' % (
+    real_mount = shutil.which("mount", path="/usr/bin:/bin:/usr/sbin:/sbin") or "/bin/mount"
+    full = '%s -t tmpfs -o size=%s driver-ctr-test %s || exit 97\nLEFT="ls -A %s"\n%s' % (
+        real_mount,
         size,
         mountpoint,
         mountpoint,

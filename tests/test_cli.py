@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -100,9 +101,12 @@ def test_console_scripts_installed():
     """pip install -e . provides both entry points (skips if the package is not installed)."""
     import shutil
 
+    from harness import path_with
+
     for name in ("nvidia-driver", "ocp_dtk_entrypoint"):
         exe = shutil.which(name)
         if not exe:
             pytest.skip("driver-ctr is not pip-installed in this environment")
-        r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+        env = dict(os.environ, PATH=path_with(dict(os.environ)))
+        r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0 and "usage: %s" % name in r.stdout

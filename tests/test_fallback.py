@@ -26,6 +26,7 @@ from harness import (
     make_real_kernel_root,
     make_shared_dir,
     nvd,
+    path_with,
     run_both,
 )
 
@@ -615,7 +616,7 @@ def test_a_proxy_password_in_a_package_manager_failure_never_reaches_the_user(ro
     (root / "host-etc/os-release").write_text(DEBIAN)
     src = copy_fixture_sources(tmp_path / "src")
     env = env_for(root, "6.1.0-57-amd64", HTTP_PROXY="http://u:s3cret@proxy:3128", DRIVER_CTR_SOURCE_DIR=str(src))
-    env["PATH"] = "%s:%s" % (bindir, env["PATH"])
+    env["PATH"] = path_with(env, bindir)
     r = nvd(env, "init")
     assert r.returncode == 1
     assert "apt-get update failed" in r.stderr and "http://***@proxy:3128" in r.stderr

@@ -10,7 +10,17 @@ import time
 
 import pytest
 from conftest import REPO
-from harness import PROMPT_S, RHEL_KERNEL, env_for, make_dtk_image, make_fixture_modules, make_shared_dir, nvd, run_both
+from harness import (
+    PROMPT_S,
+    RHEL_KERNEL,
+    env_for,
+    make_dtk_image,
+    make_fixture_modules,
+    make_shared_dir,
+    nvd,
+    path_with,
+    run_both,
+)
 
 
 def test_load_without_any_build_says_where_it_looked(root):
@@ -192,7 +202,7 @@ def test_no_installer_and_no_userspace_is_one_error_before_anything_is_loaded(ro
     d, _ = run_both(root, env)
     assert d.returncode == 0, d.stderr
     env["DRIVER_CTR_USERSPACE"] = "auto"
-    env["PATH"] = "%s:/usr/bin:/bin" % sys.executable.rsplit("/", 1)[0]  # no nvidia-smi anywhere
+    env["PATH"] = path_with(env, rest="%s:/usr/bin:/bin" % sys.executable.rsplit("/", 1)[0])  # no nvidia-smi
     r = nvd(env, "load")
     assert r.returncode == 1
     expected = root / "drivers/NVIDIA-Linux-x86_64-535.261.03.run"

@@ -24,6 +24,7 @@ from harness import (
     make_fixture_modules,
     make_shared_dir,
     nvd,
+    path_with,
     run_both,
     start_driver,
     start_dtk,
@@ -362,7 +363,7 @@ def test_17_sigterm_during_the_userspace_install_starts_nothing_after(built, roo
     for tool in ("modprobe", "mount", "rmmod", "umount"):
         (bindir / tool).write_text('#!/bin/sh\necho %s "$@" >> %s\n' % (tool, root.parent / "ran"))
         (bindir / tool).chmod(0o755)
-    env = dict(env, PATH="%s:%s" % (bindir, env["PATH"]), DRIVER_CTR_USERSPACE="auto")
+    env = dict(env, PATH=path_with(env, bindir), DRIVER_CTR_USERSPACE="auto")
     drv = start_driver(env, dry_run=False)
     wait_for_file(root / "drivers/calls", timeout=60)
     assert stop(drv) < PROMPT_S and drv.returncode == 0
@@ -917,3 +918,30 @@ def test_20_6_status_escapes_names_from_the_node(root, tmp_path):
     text = render_text(collect(settings))
     assert "\ninjected: yes" not in text and "6.1.0-1-amd64\\ninjected: yes" in text
     assert "pw@" not in text and "HTTPS_PROXY=***@proxy.corp:3128" in text
+
+
+# -- 20.10: tests never touch their host ------------------------------------------------------------------------
+
+
+def test_20_10_the_suite_refuses_to_start_the_product_with_the_hosts_own_tools(root):
+    """The guard: a product process started without the stand-in node tools first on its PATH is refused
+    before it starts, whatever the host's kernel could load."""
+    env = env_for(root)
+    with pytest.raises(AssertionError, match="refusing to start the product with the host's own modprobe"):
+        subprocess.run([sys.executable, "-m", "driver_ctr", "nvidia-driver", "load"], env=dict(env, PATH="/usr/bin"))
+
+
+def test_20_10_a_load_on_this_host_goes_to_the_stand_in_tools_which_refuse_it(root, tmp_path):
+    """`nvidia-driver load` of a fixture tree: the stand-in modprobe records the insert and refuses it as
+    this project's hosts do; the real modprobe never ran an insert (only --show-depends reaches it)."""
+    from harness import make_fixture_modules
+
+    record = tmp_path / "tools.log"
+    env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)))
+    make_dtk_image(root)
+    d, _ = run_both(root, env)
+    assert d.returncode == 0, d.stderr
+    r = nvd(dict(env, NODE_TOOLS_LOG=str(record)), "load")
+    assert r.returncode == 1 and "the kernel refused module loading" in r.stderr, r.stderr[-2000:]
+    ran = record.read_text()
+    assert "modprobe -d %s/run/nvidia/driver-ctr/modroot" % root in ran and "--first-time nvidia" in ran
