@@ -21,12 +21,14 @@ from conftest import BASE_ENV, REPO
 
 RHEL_KERNEL = "5.14.0-427.13.1.el9_4.x86_64"
 FIXTURE_BUILDER = REPO / "tests" / "fixture_builder.py"
-# How soon a process must react to a signal or a failure flag. The product's
-# contract is 2 s (every wait wakes at least every 0.5 s); tests allow 10 s so a
-# loaded 2-core CI machine does not fail them, while a wait that misses the event
-# still fails: it would run to its deadline (minutes) or forever. The measured
-# figures are printed by scripts/bench-protocol.
-PROMPT_S = 10.0
+# The product's one timing contract (README, "Signals and timing"): every state ends within 2 s of a SIGTERM,
+# and a wait ends within 2 s of the event it waits for (a failure flag, a file); a read of a hostile input ends
+# within 2 s of starting. Tests assert it with that margin, measured from the signal or the event, never from a
+# process's start. The measured figures are printed by scripts/bench-protocol.
+PROMPT_S = 2.0
+# A run that must end at once rather than at its deadline (a minute or more in those tests), Python's start
+# and imports included: far under the deadline, far over a loaded machine's start-up.
+AT_ONCE_S = 20.0
 VERMAGIC_FLAGS = "SMP preempt mod_unload modversions "
 
 _C = """
@@ -248,6 +250,38 @@ def wait_for_file(path: Path, timeout: float = 30) -> None:
         if time.monotonic() > end:
             raise AssertionError("timed out waiting for %s" % path)
         time.sleep(0.02)
+
+
+def wait_for_event(p: subprocess.Popen, timeout: float = 60, **match: object) -> List[str]:
+    """Read ``p``'s stderr (JSON log lines) until an event whose fields include ``match``; the lines read.
+    The synchronisation a test means ("the side is now waiting for X"), never a fixed sleep; a process that
+    ends first, or a deadline passed, fails the test."""
+    import select
+
+    assert p.stderr is not None
+    end = time.monotonic() + timeout
+    lines: List[str] = []
+    fd = p.stderr.fileno()
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            p.kill()
+            raise AssertionError("no event %r within %.0f s:\n%s" % (match, timeout, "".join(lines)[-3000:]))
+        if not select.select([fd], [], [], left)[0]:
+            continue
+        raw = b""
+        while not raw.endswith(b"\n"):  # byte by byte from the descriptor: nothing is left in a buffer that
+            byte = os.read(fd, 1)  # select cannot see, nor taken from what a later communicate() reads
+            if not byte:
+                break
+            raw += byte
+        if not raw:
+            raise AssertionError("the process ended before the event %r:\n%s" % (match, "".join(lines)[-3000:]))
+        line = raw.decode("utf-8", "replace")
+        lines.append(line)
+        for e in events(line):
+            if all(e.get(k) == v for k, v in match.items()):
+                return lines
 
 
 def events(text: str) -> List[dict]:

@@ -20,6 +20,7 @@ from harness import (
     nvd,
     path_with,
     run_both,
+    wait_for_event,
 )
 
 
@@ -84,7 +85,7 @@ def test_reload_peermem_waits_and_stops_promptly_on_sigterm(root):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    wait_for_event(p, event="waiting", what="the MOFED driver and the NVIDIA driver container to be ready")
     assert p.poll() is None  # MOFED not ready: waiting
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)

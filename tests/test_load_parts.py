@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -287,8 +286,7 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
     ours = subprocess.Popen([str(fake), "30"])
     try:
         pf.write_text("%d\n" % unrelated.pid)
-        stop_daemons(paths, LOG)
-        time.sleep(0.2)
+        stop_daemons(paths, LOG)  # synchronous: a signalled daemon is waited for, so it would be gone now
         assert unrelated.poll() is None  # still running: not ours
         pf.write_text("%d\n" % ours.pid)
         stop_daemons(paths, LOG)
@@ -368,12 +366,33 @@ def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(t
     runner = FakeRunner()
     runner.expect(("/usr/bin/nvidia-fabricmanager-start.sh", "--mode", "start"))
     runner.expect(("nvidia-smi", "-r"))
-    threading.Timer(0.5, lambda: (tmp_path / "sys/module/ib_umad").mkdir()).start()
-    started = start_daemons(s, runner, LOG, Cancellation())
+    # ib_umad appears once start_daemons is waiting for it (its "waiting" event), never before: the wait is proven
+    waiting = threading.Event()
+    log = _Notify(LOG, "waiting", waiting)
+    threading.Thread(target=lambda: waiting.wait(30) and (tmp_path / "sys/module/ib_umad").mkdir()).start()
+    started = start_daemons(s, runner, log, Cancellation())
+    assert waiting.is_set()
     assert started == ["fabric-manager"]
     assert [c[0] for c in runner.calls] == ["/usr/bin/nvidia-fabricmanager-start.sh", "nvidia-smi"]
     assert str(cfg) in runner.calls[0]
     assert cfg.read_text() == "FABRIC_MODE=1\n"
+
+
+class _Notify:
+    """A logger that sets ``flag`` when ``event`` is logged, and passes every call on."""
+
+    def __init__(self, log, event, flag):  # type: ignore[no-untyped-def]
+        self.log, self.event, self.flag = log, event, flag
+
+    def __getattr__(self, name):  # type: ignore[no-untyped-def]
+        method = getattr(self.log, name)
+
+        def call(event, *a, **kw):  # type: ignore[no-untyped-def]
+            if event == self.event:
+                self.flag.set()
+            return method(event, *a, **kw)
+
+        return call
 
 
 @pytest.mark.parametrize("stale", [False, True])

@@ -19,6 +19,7 @@ from harness import (
     start_driver,
     start_dtk,
     stop,
+    wait_for_event,
     wait_for_file,
 )
 
@@ -154,7 +155,7 @@ def test_rhcos_image_missing(root, fixture_mods):
     payload.install(SharedDir(shared))
     (shared / "dir_prepared").write_text("")
     dtk = start_dtk(env, shared)
-    time.sleep(1.5)
+    wait_for_event(dtk, event="idle", reason="RHCOS_IMAGE_MISSING=true: nothing to build here")
     assert dtk.poll() is None
     assert stop(dtk) < PROMPT_S
     assert dtk.returncode == 0
@@ -246,10 +247,9 @@ def test_stale_modules_planted_under_a_matching_manifest_are_refused(root, fixtu
 def test_sigterm_while_waiting_ends_driver_side_within_2s(root):
     make_dtk_image(root)
     env = env_for(root)
-    shared = make_shared_dir(root)  # the pod's volume exists before the container starts
+    make_shared_dir(root)  # the pod's volume exists before the container starts
     drv = start_driver(env)
-    wait_for_file(shared / "dir_prepared")
-    time.sleep(0.3)
+    wait_for_event(drv, phase="wait build start", event="phase start")  # now in the wait SIGTERM must end
     assert stop(drv) < PROMPT_S
     assert drv.returncode == 0
 
@@ -297,7 +297,7 @@ def test_after_a_reboot_the_dtk_waits_for_the_new_generation_and_never_fails_it(
     env = env_for(root, DRIVER_CTR_FIXTURE_MODULES=str(fixture_mods))
     shared = make_shared_dir(root)
     dtk = start_dtk(env, shared)  # dir_prepared of generation 1 is there: it starts at once
-    time.sleep(1.0)
+    wait_for_event(dtk, event="the prepared generation is for other inputs: waiting for the driver side's new one")
     assert dtk.poll() is None, "the DTK side exited on the old generation"
     assert not (shared / "driver_build_failed").exists()
     d = finish(start_driver(env))

@@ -141,6 +141,7 @@ def wait_until(
     start = clock()
     deadline = start + timeout_s
     next_progress = start + progress_s
+    told = False
     with DirWatch(directory) as watch:
         while True:
             cancel.check()
@@ -148,6 +149,9 @@ def wait_until(
             if result is not None:
                 return result
             now = clock()
+            if log is not None and not told:  # the first check did not hold: say what is awaited, once
+                log.info("waiting", what=what, waited_s=0, deadline_s=round(min(timeout_s, 1e12)))
+                told = True
             if now >= deadline:
                 raise HandoffTimeout(what, timeout_s)
             if log is not None and now >= next_progress:
