@@ -35,7 +35,7 @@ from typing import IO, Optional, Sequence
 
 import requests
 
-from .toolkit.errors import DriverCtrError, InvalidValue
+from .toolkit.errors import DriverCtrError, FileSystemError, InvalidValue
 from .toolkit.redact import redact_url_credentials
 from .toolkit.sources import run_file_name
 from .toolkit.versions import normalize_arch, parse_driver_version
@@ -296,6 +296,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except DriverCtrError as exc:
         sys.stderr.write("fetch-driver: %s\n" % exc)
+        return 1
+    except OSError as exc:  # a full disk, a read-only output directory: named, never a traceback
+        sys.stderr.write("fetch-driver: %s\n" % FileSystemError(exc, "writing the driver"))
         return 1
     sys.stdout.write("%s\n" % path)
     return 0

@@ -235,3 +235,26 @@ def test_a_planted_part_link_is_never_appended_through(server, tmp_path):
     r = _fetch(server, out)
     assert r.returncode == 0, r.stderr
     assert outside.read_bytes() == b"host data\n" and (out / NAME).read_bytes() == PAYLOAD
+
+
+def test_a_published_checksum_file_is_read_with_a_bound(server, tmp_path):
+    server.files["/tesla/%s/%s.sha256sum" % (VERSION, NAME)] = b"a" * (1 << 20)
+    r = _fetch(server, tmp_path)
+    assert r.returncode == 1 and "is over 65536 bytes: not a checksum file" in r.stderr
+
+
+def test_a_full_disk_is_a_named_error(server, tmp_path):
+    """Issue 20: fetch-driver on a full disk printed a traceback."""
+    from harness import run_with_small_disk
+
+    out = tmp_path / "small"
+    script = "%s %s %s --arch amd64 --base-url http://127.0.0.1:%d/tesla -o %s; echo rc=$?" % (
+        sys.executable,
+        REPO / "scripts/fetch-driver",
+        VERSION,
+        server.server_address[1],
+        out,
+    )
+    r = run_with_small_disk(out, "256k", script, {"PATH": "/usr/bin:/bin"})
+    assert "rc=1" in r.stdout, r.stdout + r.stderr
+    assert "No space left on device (ENOSPC)" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -224,3 +224,20 @@ def test_a_signal_during_the_verifying_copy_ends_it_and_keeps_the_good_entry(tmp
     monkeypatch.setattr(Cancellation, "installed", None)
     assert cache.lookup(_inputs(kernel), "") is not None  # still there, still good
     assert list((tmp_path / "trees").iterdir()) == []  # no partial copy left behind
+
+
+def test_an_oversize_entry_record_is_discarded_without_being_read(tmp_path):
+    """Issue 20.1: a bundle's entry.json was read whole (0.4-0.6 GiB of memory for a large one)."""
+    import tracemalloc
+
+    (tmp_path / "cache").mkdir()
+    cache = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    entry = Path(_store(cache, tmp_path, kernel))
+    with open(str(entry / "entry.json"), "r+b") as f:
+        f.truncate(600 << 20)  # sparse: 600 MiB of record
+    tracemalloc.start()
+    assert cache.lookup(_inputs(kernel), "") is None
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20 and not entry.exists()
