@@ -241,3 +241,15 @@ def test_an_oversize_entry_record_is_discarded_without_being_read(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 16 << 20 and not entry.exists()
+
+
+def test_a_store_reached_through_a_link_is_the_links_target(tmp_path):
+    """The store's own configured path may lead through a link (a test keeps its real builds that way); inside
+    the store nothing is followed."""
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "cache").symlink_to(tmp_path / "kept")
+    cache = HostCache(tmp_path / "cache")
+    kernel = "6.1.0-57-amd64"
+    _store(cache, tmp_path, kernel)
+    assert cache.lookup(_inputs(kernel), "") is not None and cache.kernels() == [kernel]
+    assert (tmp_path / "kept" / kernel).is_dir()

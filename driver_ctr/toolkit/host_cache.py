@@ -85,7 +85,9 @@ class CacheEntry:
 class HostCache:
     def __init__(self, directory: Path, keep: int = 3) -> None:
         self.dir = directory
-        self.fs = Confined(directory)
+        # the store is where its configured path leads (a hostPath, a test's link to a kept directory);
+        # inside it, nothing is ever followed
+        self.fs = Confined(Path(os.path.realpath(str(directory))))
         self.keep = keep
         self.log = get_logger(cache=str(directory))
 
@@ -184,8 +186,8 @@ class HostCache:
         rel = self.entry_rel(kernel, key)
         self.clean_temporaries()
         with self._temporary(key) as tmp:
-            shutil.copytree(str(modules), str(self.dir / tmp / MODULES))
-            files = describe_tree(self.dir / tmp / MODULES)
+            shutil.copytree(str(modules), str(self.fs.root / tmp / MODULES))
+            files = describe_tree(self.fs.root / tmp / MODULES)
             if build.files and {f.path: f.sha256 for f in build.files} != {f.path: f.sha256 for f in files}:
                 raise DriverCtrError("the tree copied into the host cache differs from the verified build")
             record = CacheRecord(
