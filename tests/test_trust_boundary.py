@@ -946,3 +946,28 @@ def test_20_10_a_load_on_this_host_goes_to_the_stand_in_tools_which_refuse_it(ro
     assert r.returncode == 1 and "the kernel refused module loading" in r.stderr, r.stderr[-2000:]
     ran = record.read_text()
     assert "modprobe -d %s/run/nvidia/driver-ctr/modroot" % root in ran and "--first-time nvidia" in ran
+
+
+def test_20_7_a_preflights_scratch_root_has_the_images_merged_usr_layout(root, tmp_path):
+    """Debian 13's packages ship /usr/lib/modules/<k>: in a merged-usr image (lib -> usr/lib) the preflight's
+    scratch root gets the same link, so the trees land where the image would have them (the trixie cells of
+    the branch matrix failed without it)."""
+    from harness import make_deb, tar_entry
+
+    from driver_ctr.fallback import install_kernel_tree
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.runner import Runner
+    from driver_ctr.toolkit.settings import Settings
+
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "lib").symlink_to("usr/lib")
+    (root / "repo").mkdir()
+    headers = [e for e in _headers() if "lib/modules" not in e[0].name]
+    build = tar_entry("./usr/lib/modules/%s/build" % PK, "symlink", link="/usr/src/linux-headers-%s" % PK)
+    make_deb(root / "repo/h.deb", "linux-headers-" + PK, headers + [build])
+    make_deb(root / "repo/m.deb", "linux-image-" + PK, [])
+    settings = Settings.from_env(env_for(root, PK, DRIVER_CTR_LOCAL_REPO="/repo"))
+    scratch = tmp_path / "check-root"
+    install_kernel_tree(settings, PK, Runner(), get_logger(), root=scratch)
+    assert (scratch / "lib").is_symlink() and (scratch / ("usr/src/linux-headers-%s/Makefile" % PK)).is_file()
+    assert os.readlink(str(scratch / "lib/modules" / PK / "build")) == "/usr/src/linux-headers-%s" % PK

@@ -32,6 +32,7 @@ from .apt import AptBackend
 from .base import FallbackFailed, PackageManager
 from .dnf import DnfBackend
 from .node_os import NodeOS, read_node_os
+from .package_contents import mirror_merged_usr
 
 SUPPORT_NOTE = (
     "NVIDIA does not support entitled builds on OpenShift 4.10 and later; the Driver Toolkit is the supported "
@@ -106,7 +107,10 @@ def install_kernel_tree(
     the build tree. Returns the packages installed. ``root``: where the trees go (default: the
     container's root); a preflight gives its own scratch root, and nothing outside it changes.
     The install is marked incomplete (``kernel_tree.INCOMPLETE``) until it is complete."""
-    target = HostPaths(root=str(root)) if root is not None else settings.paths
+    target = settings.paths
+    if root is not None:
+        mirror_merged_usr(settings.paths.host("/"), root)
+        target = HostPaths(root=str(root))
     backend = backend_for(settings, kernel, runner, log, target)
     problems = backend.preflight()
     if problems:

@@ -320,6 +320,16 @@ def merged_usr(root: Path) -> Dict[str, str]:
     return out
 
 
+def mirror_merged_usr(like: Path, root: Path) -> None:
+    """Give the new root ``root`` the merged-usr links of ``like`` (a Debian 13 image's ``lib -> usr/lib``):
+    a preflight's scratch root then lays out a kernel's trees where the image would."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, target in merged_usr(like).items():
+        if not os.path.lexists(str(root / name)):
+            (root / target).mkdir(parents=True, exist_ok=True)
+            os.symlink(target, str(root / name))
+
+
 def install(scratch: Confined, root: Confined, prefixes: List[str]) -> List[str]:
     """Move every file and link of ``scratch`` under ``prefixes`` into ``root`` (renames within one
     filesystem: scratch lives in the root), never through an existing link; the paths installed."""
