@@ -21,8 +21,6 @@ from typing import Dict, List, Optional
 
 from ..toolkit.dtk_decision import inspect_dtk
 from ..toolkit.errors import CommandFailed, InvalidValue
-from ..toolkit.fsio import atomic_write_text
-from ..toolkit.kernel_tree import INCOMPLETE
 from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
@@ -32,7 +30,7 @@ from .apt import AptBackend
 from .base import FallbackFailed, PackageManager
 from .dnf import DnfBackend
 from .node_os import NodeOS, read_node_os
-from .package_contents import mirror_merged_usr
+from .package_contents import mark_complete, mirror_merged_usr
 
 SUPPORT_NOTE = (
     "NVIDIA does not support entitled builds on OpenShift 4.10 and later; the Driver Toolkit is the supported "
@@ -106,7 +104,8 @@ def install_kernel_tree(
     (no network), else the configured sources; ``depmod``; then the DTK decision's own check of
     the build tree. Returns the packages installed. ``root``: where the trees go (default: the
     container's root); a preflight gives its own scratch root, and nothing outside it changes.
-    The install is marked incomplete (``kernel_tree.INCOMPLETE``) until it is complete."""
+    The backend marks the install incomplete (``kernel_tree.INCOMPLETE``) before its first write into the
+    root; it is unmarked here once depmod and the tree check passed."""
     target = settings.paths
     if root is not None:
         mirror_merged_usr(settings.paths.host("/"), root)
@@ -126,10 +125,7 @@ def install_kernel_tree(
     else:
         backend.refresh()
         names = backend.kernel_packages(kernel)
-    marker = target.module_dir(kernel) / INCOMPLETE
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, "installing %s\n" % " ".join(names))
-    installed = backend.install(names, kernel)
+    installed = backend.install(names, kernel)  # marks the install incomplete before its first write
     installed += backend.install_compiler(kernel)
     try:
         runner.run(["depmod", "-b", str(target.host("/")), kernel], timeout=600)
@@ -141,5 +137,5 @@ def install_kernel_tree(
             "installed %s, but the kernel build tree is still unusable: %s"
             % (", ".join(installed), facts.build_tree_problem)
         )
-    marker.unlink()
+    mark_complete(target.host("/"), kernel)
     return installed

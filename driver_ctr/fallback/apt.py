@@ -21,7 +21,15 @@ from ..toolkit.log import Logger
 from ..toolkit.runner import Runner
 from ..toolkit.shared_fs import Confined
 from .base import FallbackFailed, PackageManager
-from .package_contents import install, local_archives, private_scratch, tar_members, unpack, wanted
+from .package_contents import (
+    install,
+    local_archives,
+    mark_incomplete,
+    private_scratch,
+    tar_members,
+    unpack,
+    wanted,
+)
 
 _OWN_KIND = re.compile(r"^linux-(headers|kbuild)-")
 LIKELY_CAUSE = (
@@ -164,6 +172,7 @@ class AptBackend(PackageManager):
                 for deb in debs:
                     with self.runner.stream(["dpkg-deb", "--fsys-tarfile", str(deb)]) as tar:
                         unpack(deb.name, tar_members(tar), Confined(scratch), prefixes)
+                mark_incomplete(self.root, kernel, list(names))  # the first write into the root is next
                 placed = install(Confined(scratch), Confined(self.root), prefixes)
             finally:
                 Confined(scratch.parent).remove(scratch.name)

@@ -8,7 +8,17 @@ from ..toolkit.errors import DriverCtrError
 
 
 class FallbackFailed(DriverCtrError):
-    """The fallback could not install the kernel's build tree; the message says what was tried."""
+    """The fallback could not install the kernel's build tree; the message says what was tried.
+    ``nothing_installed``: it failed before anything was written into the root (a package missing, a
+    download refused)."""
+
+    nothing_installed = False
+
+    @classmethod
+    def before_install(cls, message: str) -> "FallbackFailed":
+        exc = cls(message)
+        exc.nothing_installed = True
+        return exc
 
 
 class PackageManager:

@@ -39,7 +39,16 @@ from ..toolkit.versions import parse_kernel_release
 from .base import FallbackFailed, PackageManager
 from .download_errors import explain
 from .kernel_compiler import kernel_compiler_text
-from .package_contents import cpio_members, install, local_archives, private_scratch, unpack, wanted
+from .package_contents import (
+    cpio_members,
+    install,
+    local_archives,
+    mark_complete,
+    mark_incomplete,
+    private_scratch,
+    unpack,
+    wanted,
+)
 
 ENTITLEMENT_DIRS = ("/etc/pki/entitlement", "/run/secrets/etc-pki-entitlement")
 REPOS_DIR = "/etc/yum.repos.d"
@@ -291,7 +300,13 @@ class DnfBackend(PackageManager):
         if all(n in local for n in names):
             self.offline = True
             return self._unpack_local(names, kernel)
-        return self._dnf_install(names)
+        mark_incomplete(self.root, kernel, list(names))  # rpm writes as soon as dnf has downloaded
+        try:
+            return self._dnf_install(names)
+        except FallbackFailed as exc:
+            if exc.nothing_installed:
+                mark_complete(self.root, kernel, nothing_written=True)
+            raise
 
     def _unpack_local(self, names: Sequence[str], kernel: str) -> List[str]:
         root = self.root
@@ -302,6 +317,7 @@ class DnfBackend(PackageManager):
                 rpm = self.local_packages()[n]
                 with self.runner.stream(["rpm2cpio", str(rpm)]) as cpio:
                     unpack(rpm.name, cpio_members(cpio), Confined(scratch), prefixes)
+            mark_incomplete(root, kernel, list(names))  # the first write into the root is next
             placed = install(Confined(scratch), Confined(root), prefixes)
         except CommandFailed as exc:
             raise FallbackFailed("an RPM of the node-local repository does not unpack: %s" % exc.summary) from None
@@ -321,7 +337,7 @@ class DnfBackend(PackageManager):
             text = exc.stdout + exc.stderr
             m = re.search(r"(?:No match for argument|Unable to find a match): (\S+)", text)
             if m:
-                raise FallbackFailed(
+                raise FallbackFailed.before_install(
                     "no package %s for kernel %s in the repositories searched (%s; releasevers "
                     "tried: %s); likely cause: %s"
                     % (
@@ -333,7 +349,9 @@ class DnfBackend(PackageManager):
                     )
                 ) from None
             if "Curl error" in text or "Status code" in text:
-                raise FallbackFailed("dnf install could not download: %s" % explain(text, self.env)) from None
+                raise FallbackFailed.before_install(
+                    "dnf install could not download: %s" % explain(text, self.env)
+                ) from None
             raise FallbackFailed("dnf install failed: %s" % exc.summary) from None
         self.log.info("packages installed", packages=list(names), from_local_repo=offline)
         return list(names)

@@ -34,8 +34,11 @@ from pathlib import Path
 from typing import IO, Dict, Iterator, List, Optional, Protocol, Tuple
 
 from ..toolkit.errors import DriverCtrError, ProtocolError
+from ..toolkit.fsio import atomic_write_text
 from ..toolkit.inputs import describe_mode
+from ..toolkit.kernel_tree import INCOMPLETE
 from ..toolkit.log import Logger
+from ..toolkit.paths import HostPaths
 from ..toolkit.shared_fs import Confined
 from ..toolkit.waiting import check_cancelled
 from .base import FallbackFailed
@@ -318,6 +321,29 @@ def merged_usr(root: Path) -> Dict[str, str]:
         if re.fullmatch(r"usr/[A-Za-z0-9]+", norm):
             out[name] = norm
     return out
+
+
+def mark_incomplete(root: Path, kernel: str, packages: List[str]) -> None:
+    """Before the first file of ``kernel``'s packages lands in ``root``: the install is incomplete until
+    :func:`mark_complete` (``kernel_tree`` refuses a tree so marked, and the fallback installs it again)."""
+    marker = HostPaths(root=str(root)).module_dir(kernel) / INCOMPLETE
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, "installing %s\n" % " ".join(packages))
+
+
+def mark_complete(root: Path, kernel: str, nothing_written: bool = False) -> None:
+    """The install is complete; or, with ``nothing_written``, it failed before writing anything (the
+    marker and the directories made for it go again)."""
+    module_dir = HostPaths(root=str(root)).module_dir(kernel)
+    try:
+        (module_dir / INCOMPLETE).unlink()
+    except FileNotFoundError:
+        pass
+    if nothing_written:
+        try:
+            module_dir.rmdir()
+        except OSError:
+            pass
 
 
 def mirror_merged_usr(like: Path, root: Path) -> None:
