@@ -25,6 +25,14 @@ def test_format_choice():
     assert exc.value.name == "DRIVER_CTR_LOG_FORMAT"
 
 
+@pytest.fixture(autouse=True)
+def _logging_back_to_stderr_afterwards():
+    """These tests point the process's logging at a StringIO: every later test in this process (a serial run)
+    must log to stderr again, where its capfd reads."""
+    yield
+    logmod.configure("json")
+
+
 def test_json_lines_are_redacted_and_phases_timed():
     out = io.StringIO()
     logmod.configure("json", stream=out)
