@@ -1,4 +1,6 @@
-"""Every path operation inside the shared directory, confined to it.
+"""Every path operation inside the shared directory, confined to it; and inside every other tree that must
+not be left through a link (the host cache and the precompiled store, a package's scratch, the node's build
+log directory).
 
 The shared directory is written by another container (an operator-chosen,
 sometimes broken Driver Toolkit image) and read by a privileged one: it is a
