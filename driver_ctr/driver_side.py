@@ -18,7 +18,7 @@ this module only speaks the protocol.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,6 +28,7 @@ from .toolkit.errors import BuildFailed, ProtocolError
 from .toolkit.host_cache import HOST_CACHE_BUILDER, CacheEntry, HostCache
 from .toolkit.log import get_logger, phase
 from .toolkit.modinfo import preload as preload_modinfo
+from .toolkit.records import BuildInputs, Manifest, now
 from .toolkit.settings import Settings
 from .toolkit.waiting import Cancellation, wait_until
 
@@ -46,7 +47,7 @@ class Handoff:
     """What the protocol ended with: a verified build (``tree``: the driver
     side's own verified copy of it), or a fallback."""
 
-    manifest: Optional[proto.Manifest] = None
+    manifest: Optional[Manifest] = None
     tree: Optional[Path] = None
     fallback: Optional[FallbackReason] = None
 
@@ -59,7 +60,7 @@ class DriverSide:
         self.shared = proto.SharedDir(self.paths.shared_dir, tag="%s%d" % (proto.DRIVER_TAG, os.getpid()))
         self.trees = self.paths.adopted_trees
         self.kernel = settings.running_kernel()
-        self.inputs = proto.BuildInputs.from_settings(settings, self.kernel)
+        self.inputs = BuildInputs.from_settings(settings, self.kernel)
         self.log = get_logger(side="driver")
 
     def require_mounted(self) -> None:
@@ -103,7 +104,7 @@ class DriverSide:
         discarded and None returned: the DTK builds."""
         sh = self.shared
         with phase(self.log, "restore from %s" % what, entry=str(entry.path)):
-            tree = cache.adopt(entry, self.trees, self.settings.module_size_limit)
+            tree = cache.adopt(entry, self.trees)
             if tree is None:
                 return None
             gen = self._next_generation()
@@ -115,10 +116,8 @@ class DriverSide:
             sh.fs.replace(staging, proto.MODULES_DIR)
             details = dict(entry.record.build.details)
             details["host_cache_entry" if what == "host cache" else "precompiled_bundle"] = str(entry.path)
-            build = proto.BuildRecord(
-                builder=HOST_CACHE_BUILDER, files=entry.record.build.files, finished_at=proto.now(), details=details
-            )
-            manifest = proto.Manifest(generation=gen, inputs=self.inputs, build=build)
+            build = replace(entry.record.build, builder=HOST_CACHE_BUILDER, finished_at=now(), details=details)
+            manifest = Manifest(generation=gen, inputs=self.inputs, build=build)
             sh.write_manifest(manifest)
             sh.write_flag(proto.Built(generation=gen, files=len(build.files), source=HOST_CACHE_BUILDER))
             sh.write_flag(proto.Prepared(generation=gen))
@@ -146,18 +145,18 @@ class DriverSide:
         with phase(self.log, "prepare", generation=gen, shared_dir=str(sh.path)):
             self._start_generation(gen, manifest)
             self._copy_drivers()
-            sh.write_manifest(proto.Manifest(generation=gen, inputs=self.inputs))
+            sh.write_manifest(Manifest(generation=gen, inputs=self.inputs))
             sh.write_flag(proto.Prepared(generation=gen))
         return gen
 
-    def _next_generation(self, manifest: Optional[proto.Manifest] = None) -> int:
+    def _next_generation(self, manifest: Optional[Manifest] = None) -> int:
         if manifest is None:
             generation = self.shared.generation()
         else:
             generation = manifest.generation
         return (generation if generation is not None else self.shared.highest_stale_generation()) + 1
 
-    def _start_generation(self, gen: int, manifest: Optional[proto.Manifest] = None) -> None:
+    def _start_generation(self, gen: int, manifest: Optional[Manifest] = None) -> None:
         """Move the last generation's outcome aside; install the DTK program and settings."""
         sh = self.shared
         if manifest is not None and manifest.inputs != self.inputs:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .toolkit.host_cache import HostCache
-from .toolkit.protocol import BuildInputs
+from .toolkit.records import BuildInputs
 from .toolkit.settings import Settings
 
 PRECOMPILED_DIR = "/usr/src/nvidia-%s/kernel/precompiled"
@@ -42,7 +42,7 @@ def open_store(settings: Settings, create: bool = False) -> Optional[HostCache]:
     d = store_dir(settings)
     if create:
         d.mkdir(parents=True, exist_ok=True)
-    return HostCache(d, KEEP_ALL) if d.is_dir() else None
+    return HostCache(d, KEEP_ALL, settings.module_size_limit) if d.is_dir() else None
 
 
 def carried_kernels(store: Optional[HostCache]) -> List[str]:

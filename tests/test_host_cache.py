@@ -11,7 +11,9 @@ import pytest
 from harness import make_fixture_modules
 
 from driver_ctr.toolkit.host_cache import HostCache, cache_key
-from driver_ctr.toolkit.protocol import BuildInputs, BuildRecord, describe_tree
+from driver_ctr.toolkit.records import BuildInputs, BuildRecord
+from driver_ctr.toolkit.settings import DEFAULT_MODULE_SIZE_LIMIT
+from driver_ctr.toolkit.trees import describe_tree
 
 NV = "kernel/drivers/video"
 
@@ -41,7 +43,9 @@ def _tree(tmp: Path, kernel: str) -> Path:
 def _store(cache: HostCache, tmp: Path, kernel: str, fp: str = "") -> Path:
     t = _tree(tmp, kernel)
     build = BuildRecord(
-        builder="kbuild", files=describe_tree(t), details={"flavour": "proprietary", "signing_fingerprint": fp}
+        builder="kbuild",
+        files=describe_tree(t, DEFAULT_MODULE_SIZE_LIMIT),
+        details={"flavour": "proprietary", "signing_fingerprint": fp},
     )
     return cache.store(_inputs(kernel), build, t).path
 
@@ -70,12 +74,14 @@ def test_store_then_lookup_round_trip(tmp_path):
     assert not list((tmp_path / "cache").glob(".tmp-*"))
     e = cache.lookup(_inputs(k), "")
     assert e is not None and e.record.build.details == {"flavour": "proprietary", "signing_fingerprint": ""}
-    assert sorted(f.path for f in e.files) == sorted(f.path for f in describe_tree(path / "modules"))
+    assert sorted(f.path for f in e.files) == sorted(
+        f.path for f in describe_tree(path / "modules", DEFAULT_MODULE_SIZE_LIMIT)
+    )
     assert cache.lookup(_inputs(k), "other-fingerprint") is None  # signed with another key: a miss
     assert cache.lookup(_inputs(k, driver_version="550.54.14"), "") is None
     tree = cache.adopt(e, tmp_path / "trees")
     assert tree is not None and tree.parent == tmp_path / "trees"
-    assert list(describe_tree(tree)) == e.files
+    assert list(describe_tree(tree, DEFAULT_MODULE_SIZE_LIMIT)) == e.files
 
 
 def test_entry_for_other_inputs_is_discarded(tmp_path):
@@ -211,7 +217,7 @@ def test_a_signal_during_the_verifying_copy_ends_it_and_keeps_the_good_entry(tmp
     t = _tree(tmp_path, kernel)
     with open(str(t / NV / "firmware.bin"), "wb") as f:
         f.truncate(32 << 20)
-    cache.store(_inputs(kernel), BuildRecord(builder="kbuild", files=describe_tree(t)), t)
+    cache.store(_inputs(kernel), BuildRecord(builder="kbuild", files=describe_tree(t, DEFAULT_MODULE_SIZE_LIMIT)), t)
     entry = cache.lookup(_inputs(kernel), "", verify=False)
     assert entry is not None
     cancel = Cancellation()

@@ -36,24 +36,16 @@ import shutil
 import stat
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional
 
-from .errors import Cancelled, DriverCtrError, ProtocolError
+from .errors import DriverCtrError, ProtocolError
 from .log import Logger, get_logger
-from .protocol import (
-    MODULE_LIMIT,
-    BuildInputs,
-    BuildRecord,
-    CacheRecord,
-    FileRecord,
-    adopt,
-    describe_tree,
-    now,
-    verify_files,
-)
+from .records import BuildInputs, BuildRecord, CacheRecord, FileRecord, now
+from .settings import DEFAULT_MODULE_SIZE_LIMIT
 from .shared_fs import RECORD_LIMIT, Confined
+from .trees import adopt, describe_tree, verify_files
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -83,12 +75,13 @@ class CacheEntry:
 
 
 class HostCache:
-    def __init__(self, directory: Path, keep: int = 3) -> None:
+    def __init__(self, directory: Path, keep: int = 3, limit: int = DEFAULT_MODULE_SIZE_LIMIT) -> None:
         self.dir = directory
         # the store is where its configured path leads (a hostPath, a test's link to a kept directory);
         # inside it, nothing is ever followed
         self.fs = Confined(Path(os.path.realpath(str(directory))))
         self.keep = keep
+        self.limit = limit  # the largest file an entry may hold (DRIVER_CTR_MODULE_SIZE_LIMIT)
         self.log = get_logger(cache=str(directory))
 
     @classmethod
@@ -100,7 +93,7 @@ class HostCache:
         if not d.is_dir():
             get_logger().info("host cache off: the directory is not mounted", cache=str(d))
             return None
-        return cls(d, settings.cache_keep)
+        return cls(d, settings.cache_keep, settings.module_size_limit)
 
     def entry_rel(self, kernel: str, key: str) -> str:
         """``<kernel>/<key>``, the entry's path inside the store."""
@@ -149,9 +142,7 @@ class HostCache:
             if record.key != key or record.inputs != inputs:
                 raise ProtocolError(self.dir / rel / ENTRY_JSON, "not an entry for these inputs")
             if verify:
-                verify_files(self.fs, "%s/%s" % (rel, MODULES), record.build.files, kernel)
-        except Cancelled:
-            raise  # a signal during verification says nothing about the entry
+                verify_files(self.fs, "%s/%s" % (rel, MODULES), record.build.files, kernel, self.limit)
         except DriverCtrError as exc:
             self._discard_bad(kernel, rel, str(exc))
             return None
@@ -187,7 +178,7 @@ class HostCache:
         self.clean_temporaries()
         with self._temporary(key) as tmp:
             shutil.copytree(str(modules), str(self.fs.root / tmp / MODULES))
-            files = describe_tree(self.fs.root / tmp / MODULES)
+            files = describe_tree(self.fs.root / tmp / MODULES, self.limit)
             if build.files and {f.path: f.sha256 for f in build.files} != {f.path: f.sha256 for f in files}:
                 raise DriverCtrError("the tree copied into the host cache differs from the verified build")
             record = CacheRecord(
@@ -195,14 +186,7 @@ class HostCache:
                 inputs=inputs,
                 signing_fingerprint=fingerprint,
                 stored_at=now(),
-                build=BuildRecord(
-                    builder=build.builder,
-                    files=files,
-                    components=build.components,
-                    dtk_kernels=build.dtk_kernels,
-                    finished_at=build.finished_at,
-                    details=build.details,
-                ),
+                build=replace(build, files=files),
             )
             self.fs.write_atomic("%s/%s" % (tmp, ENTRY_JSON), (json.dumps(record.to_json(), indent=2) + "\n").encode())
             self.fs.ensure_dir(kernel)  # a link planted there is replaced by a real directory, never followed
@@ -219,7 +203,7 @@ class HostCache:
         self.prune(kernel)
         return CacheEntry(self.dir / rel, record)
 
-    def adopt(self, entry: CacheEntry, trees: Path, limit: int = MODULE_LIMIT) -> Optional[Path]:
+    def adopt(self, entry: CacheEntry, trees: Path) -> Optional[Path]:
         """Copy an entry's tree into ``trees`` (the driver side's own), verifying the
         copy; a corrupt entry is discarded and None returned."""
         rel = str(entry.path.relative_to(self.dir))
@@ -230,10 +214,8 @@ class HostCache:
                 entry.record.build.files,
                 entry.record.inputs.kernel_release,
                 trees,
-                limit,
+                self.limit,
             )
-        except Cancelled:
-            raise  # a signal during the verifying copy says nothing about the entry
         except DriverCtrError as exc:
             self.discard(entry.path, str(exc))
             return None

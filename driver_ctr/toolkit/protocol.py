@@ -18,48 +18,24 @@ first, driver-ctr's own files after):
 - ``build.log``             the DTK build's output
 - ``stale/gen-<N>-<ms>``    earlier generations, moved aside, never trusted
 
-Every record is a frozen dataclass with ``to_json``/``from_json``;
-``from_json`` rejects a malformed body with a :class:`ProtocolError` naming the
-file and the field. Every flag carries a small JSON body (generation, time,
+The records are in ``records.py``, the trees (describe, verify, adopt) in
+``trees.py``; this module holds the names, the flags' bodies, the directory
+(:class:`SharedDir`) and the verification of a finished build. Every flag carries a small JSON body (generation, time,
 reason); the reference only tests for existence, which still works.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    BinaryIO,
-    Callable,
-    ClassVar,
-    Dict,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Type,
-    TypeVar,
-    cast,
-)
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type, TypeVar, cast
 
 from .errors import ProtocolError
-from .fsio import remove_tree
-from .modinfo import read_modinfo, vermagic_problem
-from .nvidia_modules import is_module
-from .shared_fs import RECORD_LIMIT, Confined, rel_ok
-from .waiting import check_cancelled
-
-if TYPE_CHECKING:
-    from .settings import Settings
-
-PROTOCOL_VERSION = 1
+from .records import PROTOCOL_VERSION, BuildInputs, Manifest, R, Record, json_object, now, str_list, take
+from .shared_fs import RECORD_LIMIT, Confined
+from .trees import VerificationError, adopt, verify_files
 
 DIR_PREPARED = "dir_prepared"
 BUILD_STARTED = "driver_build_started"
@@ -96,287 +72,11 @@ STALE_KEEP = 3
 DTK_LOCK = ".dtk-side.lock"  # held by the one DTK side at work (a restart may overlap its predecessor)
 DRIVER_TAG, DTK_TAG = "drv-", "dtk-"  # prefixes of each side's temporary and staging names
 
-R = TypeVar("R", bound="_Record")
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# -- typed records -------------------------------------------------------------
-
-_MISSING = object()
-
-
-def _type_name(t: Any) -> str:
-    if isinstance(t, tuple):
-        return " or ".join(_type_name(x) for x in t)
-    return {
-        str: "a string",
-        int: "a whole number",
-        bool: "true or false",
-        list: "a list",
-        dict: "an object",
-        type(None): "null",
-    }.get(t, getattr(t, "__name__", str(t)))
-
-
-def take(where: object, data: Mapping[str, Any], key: str, typ: Any, default: Any = _MISSING) -> Any:
-    """``data[key]`` checked to be of ``typ``; a missing key takes ``default``
-    (or is an error without one). Booleans are never accepted as numbers."""
-    if key not in data:
-        if default is _MISSING:
-            raise ProtocolError(where, "field %r is missing" % key)
-        return default
-    v = data[key]
-    types = typ if isinstance(typ, tuple) else (typ,)
-    if isinstance(v, bool) and bool not in types:
-        ok = False
-    else:
-        ok = isinstance(v, types)
-    if not ok:
-        raise ProtocolError(where, "field %r: expected %s, got %s" % (key, _type_name(typ), json.dumps(v)[:80]))
-    return v
-
-
-def _str_list(where: object, data: Mapping[str, Any], key: str) -> Tuple[str, ...]:
-    items = take(where, data, key, list, [])
-    bad = [i for i, x in enumerate(items) if not isinstance(x, str)]
-    if bad:
-        raise ProtocolError(where, "field %r: expected a list of strings (item %d is not)" % (key, bad[0]))
-    return tuple(items)
-
-
-def _object(where: object, data: Any) -> Dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ProtocolError(where, "expected a JSON object, got %s" % type(data).__name__)
-    return data
-
-
-class _Record:
-    """Base of the records: JSON in and out."""
-
-    def to_json(self) -> Dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_json(cls: Type[R], where: object, data: Any) -> R:
-        raise NotImplementedError
-
-
-@dataclass(frozen=True)
-class BuildInputs(_Record):
-    """What a build depends on: equal inputs mean a build can be reused."""
-
-    kernel_release: str  # the target kernel
-    driver_version: str
-    kernel_module_type: str
-    driver_config_digest: str
-    gpu_direct_rdma_enabled: bool
-    gds_enabled: bool
-    gdrcopy_enabled: bool
-    target_arch: str
-
-    @classmethod
-    def from_settings(cls, settings: "Settings", target_kernel: str) -> "BuildInputs":
-        return cls(
-            kernel_release=target_kernel,
-            driver_version=settings.driver_version.raw,
-            kernel_module_type=settings.kernel_module_type,
-            driver_config_digest=settings.driver_config_digest,
-            gpu_direct_rdma_enabled=settings.gpu_direct_rdma_enabled,
-            gds_enabled=settings.gds_enabled,
-            gdrcopy_enabled=settings.gdrcopy_enabled,
-            target_arch=settings.target_arch,
-        )
-
-    def to_json(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_json(cls, where: object, data: Any) -> "BuildInputs":
-        d = _object(where, data)
-        names = [f.name for f in fields(cls)]
-        if set(d) != set(names):
-            raise ProtocolError(where, "inputs must have exactly the keys %s" % ", ".join(names))
-        values = {f.name: take(where, d, f.name, bool if f.type in ("bool", bool) else str) for f in fields(cls)}
-        return cls(**values)
-
-    def differences(self, other: "BuildInputs") -> List[str]:
-        """``key built=… wanted=…`` for each input that differs from ``other``'s."""
-        return [
-            "%s built=%r wanted=%r" % (f.name, getattr(self, f.name), getattr(other, f.name))
-            for f in fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
-
-
-@dataclass(frozen=True)
-class FileRecord(_Record):
-    """One staged file: its path below the tree, sha256 and, for a module, its modinfo."""
-
-    path: str
-    sha256: str
-    size: int
-    name: str = ""
-    version: str = ""
-    vermagic: str = ""
-    signed: bool = False
-
-    @property
-    def is_module(self) -> bool:
-        return is_module(self.path)
-
-    def to_json(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"path": self.path, "sha256": self.sha256, "size": self.size}
-        if self.is_module:
-            d.update(name=self.name, version=self.version, vermagic=self.vermagic, signed=self.signed)
-        return d
-
-    @classmethod
-    def from_json(cls, where: object, data: Any) -> "FileRecord":
-        d = _object(where, data)
-        path = take(where, d, "path", str)
-        if not rel_ok(path):
-            raise ProtocolError(where, "unsafe staged path %r" % path)
-        digest = take(where, d, "sha256", str)
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ProtocolError(where, "sha256 of %s is not a sha256 digest" % path)
-        return cls(
-            path=path,
-            sha256=digest,
-            size=take(where, d, "size", int, 0),
-            name=take(where, d, "name", str, ""),
-            version=take(where, d, "version", str, ""),
-            vermagic=take(where, d, "vermagic", str, ""),
-            signed=take(where, d, "signed", bool, False),
-        )
-
-
-def _files(where: object, data: Mapping[str, Any]) -> Tuple[FileRecord, ...]:
-    items = take(where, data, "files", list)
-    return tuple(FileRecord.from_json("%s files[%d]" % (where, i), x) for i, x in enumerate(items))
-
-
-@dataclass(frozen=True)
-class BuildRecord(_Record):
-    """What a builder produced: who built it, how, and every file of the tree."""
-
-    builder: str
-    files: Tuple[FileRecord, ...]
-    components: Tuple[str, ...] = ("nvidia",)
-    dtk_kernels: Dict[str, str] = field(default_factory=dict)
-    finished_at: str = ""
-    details: Dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def modules(self) -> List[FileRecord]:
-        return [f for f in self.files if f.is_module]
-
-    @property
-    def signing_fingerprint(self) -> str:
-        v = self.details.get("signing_fingerprint", "")
-        return v if isinstance(v, str) else ""
-
-    def to_json(self) -> Dict[str, Any]:
-        return {
-            "builder": self.builder,
-            "components": list(self.components),
-            "dtk_kernels": dict(self.dtk_kernels),
-            "finished_at": self.finished_at,
-            "details": dict(self.details),
-            "files": [f.to_json() for f in self.files],
-        }
-
-    @classmethod
-    def from_json(cls, where: object, data: Any) -> "BuildRecord":
-        d = _object(where, data)
-        kernels = take(where, d, "dtk_kernels", dict, {})
-        if not all(isinstance(v, str) for v in kernels.values()):
-            raise ProtocolError(where, "field 'dtk_kernels': expected an object of strings")
-        return cls(
-            builder=take(where, d, "builder", str),
-            files=_files(where, d),
-            components=_str_list(where, d, "components") or ("nvidia",),
-            dtk_kernels=dict(kernels),
-            finished_at=take(where, d, "finished_at", str, ""),
-            details=dict(take(where, d, "details", dict, {})),
-        )
-
-
-@dataclass(frozen=True)
-class Manifest(_Record):
-    """``manifest.json``: the generation and its inputs (driver side), then the build (DTK side)."""
-
-    generation: int
-    inputs: BuildInputs
-    build: Optional[BuildRecord] = None
-    protocol: int = PROTOCOL_VERSION
-
-    def to_json(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"protocol": self.protocol, "generation": self.generation, "inputs": self.inputs.to_json()}
-        if self.build is not None:
-            d["build"] = self.build.to_json()
-        return d
-
-    @classmethod
-    def from_json(cls, where: object, data: Any) -> "Manifest":
-        d = _object(where, data)
-        proto = take(where, d, "protocol", int, None)
-        if proto != PROTOCOL_VERSION:
-            raise ProtocolError(where, "manifest protocol %r, expected %d" % (proto, PROTOCOL_VERSION))
-        gen = take(where, d, "generation", int)
-        if gen < 1:
-            raise ProtocolError(where, "manifest generation must be a whole number >= 1, got %r" % gen)
-        build = d.get("build")
-        return cls(
-            generation=gen,
-            inputs=BuildInputs.from_json("%s inputs" % where, take(where, d, "inputs", dict)),
-            build=None if build is None else BuildRecord.from_json("%s build" % where, build),
-        )
-
-
-@dataclass(frozen=True)
-class CacheRecord(_Record):
-    """A host-cache entry's ``entry.json``: the same files as a manifest's build, keyed by inputs and signer."""
-
-    FORMAT: ClassVar[int] = 1
-
-    key: str
-    inputs: BuildInputs
-    signing_fingerprint: str
-    build: BuildRecord
-    stored_at: str = ""
-
-    def to_json(self) -> Dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "key": self.key,
-            "inputs": self.inputs.to_json(),
-            "signing_fingerprint": self.signing_fingerprint,
-            "stored_at": self.stored_at,
-            "build": self.build.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, where: object, data: Any) -> "CacheRecord":
-        d = _object(where, data)
-        if take(where, d, "format", int, None) != cls.FORMAT:
-            raise ProtocolError(where, "not a host cache entry of format %d" % cls.FORMAT)
-        return cls(
-            key=take(where, d, "key", str),
-            inputs=BuildInputs.from_json(where, take(where, d, "inputs", dict)),
-            signing_fingerprint=take(where, d, "signing_fingerprint", str, ""),
-            build=BuildRecord.from_json(where, take(where, d, "build", dict)),
-            stored_at=take(where, d, "stored_at", str, ""),
-        )
-
-
 # -- flag bodies -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Flag(_Record):
+class Flag(Record):
     """A flag file's body. ``generation`` is None only for a body that names none
     (a reference-style ``touch`` or the launcher's broken flag)."""
 
@@ -393,7 +93,7 @@ class Flag(_Record):
 
     @classmethod
     def from_json(cls: Type[R], where: object, data: Any) -> R:
-        d = _object(where, data)
+        d = json_object(where, data)
         return cls._from(where, d, take(where, d, "generation", (int, type(None)), None))  # type: ignore[attr-defined,no-any-return]
 
     @classmethod
@@ -444,7 +144,7 @@ class Broken(Flag):
         decision = {k: v for k, v in d.items() if k not in ("generation", "time", "reasons", "likely_cause")}
         return cls(
             generation=generation,
-            reasons=_str_list(where, d, "reasons"),
+            reasons=str_list(where, d, "reasons"),
             likely_cause=take(where, d, "likely_cause", str, ""),
             decision=decision,
         )
@@ -696,146 +396,6 @@ class SharedDir:
 
 # -- trees -----------------------------------------------------------------------
 
-MODULE_LIMIT = 1 << 30  # no staged file is larger (nvidia.ko: ~80 MB); DRIVER_CTR_MODULE_SIZE_LIMIT
-
-
-def _record(rel: str, digest: str, size: int, path: Path) -> FileRecord:
-    """The record of a file already hashed; modinfo read from ``path`` (a copy we own, or the staging tree)."""
-    if not is_module(rel):
-        return FileRecord(path=rel, sha256=digest, size=size)
-    info = read_modinfo(path)
-    return FileRecord(
-        path=rel,
-        sha256=digest,
-        size=size,
-        name=info.name,
-        version=info.version,
-        vermagic=info.vermagic,
-        signed=info.signed,
-    )
-
-
-def _copy_hashing(src: BinaryIO, dest: Optional[Path]) -> Tuple[str, int]:
-    """sha256 and size of ``src``, streamed (and written to ``dest`` when given)."""
-    h = hashlib.sha256()
-    size = 0
-    out = open(str(dest), "wb") if dest is not None else None
-    try:
-        for chunk in iter(lambda: src.read(1 << 20), b""):
-            check_cancelled()  # a 1 GiB bundle is copied in seconds: a SIGTERM is not kept waiting
-            h.update(chunk)
-            size += len(chunk)
-            if out is not None:
-                out.write(chunk)
-    finally:
-        if out is not None:
-            out.close()
-    return h.hexdigest(), size
-
-
-def describe_tree(root: Path, limit: int = MODULE_LIMIT) -> Tuple[FileRecord, ...]:
-    """Every file under ``root`` with sha256, and vermagic/name/version for
-    modules; symlinks and special files are refused."""
-    fs = Confined(root.parent)
-    out: List[FileRecord] = []
-    for rel in fs.walk_files(root.name):
-        with fs.open("%s/%s" % (root.name, rel), limit) as f:
-            digest, size = _copy_hashing(f, None)
-        out.append(_record(rel, digest, size, root / rel))
-    return tuple(out)
-
-
-class VerificationError(ProtocolError):
-    """A built manifest or staged tree does not match what the driver side needs."""
-
-
-def _check_listing(root: Path, present: Sequence[str], files: Sequence[FileRecord]) -> None:
-    listed = {f.path for f in files}
-    unlisted = [p for p in present if p not in listed]
-    if unlisted:
-        raise VerificationError(
-            root / unlisted[0],
-            "not listed in the manifest (%d unlisted file(s): every file of the tree must be)" % len(unlisted),
-        )
-    missing = sorted(listed - set(present))
-    if missing:
-        raise VerificationError(root / missing[0], "listed in the manifest but missing")
-
-
-def _check_file(where: Path, f: FileRecord, digest: str, record: FileRecord, target_kernel: str) -> None:
-    if digest != f.sha256:
-        raise VerificationError(where, "sha256 differs from the manifest (corrupt or replaced)")
-    if record.is_module:
-        problem = vermagic_problem(where, record.vermagic, target_kernel)
-        if problem:
-            raise VerificationError(where, problem)
-
-
-def verify_files(
-    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, limit: int = MODULE_LIMIT
-) -> None:
-    """Every file of directory ``rel`` of ``fs`` listed, with its sha256, every
-    module built for ``target_kernel``, nothing unlisted; in place."""
-    root = fs.root / rel
-    if fs.kind(rel) != "dir":
-        raise VerificationError(root, "is missing or not a directory")
-    _check_listing(root, fs.walk_files(rel), files)
-    for f in files:
-        with fs.open("%s/%s" % (rel, f.path), limit) as src:
-            digest, size = _copy_hashing(src, None)
-        _check_file(root / f.path, f, digest, _record(f.path, digest, size, root / f.path), target_kernel)
-
-
-def adopt_tree(
-    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, dest: Path, limit: int = MODULE_LIMIT
-) -> None:
-    """Copy directory ``rel`` of ``fs`` to ``dest`` (a new directory the caller
-    owns, outside anyone else's reach), verifying the copy: what is checked is
-    exactly what will be loaded. ``dest`` is complete or absent."""
-    root = fs.root / rel
-    if fs.kind(rel) != "dir":
-        raise VerificationError(root, "is missing or not a directory")
-    _check_listing(root, fs.walk_files(rel), files)
-    tmp = dest.parent / (".%s.partial-%d" % (dest.name, os.getpid()))
-    remove_tree(tmp)
-    try:
-        for f in files:
-            out = tmp / f.path
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open("%s/%s" % (rel, f.path), limit) as src:
-                digest, size = _copy_hashing(src, out)
-            _check_file(root / f.path, f, digest, _record(f.path, digest, size, out), target_kernel)
-        remove_tree(dest)
-        os.replace(str(tmp), str(dest))
-    finally:
-        remove_tree(tmp)
-
-
-def tree_name(kernel: str, files: Sequence[FileRecord]) -> str:
-    """The name of an adopted tree: the kernel and a digest of its listing."""
-    h = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.path):
-        h.update(("%s\0%s\n" % (f.path, f.sha256)).encode())
-    return "%s-%s" % (kernel, h.hexdigest()[:12])
-
-
-def adopt(
-    fs: Confined, rel: str, files: Sequence[FileRecord], target_kernel: str, trees: Path, limit: int = MODULE_LIMIT
-) -> Path:
-    """:func:`adopt_tree` into ``trees/<tree_name>``; the two newest adopted
-    trees are kept (the one loaded and its predecessor). Returns the tree."""
-    dest = trees / tree_name(target_kernel, files)
-    trees.mkdir(parents=True, exist_ok=True)
-    adopt_tree(fs, rel, files, target_kernel, dest, limit)
-    olds = sorted(
-        (d for d in trees.iterdir() if d.is_dir() and d != dest and not d.name.startswith(".")),
-        key=lambda d: d.stat().st_mtime,
-        reverse=True,
-    )
-    for old in olds[1:]:
-        remove_tree(old)
-    return dest
-
 
 def _finished_manifest(shared: SharedDir, inputs: BuildInputs, generation: int) -> Manifest:
     mpath = shared.manifest_path
@@ -852,7 +412,7 @@ def _finished_manifest(shared: SharedDir, inputs: BuildInputs, generation: int) 
     return manifest
 
 
-def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int, limit: int = MODULE_LIMIT) -> Manifest:
+def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int, limit: int) -> Manifest:
     """Check a finished build in place: same generation and inputs, every
     listed file present with its sha256, every module's vermagic naming the
     target kernel, nothing unlisted. Returns the manifest."""
@@ -863,7 +423,7 @@ def verify_build(shared: SharedDir, inputs: BuildInputs, generation: int, limit:
 
 
 def adopt_build(
-    shared: SharedDir, inputs: BuildInputs, generation: int, trees: Path, limit: int = MODULE_LIMIT
+    shared: SharedDir, inputs: BuildInputs, generation: int, trees: Path, limit: int
 ) -> Tuple[Manifest, Path]:
     """:func:`verify_build` by copying: the build's tree is copied to a tree of
     ``trees`` (the driver side's own, out of the DTK's reach) and the copy is
