@@ -197,8 +197,13 @@ class HandoffTimeout(DriverCtrError):
         super().__init__("timed out after %.0f s waiting for %s" % (seconds, what))
 
 
-class Cancelled(DriverCtrError):
-    """A wait was ended by SIGTERM/SIGINT."""
+class Cancelled(BaseException):
+    """A wait or a child process was ended by SIGTERM/SIGINT.
+
+    Not an :class:`Exception` (as asyncio's ``CancelledError``): an ``except
+    DriverCtrError`` or ``except Exception`` that handles a failure never
+    swallows a cancellation, which says nothing about what was being done
+    (a cache entry being verified is not discarded on a signal)."""
 
 
 class FallbackRequired(DriverCtrError):
