@@ -32,17 +32,21 @@ from .driver_side import DriverSide, FallbackReason
 from .toolkit import nvidia_modules as nv
 from .toolkit import protocol as proto
 from .toolkit.build_logs import keep_build_log
-from .toolkit.builders import BuildOptions, BuildRequest, default_scratch, find_source
+from .toolkit.builders import BuildOptions, build_and_describe, request_for
 from .toolkit.errors import DriverCtrError, FallbackRequired, NoKernelTree, ProtocolError
 from .toolkit.fsio import remove_tree
 from .toolkit.host_cache import CacheEntry, HostCache, store_build
 from .toolkit.log import Logger, first_line, get_logger, phase
 from .toolkit.modinfo import read_modinfo
-from .toolkit.runner import Runner
+from .toolkit.records import BuildInputs
 from .toolkit.settings import Settings
 from .toolkit.shared_fs import Confined
 from .toolkit.signing import Signing, signing_fingerprint
+from .toolkit.trees import adopt
 from .toolkit.waiting import Cancellation
+from .tools import Tools
+
+MODULES = "modules"  # a local build's staged tree, in its private work directory
 
 
 @dataclass(frozen=True)
@@ -69,13 +73,14 @@ class NoBuild(DriverCtrError):
 
 class Sources:
     """What every source needs: the settings, the inputs of a build for the
-    running kernel, the host cache when mounted, the cancellation."""
+    running kernel, the host cache when mounted, the cancellation, the tools."""
 
-    def __init__(self, settings: Settings, cancel: Cancellation) -> None:
+    def __init__(self, settings: Settings, cancel: Cancellation, tools: Tools) -> None:
         self.settings = settings
         self.cancel = cancel
+        self.tools = tools
         self.kernel = settings.running_kernel()
-        self.inputs = proto.BuildInputs.from_settings(settings, self.kernel)
+        self.inputs = BuildInputs.from_settings(settings, self.kernel)
         self.cache = HostCache.from_settings(settings)
         self.log: Logger = get_logger(side="driver")
 
@@ -106,7 +111,7 @@ def host_cache_entry(src: Sources) -> Found:
     entry = src.cache.lookup(src.inputs, src.signing_fingerprint(), verify=False)
     if entry is None:
         return Miss("host cache", "no entry for these inputs")
-    tree = src.cache.adopt(entry, src.settings.paths.adopted_trees, src.settings.module_size_limit)
+    tree = src.cache.adopt(entry, src.settings.paths.adopted_trees)
     if tree is None:
         return Miss("host cache", "the entry was corrupt (discarded)")
     return ModuleTree(tree, src.kernel, "host cache")
@@ -133,7 +138,7 @@ def precompiled_bundle(src: Sources) -> Found:
     if isinstance(found, Miss):
         return found
     store, entry = found
-    tree = store.adopt(entry, src.settings.paths.adopted_trees, src.settings.module_size_limit)
+    tree = store.adopt(entry, src.settings.paths.adopted_trees)
     if tree is None:
         return Miss("precompiled", "the bundle for kernel %s was corrupt (discarded)" % src.kernel)
     return ModuleTree(tree, src.kernel, "precompiled")
@@ -144,36 +149,15 @@ def local_build(src: Sources, max_jobs: Optional[int]) -> ModuleTree:
     build in the host cache. Raises :class:`NoKernelTree` when the tree is not here."""
     s = src.settings
     work = Path(tempfile.mkdtemp(prefix="driver-ctr-local-"))
-    staging = work / "modules"
+    staging = work / MODULES
     staging.mkdir()
-    from .toolkit.kbuild import KbuildBuilder
-
     try:
         with phase(src.log, "local build", kernel=src.kernel):
-            source = find_source(s.source_dir, [s.paths.drivers_dir], s.target_arch, s.driver_version.raw)
-            result = KbuildBuilder().build(
-                BuildRequest(
-                    target_kernel=src.kernel,
-                    source=source,
-                    paths=s.paths,
-                    staging_dir=staging,
-                    log_path=work / "build.log",
-                    scratch=default_scratch(),
-                    options=BuildOptions.from_settings(s, max_jobs),
-                    cancel=src.cancel,
-                )
-            )
-        build = proto.BuildRecord(
-            builder=result.builder,
-            files=proto.describe_tree(staging),
-            components=result.components,
-            finished_at=proto.now(),
-            details=dict(result.details),
-        )
+            options = BuildOptions.from_settings(s, max_jobs)
+            request = request_for(s, src.kernel, staging, work / "build.log", src.cancel, options)
+            build = build_and_describe(src.tools.builder(), request, s.module_size_limit).record
         store_build(src.cache, src.inputs, build, staging, src.log)
-        tree = proto.adopt(
-            Confined(work), "modules", build.files, src.kernel, s.paths.adopted_trees, s.module_size_limit
-        )
+        tree = adopt(Confined(work), MODULES, build.files, src.kernel, s.paths.adopted_trees, s.module_size_limit)
     finally:
         kept = keep_build_log(s.paths, work / "build.log", src.kernel, None)
         if kept is not None:
@@ -224,7 +208,7 @@ def fallback_build(src: Sources, reason: FallbackReason, max_jobs: Optional[int]
         note=SUPPORT_NOTE,
     )
     try:
-        install_kernel_tree(src.settings, src.kernel, Runner(src.cancel), src.log)
+        install_kernel_tree(src.settings, src.kernel, src.tools.runner.with_cancel(src.cancel), src.log)
     except (FallbackFailed, ProtocolError) as exc:
         raise FallbackRequired(
             "%s: falling back to the entitlement-based build, which cannot install the kernel's "
@@ -249,12 +233,12 @@ def _first(src: Sources, *sources: Callable[[Sources], Found]) -> Union[ModuleTr
     return misses
 
 
-def loaded_tree(settings: Settings, cancel: Cancellation) -> Union[ModuleTree, Miss]:
+def loaded_tree(settings: Settings, cancel: Cancellation, tools: Tools) -> Union[ModuleTree, Miss]:
     """On the fast path: the verified tree of the driver that is loaded, from a source that never builds
     (the shared dir, the image's bundle, the host cache), recognised by ``nvidia.ko``'s srcversion against
     the kernel's ``/sys/module/nvidia/srcversion``. A restarted container lost the tree it published in
     ``/lib/modules``, which a chroot modprobe (the nvidia-peermem sidecar) needs."""
-    src = Sources(settings, cancel)
+    src = Sources(settings, cancel, tools)
     try:
         loaded = (settings.paths.sys / "module/nvidia/srcversion").read_text().strip()
     except OSError as exc:
@@ -272,9 +256,9 @@ def loaded_tree(settings: Settings, cancel: Cancellation) -> Union[ModuleTree, M
     return Miss("loaded driver", "; ".join(reasons))
 
 
-def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:
+def for_load(settings: Settings, cancel: Cancellation, tools: Tools) -> ModuleTree:
     """``nvidia-driver load``: a build made earlier, never a new one."""
-    src = Sources(settings, cancel)
+    src = Sources(settings, cancel, tools)
     found = _first(src, shared_dir_build, host_cache_entry)
     if isinstance(found, ModuleTree):
         return found
@@ -285,9 +269,9 @@ def for_load(settings: Settings, cancel: Cancellation) -> ModuleTree:
     )
 
 
-def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) -> ModuleTree:
+def for_init(settings: Settings, cancel: Cancellation, tools: Tools, max_jobs: Optional[int]) -> ModuleTree:
     """``nvidia-driver init``: a build made earlier, else build here, else fall back."""
-    src = Sources(settings, cancel)
+    src = Sources(settings, cancel, tools)
     found = _first(src, shared_dir_build, precompiled_bundle, host_cache_entry)
     if isinstance(found, ModuleTree):
         return found
@@ -300,10 +284,10 @@ def for_init(settings: Settings, cancel: Cancellation, max_jobs: Optional[int]) 
         return fallback_build(src, reason, max_jobs)
 
 
-def for_dtk(settings: Settings, cancel: Cancellation) -> ModuleTree:
+def for_dtk(settings: Settings, cancel: Cancellation, tools: Tools) -> ModuleTree:
     """``nv-ctr-run-with-dtk``: the Driver Toolkit builds (or the host cache
     serves), unless the operator says there is no DTK for this RHCOS."""
-    src = Sources(settings, cancel)
+    src = Sources(settings, cancel, tools)
     if settings.rhcos_image_missing:
         return fallback_build(
             src, FallbackReason("RHCOS %r image tag missing in the driver-toolkit imagestream" % settings.rhcos_version)

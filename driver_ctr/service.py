@@ -48,9 +48,9 @@ from .node_state import (
 )
 from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.log import Logger, get_logger
-from .toolkit.runner import Runner
 from .toolkit.settings import Settings
 from .toolkit.waiting import Cancellation
+from .tools import Tools
 from .unload import DriverInUse, unload
 
 Body = Callable[["Service"], Optional[ModuleTree]]
@@ -59,12 +59,13 @@ Body = Callable[["Service"], Optional[ModuleTree]]
 class Service:
     """Hold the node for the life of the container."""
 
-    def __init__(self, settings: Settings, cancel: Cancellation, runner: Optional[Runner] = None) -> None:
+    def __init__(self, settings: Settings, cancel: Cancellation, tools: Tools) -> None:
         self.settings = settings
         self.paths = settings.paths
         self.cancel = cancel
-        self.runner = (runner or Runner()).with_cancel(cancel)  # start-up work: stops on a TERM
-        self.undo_runner = (runner or Runner()).with_cancel(None)  # undo work: runs after it
+        self.tools = tools
+        self.runner = tools.runner.with_cancel(cancel)  # start-up work: stops on a TERM
+        self.undo_runner = tools.runner.with_cancel(None)  # undo work: runs after it
         self.log: Logger = get_logger(side="driver")
         self.lock: Optional[PidLock] = None
         self.touched = False  # the node's driver state was changed by us
@@ -115,7 +116,7 @@ class Service:
 
     def publish_loaded(self) -> None:
         """The fast path with RDMA: this container is new, its ``/lib/modules`` lacks the loaded tree."""
-        found = loaded_tree(self.settings, self.cancel)
+        found = loaded_tree(self.settings, self.cancel, self.tools)
         if isinstance(found, ModuleTree):
             self.log.info("the loaded driver's tree found", source=found.source, tree=str(found.root))
             self.publish(found)

@@ -1,5 +1,5 @@
-"""A builder for protocol tests, loaded by the DTK side through
-``DRIVER_CTR_BUILDER=<this file>:FixtureBuilder`` (never shipped in the package).
+"""A builder for protocol tests, given to the DTK side by ``fixture_dtk.py`` or to a command in-process
+(never shipped in the package).
 
 It stages the ``*.ko`` of the request's source directory (prepared fixture
 modules) instead of compiling. The directory may hold ``FAIL`` (its text
@@ -15,7 +15,6 @@ import errno
 import os
 import shutil
 import time
-from typing import Mapping
 
 from driver_ctr.toolkit.builders import Builder, BuildRequest, BuildResult
 from driver_ctr.toolkit.errors import BuildFailed, tail_lines
@@ -24,9 +23,6 @@ from driver_ctr.toolkit.nvidia_modules import SUBDIR
 
 class FixtureBuilder(Builder):
     name = "fixture"
-
-    def __init__(self, own_env: Mapping[str, str]) -> None:
-        self.own_env = own_env
 
     def build(self, request: BuildRequest) -> BuildResult:
         source = request.source

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,7 +21,7 @@ from typing import Dict, List, Optional
 from conftest import BASE_ENV, REPO
 
 RHEL_KERNEL = "5.14.0-427.13.1.el9_4.x86_64"
-FIXTURE_BUILDER = REPO / "tests" / "fixture_builder.py"
+FIXTURE_DTK = REPO / "tests" / "fixture_dtk.py"
 # The product's one timing contract (README, "Signals and timing"): every state ends within 2 s of a SIGTERM,
 # and a wait ends within 2 s of the event it waits for (a failure flag, a file); a read of a hostile input ends
 # within 2 s of starting. Tests assert it with that margin, measured from the signal or the event, never from a
@@ -158,6 +159,30 @@ def guard_node_tools(env: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
+def fixture_python(isolated: bool = False) -> Path:
+    """A directory holding a ``python3`` for the shared directory's launcher: ``python3 -c ...`` (its version
+    check) is this interpreter; ``python3 ZIPAPP ARGS`` runs ``fixture_dtk.py ZIPAPP ARGS`` (the zipapp's
+    DTK side with the fixture builder). ``isolated``: ``-I -S``, no site-packages, nothing of the repository
+    on the path but what the zipapp carries."""
+    d = Path(tempfile.gettempdir()) / ("driver-ctr-fixture-python-%d%s" % (os.getuid(), "-i" if isolated else ""))
+    py = d / "python3"
+    flags = "-I -S " if isolated else ""
+    text = '#!/bin/sh\ncase "$1" in -c) exec %s %s"$@" ;; esac\nexec %s %s%s "$@"\n' % (
+        sys.executable,
+        flags,
+        sys.executable,
+        flags,
+        FIXTURE_DTK,
+    )
+    if not py.is_file() or py.read_text() != text:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / (".python3.%d" % os.getpid())
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(str(tmp), str(py))
+    return d
+
+
 def path_with(env: Dict[str, str], *first: object, rest: Optional[str] = None) -> str:
     """A PATH for ``env``: the stand-in node tools, then ``first`` (a test's own stand-ins), then ``rest``
     (default: ``env``'s PATH without the node tools)."""
@@ -185,8 +210,10 @@ def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, st
     )
     fixture = extra.pop("DRIVER_CTR_FIXTURE_MODULES", None)
     if fixture is not None:
-        # The DTK side stages these prepared modules instead of compiling (tests/fixture_builder.py).
-        env.update(DRIVER_CTR_BUILDER="%s:FixtureBuilder" % FIXTURE_BUILDER, DRIVER_CTR_SOURCE_DIR=fixture)
+        # The DTK side stages these prepared modules instead of compiling: the launcher's python3 is the
+        # test environment's (fixture_python), which runs the zipapp with the fixture builder.
+        env["PATH"] = path_with(env, fixture_python())
+        env["DRIVER_CTR_SOURCE_DIR"] = fixture
     env.update(extra)
     return env
 

@@ -465,6 +465,7 @@ def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_publish
     from driver_ctr.service import Service
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
+    from driver_ctr.tools import Tools
 
     make_dtk_image(root)
     fixture = make_fixture_modules(tmp_path / "fx", RHEL_KERNEL)
@@ -477,7 +478,7 @@ def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_publish
     settings = Settings.from_env(env)
     runner = FakeRunner()
     runner.expect(("depmod",))
-    service = Service(settings, Cancellation(), runner)
+    service = Service(settings, Cancellation(), Tools(runner=runner))
     service.publish_loaded()
     assert service.published is not None and service.published.source == "shared dir"
     # this root's /lib/modules/<kernel> is a real directory (the DTK image's, in these tests): copied beside
@@ -486,7 +487,7 @@ def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_publish
     assert runner.calls == [("depmod", "-b", str(root), RHEL_KERNEL)]
 
     (nvidia / "srcversion").write_text("0123456789ABCDEF01234567\n")  # a driver of another build is loaded
-    found = loaded_tree(settings, Cancellation())
+    found = loaded_tree(settings, Cancellation(), Tools(runner=runner))
     assert isinstance(found, Miss)
     assert (
         "shared dir: nvidia.ko is srcversion %s, the loaded one 0123456789ABCDEF01234567"
@@ -507,6 +508,7 @@ def test_undo_runs_every_step_when_the_unload_raises(root):
     from driver_ctr.service import Service
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
+    from driver_ctr.tools import Tools
     from driver_ctr.unload import DriverInUse
 
     settings = Settings.from_env(env_for(root))
@@ -515,7 +517,7 @@ def test_undo_runs_every_step_when_the_unload_raises(root):
     settings.paths.state_file.parent.mkdir(parents=True, exist_ok=True)
     settings.paths.state_file.write_text("an earlier digest\n")
     runner = FakeRunner()  # no command is expected: the unload refuses before any modprobe
-    service = Service(settings, Cancellation(), runner)
+    service = Service(settings, Cancellation(), Tools(runner=runner))
     with pytest.raises(DriverInUse):
         service.run(lambda _svc: types.SimpleNamespace(source="test", root=root, kernel="k"))
     assert not settings.paths.pid_file.exists()

@@ -17,6 +17,7 @@ from harness import (
     RHEL_KERNEL,
     env_for,
     finish,
+    fixture_python,
     make_dtk_image,
     make_fixture_modules,
     make_shared_dir,
@@ -91,15 +92,13 @@ def test_dtk_side_needs_at_most_python_3_9(tmp_path):
 
 
 def test_zipapp_runs_from_shared_dir_with_only_the_chosen_interpreter(root, tmp_path):
-    """PATH holds one python3 that runs isolated (-I -S: no site-packages), so every
-    import must come from the zipapp; the DTK side then builds for real."""
+    """PATH holds one python3 that runs isolated (-I -S: no site-packages), so every import of the product
+    must come from the zipapp; the DTK side then builds (with the fixture builder, fixture_dtk.py)."""
     make_dtk_image(root)
     mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    py = bindir / "python3"
-    py.write_text('#!/bin/sh\nexec %s -I -S "$@"\n' % sys.executable)
-    py.chmod(0o755)
+    (bindir / "python3").symlink_to(fixture_python(isolated=True) / "python3")
     for tool in ("sh", "dirname", "mv", "printf", "sleep", "cat"):
         p = need_tool(tool)
         (bindir / tool).symlink_to(p)

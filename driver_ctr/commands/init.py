@@ -19,17 +19,20 @@ from ..fast_path import decide_fast_path
 from ..module_trees import ModuleTree
 from ..service import Service
 from ..toolkit.log import get_logger
-from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
+from ..tools import Tools
 from ..userspace import userspace_install
 from ..vgpu import with_selected_version
 from .options import InitOptions
 
 
-def run(settings: Settings, options: InitOptions) -> int:
+def run(settings: Settings, options: InitOptions, tools: Optional[Tools] = None) -> int:
+    tools = tools or Tools()
     cancel = Cancellation().install()
-    settings = with_selected_version(settings, Runner(cancel), get_logger(side="driver"))  # vGPU guests only
+    settings = with_selected_version(
+        settings, tools.runner.with_cancel(cancel), get_logger(side="driver")
+    )  # vGPU guests only
 
     def body(service: Service) -> Optional[ModuleTree]:
         fp = decide_fast_path(settings)
@@ -38,6 +41,6 @@ def run(settings: Settings, options: InitOptions) -> int:
             service.log.info("fast path: the driver is loaded with this configuration", **fp.facts)
             return None
         service.log.info("fast path not taken", reason=fp.reason)
-        return module_trees.for_init(settings, cancel, options.max_threads)
+        return module_trees.for_init(settings, cancel, tools, options.max_threads)
 
-    return Service(settings, cancel).run(body)
+    return Service(settings, cancel, tools).run(body)

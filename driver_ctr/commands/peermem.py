@@ -7,12 +7,15 @@ reads two directories and logs nothing, so it imports nothing heavy.
 
 from __future__ import annotations
 
-from typing import List
+from typing import TYPE_CHECKING, List, Optional
 
 from ..toolkit.errors import Cancelled
 from ..toolkit.log import Logger, get_logger
 from ..toolkit.settings import Settings
 from .options import NoOptions
+
+if TYPE_CHECKING:
+    from ..tools import Tools
 
 
 def _ready(settings: Settings) -> bool:
@@ -23,10 +26,12 @@ def _ready(settings: Settings) -> bool:
     return ctr_ready and paths.host("/run/mellanox/drivers/.driver-ready").is_file()
 
 
-def reload(settings: Settings, options: NoOptions) -> int:
+def reload(settings: Settings, options: NoOptions, tools: Optional["Tools"] = None) -> int:
     """Wait for MOFED and the driver, load nvidia-peermem in the driver root, wait for a signal."""
-    from ..toolkit.runner import Runner
     from ..toolkit.waiting import Cancellation, wait_until
+    from ..tools import Tools
+
+    runner = (tools or Tools()).runner
 
     cancel = Cancellation().install()  # before any wait (the reference's trap came too late)
     log = get_logger(side="driver")
@@ -47,7 +52,7 @@ def reload(settings: Settings, options: NoOptions) -> int:
             from ..toolkit.nvidia_modules import PEERMEM
 
             words = checked_parameters(settings, log)
-            Runner().run(
+            runner.run(
                 ["chroot", str(settings.paths.driver_root), "modprobe", PEERMEM, *words], timeout=300, cancel=cancel
             )
             log.info("successfully loaded nvidia-peermem module, now waiting for signal")

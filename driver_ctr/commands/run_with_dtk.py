@@ -26,11 +26,12 @@ from ..toolkit.errors import Cancelled
 from ..toolkit.log import get_logger
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
+from ..tools import Tools
 from ..userspace import userspace_install
 from .options import RunWithDtkOptions
 
 
-def _tree(settings: Settings, cancel: Cancellation) -> Optional[ModuleTree]:
+def _tree(settings: Settings, cancel: Cancellation, tools: Tools) -> Optional[ModuleTree]:
     """The tree to load, or None on the fast path."""
     log = get_logger(side="driver")
     fp = decide_fast_path(settings)
@@ -38,14 +39,15 @@ def _tree(settings: Settings, cancel: Cancellation) -> Optional[ModuleTree]:
         log.info("fast path: the driver is loaded with this configuration; userspace-only install", **fp.facts)
         return None
     log.info("fast path not taken: building driver and modules", reason=fp.reason)
-    return module_trees.for_dtk(settings, cancel)
+    return module_trees.for_dtk(settings, cancel, tools)
 
 
-def run(settings: Settings, options: RunWithDtkOptions) -> int:
+def run(settings: Settings, options: RunWithDtkOptions, tools: Optional[Tools] = None) -> int:
+    tools = tools or Tools()
     cancel = Cancellation().install()
     if options.dry_run:
         try:
-            tree = _tree(settings, cancel)
+            tree = _tree(settings, cancel, tools)
         except Cancelled as exc:
             get_logger(side="driver").info("stopping", reason=str(exc))
             return 0
@@ -55,8 +57,8 @@ def run(settings: Settings, options: RunWithDtkOptions) -> int:
         return 0
 
     def body(service: Service) -> Optional[ModuleTree]:
-        tree = _tree(settings, cancel)
+        tree = _tree(settings, cancel, tools)
         userspace_install(settings, service.runner, service.log, cancel=cancel)
         return tree
 
-    return Service(settings, cancel).run(body)
+    return Service(settings, cancel, tools).run(body)

@@ -3,16 +3,18 @@ unload the NVIDIA modules; refuse, naming the holders, when in use."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..daemons import stop_daemons
 from ..toolkit.log import get_logger
-from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
+from ..tools import Tools
 from ..unload import unload
 from .options import NoOptions
 
 
-def run(settings: Settings, options: NoOptions) -> int:
+def run(settings: Settings, options: NoOptions, tools: Optional[Tools] = None) -> int:
     log = get_logger(side="driver")
     stop_daemons(settings.paths, log)
-    unload(settings.paths, Runner(), log)
+    unload(settings.paths, (tools or Tools()).runner, log)
     return 0

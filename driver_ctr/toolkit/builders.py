@@ -1,4 +1,4 @@
-"""The builder interface: what a build is asked for and what it answers.
+"""The builder interface, and the one build path every command takes.
 
 A builder fills an empty staging directory with a module tree laid out as
 ``/lib/modules/<target kernel>`` (``kernel/drivers/video/nvidia.ko`` …),
@@ -6,24 +6,30 @@ writes its output to the build log and raises :class:`BuildFailed` on
 failure. The target kernel is whatever the request names: the node's kernel
 on the DTK side and in ``init``, another one for ``update -k``.
 
-The real builder is :class:`~driver_ctr.toolkit.kbuild.KbuildBuilder`.
-``DRIVER_CTR_BUILDER=/path/file.py:Class`` (the DTK container's own
-environment, never ``settings.json``) loads another one from a file; the
-test suite uses it for a builder that stages prepared modules.
+:func:`build_and_describe` is how the DTK side, the local and fallback build
+and ``build``/``update -k`` build: the builder runs, then every staged file is
+described within the module size limit, an ``nvidia`` module must be there and
+every module's vermagic must name the target kernel, and the one
+:class:`BuildRecord` of the build is made. The real builder is
+:class:`~driver_ctr.toolkit.kbuild.KbuildBuilder`; tests pass their own.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import tempfile
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from .errors import InvalidValue
-from .nvidia_modules import build_set
+from .errors import BuildFailed
+from .modinfo import vermagic_problem
+from .nvidia_modules import NVIDIA, build_set
 from .paths import HostPaths
+from .records import BuildRecord, now
 from .signing import Signing
+from .sources import run_file_name
+from .trees import describe_tree
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -100,19 +106,18 @@ class BuildResult:
     flavour_tree: Optional[Path] = None
 
 
-class Builder:
+class Builder(ABC):
+    """Builds the request's module set into its staging directory (see the module docstring)."""
+
     name = "abstract"
 
-    def build(self, request: BuildRequest) -> BuildResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def build(self, request: BuildRequest) -> BuildResult: ...
 
 
 def find_source(source_dir: str, search_dirs: Sequence[Path], arch: str, version: str) -> Path:
     """``DRIVER_CTR_SOURCE_DIR`` when set, else the first ``NVIDIA-Linux-<arch>-<version>.run``
     of ``search_dirs``; :class:`BuildFailed` naming where it looked otherwise."""
-    from .errors import BuildFailed
-    from .sources import run_file_name
-
     if source_dir:
         return Path(source_dir)
     name = run_file_name(arch, version)
@@ -126,24 +131,70 @@ def find_source(source_dir: str, search_dirs: Sequence[Path], arch: str, version
     )
 
 
-BUILDER_VARIABLE = "DRIVER_CTR_BUILDER"
+def request_for(
+    settings: "Settings",
+    kernel: str,
+    staging_dir: Path,
+    log_path: Path,
+    cancel: Optional["Cancellation"],
+    options: Optional[BuildOptions] = None,
+    search_dirs: Sequence[Path] = (),
+    build_tree: Optional[Path] = None,
+) -> BuildRequest:
+    """The request for a build of ``kernel`` with these settings: the sources found in ``search_dirs`` then
+    the image's drivers directory, the options from the settings unless given."""
+    source = find_source(
+        settings.source_dir,
+        [*search_dirs, settings.paths.drivers_dir],
+        settings.target_arch,
+        settings.driver_version.raw,
+    )
+    return BuildRequest(
+        target_kernel=kernel,
+        source=source,
+        paths=settings.paths,
+        staging_dir=staging_dir,
+        log_path=log_path,
+        scratch=default_scratch(),
+        options=options or BuildOptions.from_settings(settings),
+        build_tree=build_tree,
+        cancel=cancel,
+    )
 
 
-def choose_builder(own_env: Mapping[str, str]) -> Builder:
-    """The kbuild builder, or the one ``DRIVER_CTR_BUILDER=/path/file.py:Class`` names."""
-    spec = own_env.get(BUILDER_VARIABLE, "").strip()
-    if not spec:
-        from .kbuild import KbuildBuilder
+@dataclass(frozen=True)
+class DescribedBuild:
+    """A finished build: its record (every staged file described, the builder's details) and what the
+    builder answered (the sources and symbol versions the optional components build against)."""
 
-        return KbuildBuilder()
-    path, sep, attr = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not Path(path).is_file() or not attr.isidentifier():
-        raise InvalidValue(BUILDER_VARIABLE, spec, "/path/to/file.py:ClassName of an existing file")
-    loader = importlib.util.spec_from_file_location("driver_ctr_builder_plugin", path)
-    assert loader is not None and loader.loader is not None
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    builder = getattr(module, attr)(own_env)
-    if not isinstance(builder, Builder):
-        raise InvalidValue(BUILDER_VARIABLE, spec, "a class derived from driver_ctr.toolkit.builders.Builder")
-    return builder
+    record: BuildRecord
+    result: BuildResult
+
+
+def build_and_describe(
+    builder: Builder,
+    request: BuildRequest,
+    limit: int,
+    dtk_kernels: Mapping[str, str] = {},
+    details: Mapping[str, Any] = {},
+) -> DescribedBuild:
+    """Build, then describe and check the staged tree (see the module docstring); ``details`` are added to
+    the builder's in the record. The staged tree is ``request.staging_dir``."""
+    result = builder.build(request)
+    files = describe_tree(request.staging_dir, limit)
+    modules = [f for f in files if f.is_module]
+    if not any(f.name == NVIDIA for f in modules):
+        raise BuildFailed("verify", "the build produced no nvidia module")
+    for f in modules:
+        problem = vermagic_problem(request.staging_dir / f.path, f.vermagic, request.target_kernel)
+        if problem:
+            raise BuildFailed("verify", problem)
+    record = BuildRecord(
+        builder=result.builder,
+        files=files,
+        components=result.components,
+        dtk_kernels=dict(dtk_kernels),
+        finished_at=now(),
+        details=dict(result.details, **details),
+    )
+    return DescribedBuild(record, result)

@@ -16,6 +16,7 @@ from typing import List, Mapping, NoReturn, Optional
 
 from . import log as logmod
 from . import protocol as proto
+from .builders import Builder
 from .dtk_side import DtkSide
 from .errors import DriverCtrError, FileSystemError, InvalidValue, innermost_step
 from .log import first_line
@@ -38,7 +39,8 @@ def shared_dir_from_env(env: Mapping[str, str]) -> Path:
     ).shared_dir
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, builder: Optional[Builder] = None) -> int:
+    """``ocp_dtk_entrypoint dtk-build-driver``; ``builder`` (default: kbuild) is the tests' seam."""
     parser = _Parser(prog="ocp_dtk_entrypoint", description="driver-ctr, DTK side")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -60,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     side: Optional[DtkSide] = None
     try:
-        side = DtkSide(shared, env, cancel)
+        side = DtkSide(shared, env, cancel, builder)
         return side.run()
     except Exception as exc:  # noqa: BLE001 - whatever ends the DTK side is signalled to the driver side
         if isinstance(exc, OSError):

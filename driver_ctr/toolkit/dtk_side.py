@@ -22,13 +22,12 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 from . import components
-from . import nvidia_modules as nv
 from . import protocol as proto
 from .build_logs import keep_build_log
-from .builders import Builder, BuildOptions, BuildRequest, BuildResult, choose_builder, default_scratch, find_source
+from .builders import Builder, BuildResult, build_and_describe, default_scratch, request_for
 from .dtk_decision import DtkDecision, decide, inspect_dtk
 from .errors import (
     BuildFailed,
@@ -44,15 +43,13 @@ from .fsio import replace_symlink
 from .host_cache import HostCache, store_build
 from .inputs import read_tail
 from .jobs import plan_jobs
+from .kbuild import KbuildBuilder
 from .kernel_tree import open_kernel_tree
 from .log import Logger, first_line, get_logger, phase
-from .modinfo import vermagic_problem
+from .records import BuildInputs, BuildRecord, Manifest
 from .runner import Runner
-from .settings import Settings
+from .settings import DTK_OWN_VARIABLES, Settings
 from .waiting import Cancellation, wait_until
-
-# Variables the operator sets on the DTK container itself; they win over settings.json.
-DTK_OWN_VARIABLES = ("RHCOS_VERSION", "RHCOS_IMAGE_MISSING", "DRIVER_CONFIG_DIGEST", "GDS_ENABLED", "GDRCOPY_ENABLED")
 
 IDLE_RECHECK_S = 5.0
 
@@ -75,7 +72,7 @@ class DtkSide:
         self.shared = proto.SharedDir(shared_dir, tag="%s%d" % (proto.DTK_TAG, os.getpid()))
         self.own_env = dict(own_env)
         self.cancel = cancel
-        self.builder = builder or choose_builder(own_env)
+        self.builder = builder or KbuildBuilder()
         self.log = get_logger(side="dtk")
         self.generation: Optional[int] = None  # the generation being worked on, once read
 
@@ -138,7 +135,7 @@ class DtkSide:
                 continue
             generation = self.generation = manifest.generation
             kernel = settings.running_kernel()
-            inputs = proto.BuildInputs.from_settings(settings, kernel)
+            inputs = BuildInputs.from_settings(settings, kernel)
             diff = manifest.inputs.differences(inputs)
             if diff:
                 self._wait_for_new_generation(generation, diff, settings.start_timeout_s)
@@ -217,7 +214,7 @@ class DtkSide:
                 "inputs of generation %d are not this node's: %s" % (generation, "; ".join(diff)),
             ) from None
 
-    def _reusable(self, inputs: proto.BuildInputs, generation: int, limit: int) -> bool:
+    def _reusable(self, inputs: BuildInputs, generation: int, limit: int) -> bool:
         try:
             proto.verify_build(self.shared, inputs, generation, limit)
             return True
@@ -228,11 +225,52 @@ class DtkSide:
     def _build(
         self,
         settings: Settings,
-        inputs: proto.BuildInputs,
+        inputs: BuildInputs,
         generation: int,
         decision: DtkDecision,
         build_tree: Optional[str],
     ) -> bool:
+        """Build this generation into a private staging directory, publish it as ``modules/`` with the
+        manifest and ``driver_built``, then the optional components. A failure of any step (a full disk
+        included) is ``driver_build_failed`` with its phase; False then."""
+        sh = self.shared
+        self._start(generation, decision)
+        staging_name = sh.staging("%s%d-%d" % (proto.DTK_TAG, generation, os.getpid()))
+        kernel = inputs.kernel_release
+        step = "build"
+        try:
+            with phase(self.log, "build", generation=generation, kernel=kernel, builder=self.builder.name):
+                sh.fs.remove(staging_name)
+                sh.fs.ensure_dir(staging_name)
+                request = request_for(
+                    settings,
+                    kernel,
+                    sh.path / staging_name,
+                    sh.build_log,
+                    self.cancel,
+                    search_dirs=[sh.drivers],
+                    build_tree=Path(build_tree) if build_tree else None,
+                )
+                built = build_and_describe(
+                    self.builder, request, settings.module_size_limit, dtk_kernels=decision.dtk_kernels
+                )
+            step = "publish"
+            with phase(self.log, "publish", generation=generation):
+                if not self._publish(staging_name, settings, inputs, generation, built.record):
+                    return True
+            self._components(settings, built.result, kernel, build_tree, generation)
+            self._keep_log(settings, kernel, generation)
+            return True
+        except Cancelled:
+            sh.fs.remove(staging_name)
+            raise
+        except (DriverCtrError, OSError) as exc:  # a full disk, EACCES: signalled like any failed build
+            sh.fs.remove(staging_name)
+            self._signal_failed(settings, kernel, generation, step, exc)
+            return False
+
+    def _start(self, generation: int, decision: DtkDecision) -> None:
+        """Clear the outcome of an earlier build, then ``driver_build_started``, then an empty build log."""
         sh = self.shared
         for flag in (
             proto.BUILT,
@@ -247,84 +285,42 @@ class DtkSide:
         for note in decision.notes:
             self.log.info("dtk note", note=note)
         sh.fs.write_atomic(proto.BUILD_LOG, b"")
-        staging_name = sh.staging("%s%d-%d" % (proto.DTK_TAG, generation, os.getpid()))
-        staging = sh.path / staging_name
-        kernel = inputs.kernel_release
-        current = "build"
-        try:
-            with phase(self.log, "build", generation=generation, kernel=kernel, builder=self.builder.name):
-                sh.fs.remove(staging_name)
-                sh.fs.ensure_dir(staging_name)
-                source = find_source(
-                    settings.source_dir,
-                    [sh.drivers, settings.paths.drivers_dir],
-                    settings.target_arch,
-                    settings.driver_version.raw,
-                )
-                result = self.builder.build(
-                    BuildRequest(
-                        target_kernel=kernel,
-                        source=source,
-                        paths=settings.paths,
-                        staging_dir=staging,
-                        log_path=sh.build_log,
-                        scratch=default_scratch(),
-                        options=BuildOptions.from_settings(settings),
-                        build_tree=Path(build_tree) if build_tree else None,
-                        cancel=self.cancel,
-                    )
-                )
-            current = "verify"
-            with phase(self.log, "verify", generation=generation):
-                files = proto.describe_tree(staging, settings.module_size_limit)
-                mods = [f for f in files if f.is_module]
-                if not any(f.name == nv.NVIDIA for f in mods):
-                    raise BuildFailed("verify", "the build produced no nvidia module")
-                for f in mods:
-                    problem = vermagic_problem(staging / f.path, f.vermagic, kernel)
-                    if problem:
-                        raise BuildFailed("verify", problem)
-            current = "publish"
-            with phase(self.log, "publish", generation=generation):
-                if self._generation_changed(generation):
-                    self.log.warning("a new generation was prepared during the build: discarding this one")
-                    sh.fs.remove(staging_name)
-                    return True
-                old = sh.staging("%sold-%d" % (proto.DTK_TAG, os.getpid()))
-                if sh.fs.kind(proto.MODULES_DIR) is not None:
-                    sh.fs.replace(proto.MODULES_DIR, old)
-                sh.fs.replace(staging_name, proto.MODULES_DIR)
-                sh.fs.remove(old)
-                build = proto.BuildRecord(
-                    builder=result.builder,
-                    files=files,
-                    components=result.components,
-                    dtk_kernels=dict(decision.dtk_kernels),
-                    finished_at=proto.now(),
-                    details=dict(result.details),
-                )
-                sh.write_manifest(proto.Manifest(generation=generation, inputs=inputs, build=build))
-                # Before driver_built: the driver side then finds it stored.
-                store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)
-                sh.write_flag(proto.Built(generation=generation, files=len(files)))
-            self._components(settings, result, kernel, build_tree, generation)
-            self._keep_log(settings, kernel, generation)
-            return True
-        except Cancelled:
+
+    def _publish(
+        self, staging_name: str, settings: Settings, inputs: BuildInputs, generation: int, build: BuildRecord
+    ) -> bool:
+        """Swap the staged tree in as ``modules/``, write the manifest, store the build in the host cache,
+        then ``driver_built``. False when a new generation was prepared meanwhile (the build is discarded)."""
+        sh = self.shared
+        if self._generation_changed(generation):
+            self.log.warning("a new generation was prepared during the build: discarding this one")
             sh.fs.remove(staging_name)
-            raise
-        except (DriverCtrError, OSError) as exc:  # a full disk, EACCES: signalled like any failed build
-            sh.fs.remove(staging_name)
-            if isinstance(exc, OSError):
-                exc = FileSystemError(exc, current + innermost_step(exc))
-            if isinstance(exc, BuildFailed):
-                phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(sh.build_log)
-            else:
-                phase_name, message, log_tail = current, first_line(exc), _log_tail(sh.build_log)
-            self.log.error("build failed", phase=phase_name, message=message, generation=generation)
-            sh.write_flag(proto.Failed(generation=generation, phase=phase_name, message=message, log_tail=log_tail))
-            self._keep_log(settings, kernel, generation)
             return False
+        old = sh.staging("%sold-%d" % (proto.DTK_TAG, os.getpid()))
+        if sh.fs.kind(proto.MODULES_DIR) is not None:
+            sh.fs.replace(proto.MODULES_DIR, old)
+        sh.fs.replace(staging_name, proto.MODULES_DIR)
+        sh.fs.remove(old)
+        sh.write_manifest(Manifest(generation=generation, inputs=inputs, build=build))
+        # Before driver_built: the driver side then finds it stored.
+        store_build(HostCache.from_settings(settings), inputs, build, sh.modules, self.log)
+        sh.write_flag(proto.Built(generation=generation, files=len(build.files)))
+        return True
+
+    def _signal_failed(
+        self, settings: Settings, kernel: str, generation: int, step: str, exc: Union[DriverCtrError, OSError]
+    ) -> None:
+        """``driver_build_failed`` with the phase, the message and the build log's tail."""
+        sh = self.shared
+        if isinstance(exc, OSError):
+            exc = FileSystemError(exc, step + innermost_step(exc))
+        if isinstance(exc, BuildFailed):
+            phase_name, message, log_tail = exc.phase, exc.message, exc.log_tail or _log_tail(sh.build_log)
+        else:
+            phase_name, message, log_tail = step, first_line(exc), _log_tail(sh.build_log)
+        self.log.error("build failed", phase=phase_name, message=message, generation=generation)
+        sh.write_flag(proto.Failed(generation=generation, phase=phase_name, message=message, log_tail=log_tail))
+        self._keep_log(settings, kernel, generation)
 
     def _keep_log(self, settings: Settings, kernel: str, generation: int) -> None:
         kept = keep_build_log(settings.paths, self.shared.build_log, kernel, generation)
@@ -362,8 +358,6 @@ class DtkSide:
                         rel = components.build_component(component, sh.fs, inputs, Runner(self.cancel), logf)
                 sh.write_flag(built_flag(generation=generation))
                 self.log.info("%s built" % component.name, module=rel)
-            except Cancelled:
-                raise
             except (DriverCtrError, OSError) as exc:  # an optional component never fails the GPU driver
                 if isinstance(exc, OSError):
                     exc = FileSystemError(exc, "build %s" % component.name + innermost_step(exc))
