@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .toolkit.errors import DriverCtrError
 
@@ -94,89 +94,110 @@ class Facts:
     symbol_providers: Dict[str, str] = field(default_factory=dict)  # symbol -> module name
 
 
+# A rule reads the failure (modprobe's error and the kernel log, as one text) and the facts; it answers
+# (cause, next step) when it knows this failure, else None. A new diagnosis is a new rule in RULES.
+Diagnosis = Optional[Tuple[str, str]]
+
+
+def _no_device(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    if "No such device" not in text and "errno 19" not in text:
+        return None
+    if facts.nouveau_loaded:
+        return (
+            "No such device (ENODEV): the nouveau driver is loaded and holds the GPU",
+            "blacklist nouveau on the node (modprobe.blacklist=nouveau on the kernel command line, "
+            "or the operator's nouveau blacklist) and reboot it",
+        )
+    seen = (
+        (
+            "the kernel sees NVIDIA PCI device(s) %s but the driver does not support or cannot use them"
+            % ", ".join(facts.nvidia_pci_devices)
+        )
+        if facts.nvidia_pci_devices
+        else "no NVIDIA GPU is visible to the kernel (no PCI device with vendor 0x10de)"
+    )
+    return (
+        "No such device (ENODEV): %s" % seen,
+        "check the node has an NVIDIA GPU (lspci -nn -d 10de:), that it is not passed through to a "
+        "VM (vfio-pci), and that the driver branch supports it",
+    )
+
+
+def _other_kernel(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    if not any(s in text for s in ("Exec format error", "disagrees about version", "version magic")):
+        return None
+    return (
+        "Exec format error (ENOEXEC): the module was built for another kernel: module vermagic %r, "
+        "running kernel %r" % (facts.module_vermagic, facts.kernel_vermagic or facts.kernel_release),
+        "rebuild for the running kernel (delete the stale build or host cache entry; check the DTK "
+        "image matches the node's RHCOS)",
+    )
+
+
+def _key_rejected(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    if not any(s in text for s in ("Key was rejected", "Required key not available", "EKEYREJECTED")):
+        return None
+    state = "is not signed" if not facts.signed else "is signed with a key the kernel does not trust"
+    return (
+        "Key was rejected by service (EKEYREJECTED): the kernel enforces module signatures "
+        "(Secure Boot or module.sig_enforce=1) and %s.ko %s" % (facts.module, state),
+        "sign the modules: mount a key and certificate and set DRIVER_CTR_SIGNING_KEY and "
+        "DRIVER_CTR_SIGNING_CERT, and enroll the certificate on the node (mokutil --import), "
+        "or disable Secure Boot",
+    )
+
+
+def _unknown_symbol(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    syms = _UNKNOWN_SYMBOL.findall("\n".join(kernel_log))
+    if not syms and "Unknown symbol" not in text:
+        return None
+    names = sorted({s for _, s in syms})
+    providers = sorted({facts.symbol_providers[s] for s in names if s in facts.symbol_providers})
+    missing = (
+        ("provided by %s, which is not loaded" % ", ".join(providers))
+        if providers
+        else "not exported by any loaded module or the kernel"
+    )
+    return (
+        "Unknown symbol%s %s: %s" % ("s" if len(names) != 1 else "", ", ".join(names[:8]) or "?", missing),
+        "load the providing module first, or rebuild: the module and the kernel (or its dependencies) do not match",
+    )
+
+
+def _already_loaded(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    if "File exists" not in text:
+        return None
+    return (
+        "File exists (EEXIST): %s is already loaded" % facts.module,
+        "nothing to do if it is the wanted version (the fast path); otherwise unload it first (nvidia-driver unload)",
+    )
+
+
+def _not_permitted(facts: Facts, text: str, kernel_log: Sequence[str], detail: str) -> Diagnosis:
+    if "Operation not permitted" not in text and "Function not implemented" not in text:
+        return None
+    return (
+        "the kernel refused module loading (%s)" % detail,
+        "run the driver container privileged on a node that allows module loading",
+    )
+
+
+RULES: Tuple[Callable[[Facts, str, Sequence[str], str], Diagnosis], ...] = (
+    _no_device,
+    _other_kernel,
+    _key_rejected,
+    _unknown_symbol,
+    _already_loaded,
+    _not_permitted,
+)
+
+
 def diagnose(facts: Facts, error_text: str, kernel_log: Sequence[str]) -> LoadFailed:
-    m = facts.module
+    """The first rule that knows this failure, else modprobe's last line."""
     text = error_text + "\n" + "\n".join(kernel_log)
     detail = error_text.strip().splitlines()[-1] if error_text.strip() else ""
-    if "No such device" in text or "errno 19" in text:
-        if facts.nouveau_loaded:
-            return LoadFailed(
-                m,
-                "No such device (ENODEV): the nouveau driver is loaded and holds the GPU",
-                "blacklist nouveau on the node (modprobe.blacklist=nouveau on the kernel command line, "
-                "or the operator's nouveau blacklist) and reboot it",
-                kernel_log,
-                detail,
-            )
-        seen = (
-            (
-                "the kernel sees NVIDIA PCI device(s) %s but the driver does not support or cannot use them"
-                % ", ".join(facts.nvidia_pci_devices)
-            )
-            if facts.nvidia_pci_devices
-            else "no NVIDIA GPU is visible to the kernel (no PCI device with vendor 0x10de)"
-        )
-        return LoadFailed(
-            m,
-            "No such device (ENODEV): %s" % seen,
-            "check the node has an NVIDIA GPU (lspci -nn -d 10de:), that it is not passed through to a "
-            "VM (vfio-pci), and that the driver branch supports it",
-            kernel_log,
-            detail,
-        )
-    if "Exec format error" in text or "disagrees about version" in text or "version magic" in text:
-        return LoadFailed(
-            m,
-            "Exec format error (ENOEXEC): the module was built for another kernel: module vermagic %r, "
-            "running kernel %r" % (facts.module_vermagic, facts.kernel_vermagic or facts.kernel_release),
-            "rebuild for the running kernel (delete the stale build or host cache entry; check the DTK "
-            "image matches the node's RHCOS)",
-            kernel_log,
-            detail,
-        )
-    if "Key was rejected" in text or "Required key not available" in text or "EKEYREJECTED" in text:
-        state = "is not signed" if not facts.signed else "is signed with a key the kernel does not trust"
-        return LoadFailed(
-            m,
-            "Key was rejected by service (EKEYREJECTED): the kernel enforces module signatures "
-            "(Secure Boot or module.sig_enforce=1) and %s.ko %s" % (m, state),
-            "sign the modules: mount a key and certificate and set DRIVER_CTR_SIGNING_KEY and "
-            "DRIVER_CTR_SIGNING_CERT, and enroll the certificate on the node (mokutil --import), "
-            "or disable Secure Boot",
-            kernel_log,
-            detail,
-        )
-    syms = [(mod, sym) for mod, sym in _UNKNOWN_SYMBOL.findall("\n".join(kernel_log))]
-    if syms or "Unknown symbol" in text:
-        names = sorted({s for _, s in syms})
-        providers = sorted({facts.symbol_providers[s] for s in names if s in facts.symbol_providers})
-        missing = (
-            ("provided by %s, which is not loaded" % ", ".join(providers))
-            if providers
-            else "not exported by any loaded module or the kernel"
-        )
-        return LoadFailed(
-            m,
-            "Unknown symbol%s %s: %s" % ("s" if len(names) != 1 else "", ", ".join(names[:8]) or "?", missing),
-            "load the providing module first, or rebuild: the module and the kernel (or its dependencies) do not match",
-            kernel_log,
-            detail,
-        )
-    if "File exists" in text:
-        return LoadFailed(
-            m,
-            "File exists (EEXIST): %s is already loaded" % m,
-            "nothing to do if it is the wanted version (the fast path); otherwise unload it first "
-            "(nvidia-driver unload)",
-            kernel_log,
-            detail,
-        )
-    if "Operation not permitted" in text or "Function not implemented" in text:
-        return LoadFailed(
-            m,
-            "the kernel refused module loading (%s)" % detail,
-            "run the driver container privileged on a node that allows module loading",
-            kernel_log,
-            detail,
-        )
-    return LoadFailed(m, detail or "modprobe failed", "see the kernel log lines below", kernel_log, detail)
+    for rule in RULES:
+        found = rule(facts, text, kernel_log, detail)
+        if found is not None:
+            return LoadFailed(facts.module, found[0], found[1], kernel_log, detail)
+    return LoadFailed(facts.module, detail or "modprobe failed", "see the kernel log lines below", kernel_log, detail)
