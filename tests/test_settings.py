@@ -180,14 +180,16 @@ def test_a_proxy_that_no_client_takes_is_named(proxy):
 
 def test_a_bad_value_a_command_never_reads_does_not_fail_it(root):
     """The liveness probe (probe_nvidia_peermem), unload and status never build: a bad proxy, build timeout or
-    signing hash does not fail them (today it restarted a healthy pod); init still names each one."""
+    signing hash, or a signing key without its certificate, does not fail them (a liveness probe must not
+    restart a healthy pod); init still names each one."""
     import subprocess
     import sys
 
     from harness import env_for
 
     bad = dict(HTTPS_PROXY="ftp://u:pw@proxy:21", DRIVER_CTR_BUILD_TIMEOUT="soon", DRIVER_CTR_SIGNING_HASH="md5")
-    env = env_for(root, **bad)
+    # and a check across variables that only building needs: a signing key without its certificate
+    env = env_for(root, DRIVER_CTR_SIGNING_KEY="/secret/key.pem", **bad)
     for command in (["probe_nvidia_peermem"], ["unload"], ["status"]):
         r = subprocess.run(
             [sys.executable, "-m", "driver_ctr", "nvidia-driver", *command], env=env, capture_output=True, text=True
@@ -197,8 +199,51 @@ def test_a_bad_value_a_command_never_reads_does_not_fail_it(root):
         [sys.executable, "-m", "driver_ctr", "nvidia-driver", "init"], env=env, capture_output=True, text=True
     )
     assert r.returncode != 0
-    for name in bad:
+    for name in [*bad, "DRIVER_CTR_SIGNING_CERT"]:
         assert name in r.stderr, (name, r.stderr)
     assert "pw" not in r.stderr
     with pytest.raises(SettingsError):  # a variable the command does read still fails it
         Settings.from_env(dict(env, DRIVER_TYPE="bogus"), unused=("HTTPS_PROXY",))
+
+
+def test_the_readme_settings_table_lists_every_row():
+    """One row per variable in the code (settings.VARIABLES), one line per setting in the README's table:
+    the same names, no more, no fewer."""
+    import re
+
+    from conftest import REPO
+
+    from driver_ctr.toolkit.settings import VARIABLES
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("\n## Settings\n") :]
+    section = section[: section.index("\n## ", 1)]
+    documented = set()
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            documented |= {n.rstrip("*") for n in re.findall(r"`([A-Za-z_]+\*?)`", line.split("|")[1])}
+    assert documented == {v.name for v in VARIABLES}
+
+
+def test_the_lists_of_names_are_derived_from_the_rows():
+    """Who reads a variable is a flag of its row; the lists the commands use are made from the flags."""
+    from dataclasses import fields
+
+    from driver_ctr.toolkit import settings as st
+
+    by_name = {v.name: v for v in st.VARIABLES}
+    assert set(st.BUILD_ONLY_VARIABLES) == {n for n, v in by_name.items() if v.build_only}
+    assert "HTTPS_PROXY" in st.BUILD_ONLY_VARIABLES and "DRIVER_CTR_SIGNING_CERT" in st.BUILD_ONLY_VARIABLES
+    assert "DRIVER_VERSION" not in st.BUILD_ONLY_VARIABLES
+    assert set(st.DTK_OWN_VARIABLES) == {
+        "RHCOS_VERSION",
+        "RHCOS_IMAGE_MISSING",
+        "DRIVER_CONFIG_DIGEST",
+        "GDS_ENABLED",
+        "GDRCOPY_ENABLED",
+    }
+    assert all(by_name[n].shared for n in st.SHARED_VARIABLES)
+    # every row fills a field of Settings, and the default is the field's
+    names = {f.name for f in fields(st.Settings)}
+    assert all(v.attr in names for v in st.VARIABLES)
+    assert st.Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64"}).build_timeout_s == 2400.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Tuple
 
@@ -28,8 +28,7 @@ KERNEL_MODULE_TYPES = ("auto", "open", "proprietary")
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 NVFM_PREFIX = "NVFM_CONFIG_"
 
-DEFAULT_BUILD_TIMEOUT_S = 40 * 60.0
-DEFAULT_START_TIMEOUT_S = 20 * 60.0
+SIGNING_HASHES = ("sha256", "sha384", "sha512", "sha224", "sha1")
 DEFAULT_CACHE_DIR = "/var/lib/driver-ctr/cache"
 DEFAULT_MODULE_SIZE_LIMIT = 1 << 30  # bytes: no staged file is larger (nvidia.ko: ~80 MB)
 
@@ -153,26 +152,42 @@ def _one_line(name: str, raw: str) -> str:
 
 @dataclass(frozen=True)
 class Var:
-    """One environment variable: where it goes and how it is read.
+    """One environment variable: how it is read and who reads it.
 
     ``shared``: carried to the DTK side in ``settings.json`` (nothing else
     crosses: no PATH/HOME, no service-account or KUBERNETES_* variables, no
-    proxies, nothing secret). ``host_path``: an absolute node path, re-rooted
-    under ``DRIVER_CTR_ROOT``. ``secret``: never shown in clear in an error,
-    a log or ``status``. ``into``: several variables collected as
-    ``(name, value)`` pairs into one tuple field. ``prefix``: every variable
-    whose name starts with ``name``.
+    proxies, nothing secret). ``dtk_own``: the operator also sets it on the DTK
+    container itself, and that value wins over ``settings.json``.
+    ``build_only``: only a build, a download or a package manager reads it; a
+    command that never builds ignores a bad value. ``host_path``: an absolute
+    node path, re-rooted under ``DRIVER_CTR_ROOT``. ``secret``: never shown in
+    clear in an error, a log or ``status``. ``into``: several variables
+    collected as ``(name, value)`` pairs into one tuple field. ``prefix``: every
+    variable whose name starts with ``name``. ``attr`` is the field it fills.
     """
 
     name: str
-    attr: str
     parse: Callable[[str, str], Any]
+    attr: str = ""
     required: bool = False
     shared: bool = False
+    dtk_own: bool = False
+    build_only: bool = False
     host_path: bool = False
     secret: bool = False
     into: bool = False
     prefix: bool = False
+
+
+def setting(*names: str, parse: Callable[[str, str], Any], default: Any = MISSING, **flags: bool) -> Any:
+    """A :class:`Settings` field and its row: the variable(s) that fill it, the parser, the default, the
+    flags of :class:`Var`."""
+    rows = tuple(Var(name, parse, "", **flags) for name in names)
+    if default is MISSING:
+        return field(metadata={"vars": rows})
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a setting's default is immutable")
+    return field(default=default, metadata={"vars": rows})
 
 
 def _nvfm_field(name: str, raw: str) -> Tuple[str, str]:
@@ -182,148 +197,94 @@ def _nvfm_field(name: str, raw: str) -> Tuple[str, str]:
     return fld, _one_line(name, raw).strip()
 
 
-VARIABLES: Tuple[Var, ...] = (
-    (
-        Var("DRIVER_VERSION", "driver_version", _driver_version, required=True, shared=True),
-        Var("TARGETARCH", "target_arch", _arch, required=True, shared=True),
-        Var("DRIVER_BRANCH", "driver_branch", _branch, shared=True),
-        Var("DRIVER_TYPE", "driver_type", _choice(DRIVER_TYPES), shared=True),
-        Var("KERNEL_MODULE_TYPE", "kernel_module_type", _choice(KERNEL_MODULE_TYPES), shared=True),
-        Var("GPU_DIRECT_RDMA_ENABLED", "gpu_direct_rdma_enabled", parse_bool, shared=True),
-        Var("USE_HOST_MOFED", "use_host_mofed", parse_bool, shared=True),
-        Var("GDS_ENABLED", "gds_enabled", parse_bool, shared=True),
-        Var("GDRCOPY_ENABLED", "gdrcopy_enabled", parse_bool, shared=True),
-        Var("OPEN_KERNEL_MODULES_ENABLED", "open_kernel_modules_enabled", parse_bool),
-        Var("DRIVER_CONFIG_DIGEST", "driver_config_digest", _pattern(_DIGEST, "one word without spaces"), shared=True),
-        Var("RHCOS_IMAGE_MISSING", "rhcos_image_missing", parse_bool),
-        Var(
-            "RHCOS_VERSION",
-            "rhcos_version",
-            _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0"),
-            shared=True,
-        ),
-        Var(
-            "OPENSHIFT_VERSION",
-            "openshift_version",
-            _pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"),
-            shared=True,
-        ),
-        Var("RHEL_VERSION", "rhel_version", _pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"), shared=True),
-        Var("DNF_RELEASEVER", "dnf_releasever", _pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4")),
-        Var("VGPU_LICENSE_SERVER_TYPE", "vgpu_license_server_type", _upper_choice(("nls", "fne"))),
-        Var("DISABLE_VGPU_VERSION_CHECK", "disable_vgpu_version_check", parse_bool),
-        Var("IGNORE_PREEMPT_RT_PRESENCE", "ignore_preempt_rt_presence", parse_bool, shared=True),
-        Var(NVFM_PREFIX, "nvfm_config", _nvfm_field, prefix=True, into=True),
-    )
-    + tuple(Var(v, "proxies", _proxy, secret=True, into=True) for v in PROXY_VARIABLES)
-    + (
-        # driver-ctr's own
-        Var("DRIVER_CTR_ROOT", "root", _abs_path),
-        Var("DRIVER_CTR_KERNEL_RELEASE", "running_kernel_override", _kernel_release),
-        Var("DRIVER_CTR_LOG_FORMAT", "log_format", _choice(("json", "console"))),
-        Var("DRIVER_CTR_LOG_LEVEL", "log_level", _choice(("debug", "info", "warning", "error"))),
-        Var("DRIVER_CTR_SHARED_DIR", "shared_dir", _abs_path),
-        Var("DRIVER_CTR_BUILD_TIMEOUT", "build_timeout_s", _positive_seconds, shared=True),
-        Var("DRIVER_CTR_START_TIMEOUT", "start_timeout_s", _positive_seconds),
-        Var("DRIVER_CTR_MAX_THREADS", "max_threads", _positive_int, shared=True),
-        Var("DRIVER_CTR_SOURCE_DIR", "source_dir", _abs_path),
-        Var("DRIVER_CTR_MODULE_SIZE_LIMIT", "module_size_limit", _positive_int, shared=True),
-        Var("DRIVER_CTR_CACHE_DIR", "cache_dir", _abs_path, host_path=True),
-        Var("DRIVER_CTR_LOCAL_REPO", "local_repo", _abs_path, host_path=True),
-        Var("DRIVER_CTR_USERSPACE", "userspace", _choice(("auto", "none"))),
-        Var("DRIVER_CTR_PRECOMPILED_DIR", "precompiled_dir", _abs_path, host_path=True),
-        Var("DRIVER_CTR_CACHE_KEEP", "cache_keep", _positive_int),
-        Var("DRIVER_CTR_SIGNING_KEY", "signing_key", _abs_path, secret=True),
-        Var("DRIVER_CTR_SIGNING_CERT", "signing_cert", _abs_path),
-        Var("DRIVER_CTR_SIGNING_HASH", "signing_hash", _choice(("sha256", "sha384", "sha512", "sha224", "sha1"))),
-    )
-)
-
-SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
-# What only a build, a download or a package manager reads: the commands that never build (load, unload,
-# status, the peermem pair, the probes) ignore a bad value here (a liveness probe must not restart a
-# healthy pod because of a proxy it never uses); the commands that use them still name every bad value.
-BUILD_ONLY_VARIABLES = PROXY_VARIABLES + (
-    "DRIVER_CTR_BUILD_TIMEOUT",
-    "DRIVER_CTR_MAX_THREADS",
-    "DRIVER_CTR_SOURCE_DIR",
-    "DRIVER_CTR_LOCAL_REPO",
-    "DRIVER_CTR_SIGNING_KEY",
-    "DRIVER_CTR_SIGNING_CERT",
-    "DRIVER_CTR_SIGNING_HASH",
-    "DNF_RELEASEVER",
-    "IGNORE_PREEMPT_RT_PRESENCE",
-)
-
-
-def _valid(name: str, raw: str) -> bool:
-    var = next((v for v in VARIABLES if v.name == name), None)
-    if var is None or not raw.strip():
-        return True
-    try:
-        _read(var, name, raw)
-        return True
-    except InvalidValue:
-        return False
-
-
-def _read(var: Var, name: str, raw: str) -> Any:
-    """Parse one variable; the error names it and never shows a secret value."""
-    try:
-        return var.parse(name, raw)
-    except InvalidValue as exc:
-        value = exc.value if exc.name == name else raw
-        if var.secret or is_secret_name(name):
-            value = redact_url_credentials(redact_value(name, raw))
-        raise InvalidValue(name, value, exc.expected) from None
+def _rhcos(name: str, raw: str) -> str:
+    return _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0")(name, raw)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of the reference table plus driver-ctr's own (``DRIVER_CTR_*``);
-    :data:`VARIABLES` says which variable fills which field."""
+    """Every setting of the reference table plus driver-ctr's own (``DRIVER_CTR_*``), one field a row:
+    the variable(s) that fill it, their parser, the default and who reads them (:func:`setting`)."""
 
-    driver_version: DriverVersion
-    target_arch: str  # normalized: x86_64 / aarch64
-    targetarch_raw: str  # as the image says it: amd64 / arm64
-    driver_branch: int
-    driver_type: str = "passthrough"
-    kernel_module_type: str = "auto"
-    gpu_direct_rdma_enabled: bool = False
-    use_host_mofed: bool = False
-    gds_enabled: bool = False
-    gdrcopy_enabled: bool = False
-    open_kernel_modules_enabled: Optional[bool] = None  # legacy, read for validation only
-    driver_config_digest: str = ""
-    rhcos_image_missing: bool = False
-    rhcos_version: str = ""
-    openshift_version: str = ""
-    rhel_version: str = ""
-    dnf_releasever: str = ""
-    vgpu_license_server_type: str = "NLS"
-    disable_vgpu_version_check: bool = True
-    ignore_preempt_rt_presence: bool = False
-    nvfm_config: Tuple[Tuple[str, str], ...] = ()
-    proxies: Tuple[Tuple[str, str], ...] = ()
+    driver_version: DriverVersion = setting("DRIVER_VERSION", parse=_driver_version, required=True, shared=True)
+    target_arch: str = setting("TARGETARCH", parse=_arch, required=True, shared=True)  # x86_64 / aarch64
+    driver_branch: int = setting("DRIVER_BRANCH", parse=_branch, shared=True)  # default: the version's
+    targetarch_raw: str = ""  # as the image says it: amd64 / arm64
+    driver_type: str = setting("DRIVER_TYPE", parse=_choice(DRIVER_TYPES), default="passthrough", shared=True)
+    kernel_module_type: str = setting(
+        "KERNEL_MODULE_TYPE", parse=_choice(KERNEL_MODULE_TYPES), default="auto", shared=True
+    )
+    gpu_direct_rdma_enabled: bool = setting("GPU_DIRECT_RDMA_ENABLED", parse=parse_bool, default=False, shared=True)
+    use_host_mofed: bool = setting("USE_HOST_MOFED", parse=parse_bool, default=False, shared=True)
+    gds_enabled: bool = setting("GDS_ENABLED", parse=parse_bool, default=False, shared=True, dtk_own=True)
+    gdrcopy_enabled: bool = setting("GDRCOPY_ENABLED", parse=parse_bool, default=False, shared=True, dtk_own=True)
+    # legacy, read for validation only
+    open_kernel_modules_enabled: Optional[bool] = setting("OPEN_KERNEL_MODULES_ENABLED", parse=parse_bool, default=None)
+    driver_config_digest: str = setting(
+        "DRIVER_CONFIG_DIGEST",
+        parse=_pattern(_DIGEST, "one word without spaces"),
+        default="",
+        shared=True,
+        dtk_own=True,
+    )
+    rhcos_image_missing: bool = setting("RHCOS_IMAGE_MISSING", parse=parse_bool, default=False, dtk_own=True)
+    rhcos_version: str = setting("RHCOS_VERSION", parse=_rhcos, default="", shared=True, dtk_own=True)
+    openshift_version: str = setting(
+        "OPENSHIFT_VERSION",
+        parse=_pattern(_OPENSHIFT_VERSION, "an OpenShift version like 4.16"),
+        default="",
+        shared=True,
+    )
+    rhel_version: str = setting(
+        "RHEL_VERSION", parse=_pattern(_RHEL_VERSION, "a RHEL version like 9 or 9.4"), default="", shared=True
+    )
+    dnf_releasever: str = setting(
+        "DNF_RELEASEVER", parse=_pattern(_RHEL_VERSION, "a dnf releasever like 9 or 9.4"), default="", build_only=True
+    )
+    vgpu_license_server_type: str = setting(
+        "VGPU_LICENSE_SERVER_TYPE", parse=_upper_choice(("nls", "fne")), default="NLS"
+    )
+    disable_vgpu_version_check: bool = setting("DISABLE_VGPU_VERSION_CHECK", parse=parse_bool, default=True)
+    ignore_preempt_rt_presence: bool = setting(
+        "IGNORE_PREEMPT_RT_PRESENCE", parse=parse_bool, default=False, shared=True, build_only=True
+    )
+    nvfm_config: Tuple[Tuple[str, str], ...] = setting(
+        NVFM_PREFIX, parse=_nvfm_field, default=(), prefix=True, into=True
+    )
+    proxies: Tuple[Tuple[str, str], ...] = setting(
+        *PROXY_VARIABLES, parse=_proxy, default=(), secret=True, into=True, build_only=True
+    )
     # driver-ctr's own
-    root: Optional[str] = None
-    running_kernel_override: str = ""
-    log_format: str = ""
-    log_level: str = "info"
-    shared_dir: str = ""
-    build_timeout_s: float = DEFAULT_BUILD_TIMEOUT_S
-    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
-    max_threads: Optional[int] = None
-    source_dir: str = ""
-    module_size_limit: int = DEFAULT_MODULE_SIZE_LIMIT
-    cache_dir: str = DEFAULT_CACHE_DIR
-    local_repo: str = ""
-    cache_keep: int = 3
-    userspace: str = "auto"  # "none": modules only (the test suite; userspace from elsewhere)
-    precompiled_dir: str = ""  # default: /usr/src/nvidia-<version>/kernel/precompiled
-    signing_key: str = ""
-    signing_cert: str = ""
-    signing_hash: str = "sha256"
+    root: Optional[str] = setting("DRIVER_CTR_ROOT", parse=_abs_path, default=None)
+    running_kernel_override: str = setting("DRIVER_CTR_KERNEL_RELEASE", parse=_kernel_release, default="")
+    log_format: str = setting("DRIVER_CTR_LOG_FORMAT", parse=_choice(("json", "console")), default="")
+    log_level: str = setting(
+        "DRIVER_CTR_LOG_LEVEL", parse=_choice(("debug", "info", "warning", "error")), default="info"
+    )
+    shared_dir: str = setting("DRIVER_CTR_SHARED_DIR", parse=_abs_path, default="")
+    build_timeout_s: float = setting(
+        "DRIVER_CTR_BUILD_TIMEOUT", parse=_positive_seconds, default=40 * 60.0, shared=True, build_only=True
+    )
+    start_timeout_s: float = setting("DRIVER_CTR_START_TIMEOUT", parse=_positive_seconds, default=20 * 60.0)
+    max_threads: Optional[int] = setting(
+        "DRIVER_CTR_MAX_THREADS", parse=_positive_int, default=None, shared=True, build_only=True
+    )
+    source_dir: str = setting("DRIVER_CTR_SOURCE_DIR", parse=_abs_path, default="", build_only=True)
+    module_size_limit: int = setting(
+        "DRIVER_CTR_MODULE_SIZE_LIMIT", parse=_positive_int, default=DEFAULT_MODULE_SIZE_LIMIT, shared=True
+    )
+    cache_dir: str = setting("DRIVER_CTR_CACHE_DIR", parse=_abs_path, default=DEFAULT_CACHE_DIR, host_path=True)
+    local_repo: str = setting("DRIVER_CTR_LOCAL_REPO", parse=_abs_path, default="", host_path=True, build_only=True)
+    # "none": modules only (the test suite; userspace from elsewhere)
+    userspace: str = setting("DRIVER_CTR_USERSPACE", parse=_choice(("auto", "none")), default="auto")
+    # default: /usr/src/nvidia-<version>/kernel/precompiled
+    precompiled_dir: str = setting("DRIVER_CTR_PRECOMPILED_DIR", parse=_abs_path, default="", host_path=True)
+    cache_keep: int = setting("DRIVER_CTR_CACHE_KEEP", parse=_positive_int, default=3)
+    signing_key: str = setting("DRIVER_CTR_SIGNING_KEY", parse=_abs_path, default="", secret=True, build_only=True)
+    signing_cert: str = setting("DRIVER_CTR_SIGNING_CERT", parse=_abs_path, default="", build_only=True)
+    signing_hash: str = setting(
+        "DRIVER_CTR_SIGNING_HASH", parse=_choice(SIGNING_HASHES), default="sha256", build_only=True
+    )
     raw: Tuple[Tuple[str, str], ...] = field(default=(), repr=False, compare=False)
 
     # ------------------------------------------------------------------
@@ -368,8 +329,7 @@ class Settings:
         values: Dict[str, Any] = {}
         used: Dict[str, str] = {}
         for var in VARIABLES:
-            names = sorted(n for n in env if n.startswith(var.name)) if var.prefix else [var.name]
-            for name in names:
+            for name in sorted(n for n in env if n.startswith(var.name)) if var.prefix else [var.name]:
                 raw = env.get(name)
                 if raw is None or raw.strip() == "":
                     if var.required:
@@ -385,15 +345,57 @@ class Settings:
                     values[var.attr] = values.get(var.attr, ()) + ((value if var.prefix else (name, value)),)
                 else:
                     values[var.attr] = value
-        key_set, cert_set = (
-            bool(env.get(n, "").strip()) for n in ("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT")
-        )
-        if key_set != cert_set:
-            missing = "DRIVER_CTR_SIGNING_CERT" if key_set else "DRIVER_CTR_SIGNING_KEY"
-            problems.append(InvalidValue(missing, "", "to be set too: signing needs both a key and a certificate"))
+        for names, check in CROSS_CHECKS:
+            if not all(n in unused for n in names):
+                problems += check(env)
         if problems:
             raise SettingsError(problems)
         dv: DriverVersion = values["driver_version"]
         values.setdefault("driver_branch", dv.branch)
         values["targetarch_raw"] = env["TARGETARCH"].strip()
         return cls(raw=tuple(sorted(used.items())), **values)
+
+
+def _signing_pair(env: Mapping[str, str]) -> List[InvalidValue]:
+    key_set, cert_set = (bool(env.get(n, "").strip()) for n in ("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT"))
+    if key_set == cert_set:
+        return []
+    missing = "DRIVER_CTR_SIGNING_CERT" if key_set else "DRIVER_CTR_SIGNING_KEY"
+    return [InvalidValue(missing, "", "to be set too: signing needs both a key and a certificate")]
+
+
+# Checks across variables: the variables and the check. Like a single bad value, skipped when the command
+# reads none of them (a signing key without its certificate concerns only a build).
+CROSS_CHECKS: Tuple[Tuple[Tuple[str, ...], Callable[[Mapping[str, str]], List[InvalidValue]]], ...] = (
+    (("DRIVER_CTR_SIGNING_KEY", "DRIVER_CTR_SIGNING_CERT"), _signing_pair),
+)
+
+# The rows, in field order, each with the field it fills; every list of names below is derived from them.
+VARIABLES: Tuple[Var, ...] = tuple(
+    replace(v, attr=f.name) for f in fields(Settings) for v in f.metadata.get("vars", ())
+)
+SHARED_VARIABLES = tuple(v.name for v in VARIABLES if v.shared)
+DTK_OWN_VARIABLES = tuple(v.name for v in VARIABLES if v.dtk_own)
+BUILD_ONLY_VARIABLES = tuple(v.name for v in VARIABLES if v.build_only)
+
+
+def _valid(name: str, raw: str) -> bool:
+    var = next((v for v in VARIABLES if v.name == name), None)
+    if var is None or not raw.strip():
+        return True
+    try:
+        _read(var, name, raw)
+        return True
+    except InvalidValue:
+        return False
+
+
+def _read(var: Var, name: str, raw: str) -> Any:
+    """Parse one variable; the error names it and never shows a secret value."""
+    try:
+        return var.parse(name, raw)
+    except InvalidValue as exc:
+        value = exc.value if exc.name == name else raw
+        if var.secret or is_secret_name(name):
+            value = redact_url_credentials(redact_value(name, raw))
+        raise InvalidValue(name, value, exc.expected) from None
