@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from conftest import BASE_ENV, REPO
 
@@ -216,6 +216,20 @@ def env_for(root: Path, kernel: str = RHEL_KERNEL, **extra: str) -> Dict[str, st
         env["DRIVER_CTR_SOURCE_DIR"] = fixture
     env.update(extra)
     return env
+
+
+def package_job(root: Path, kernel: str, runner: object, local_repo: Optional[Path] = None, **env: str) -> Any:
+    """A package-manager job (``fallback.base.Job``) installing ``kernel``'s trees into ``root``, a scratch
+    target (never the test host's own root); ``local_repo`` is taken as given (not re-rooted)."""
+    from driver_ctr.fallback.base import Job
+    from driver_ctr.toolkit.log import get_logger
+    from driver_ctr.toolkit.paths import HostPaths
+    from driver_ctr.toolkit.settings import Settings
+
+    if local_repo is not None:
+        env["DRIVER_CTR_LOCAL_REPO"] = str(local_repo)
+    settings = Settings.from_env(dict(BASE_ENV, **env))
+    return Job(settings, kernel, runner, get_logger(), HostPaths(root=str(root)))
 
 
 def make_shared_dir(root: Path) -> Path:

@@ -30,9 +30,9 @@ from harness import (
     run_both,
 )
 
-from driver_ctr.fallback import backend_for, install_kernel_tree, node_family
+from driver_ctr.fallback import backend_for, family_of, install_kernel_tree, node_family
 from driver_ctr.fallback.apt import AptBackend
-from driver_ctr.fallback.base import FallbackFailed
+from driver_ctr.fallback.base import FallbackFailed, Job
 from driver_ctr.fallback.dnf import DnfBackend, kernel_package_names, preflight, rhel_releasevers
 from driver_ctr.fallback.node_os import NodeOS, parse_os_release
 from driver_ctr.toolkit.log import get_logger
@@ -69,7 +69,7 @@ class Recording(Runner):
 @pytest.mark.parametrize("text, family", [(DEBIAN, "debian"), (UBUNTU, "debian"), (RHCOS, "rhel"), ('ID="sles"\n', "")])
 def test_the_node_os_decides_the_backend_family(text, family):
     f = parse_os_release(text)
-    assert NodeOS(f.get("ID", ""), f.get("VERSION_ID", ""), tuple(f.get("ID_LIKE", "").split())).family() == family
+    assert family_of(NodeOS(f.get("ID", ""), f.get("VERSION_ID", ""), tuple(f.get("ID_LIKE", "").split()))) == family
 
 
 def test_without_os_release_the_kernel_release_decides(root):
@@ -82,7 +82,7 @@ def test_without_os_release_the_kernel_release_decides(root):
     assert isinstance(backend_for(s, "5.14.0-427.13.1.el9_4.x86_64", Runner(), get_logger()), AptBackend)
 
 
-def test_apt_picks_the_headers_their_own_kind_and_the_module_package():
+def test_apt_picks_the_headers_their_own_kind_and_the_module_package(tmp_path):
     k = "6.1.0-57-amd64"
     fake = FakeRunner()
     fake.expect(("apt-cache", "show", "--no-all-versions", "linux-headers-" + k), stdout="Package: linux-headers\n")
@@ -93,8 +93,8 @@ def test_apt_picks_the_headers_their_own_kind_and_the_module_package():
     )
     fake.expect(("apt-cache", "show", "--no-all-versions", "linux-modules-" + k), returncode=100)
     fake.expect(("apt-cache", "show", "--no-all-versions", "linux-image-" + k), stdout="Package: linux-image\n")
-    apt = AptBackend(Path("/nonexistent"), fake, {}, get_logger())
-    assert apt.kernel_packages(k) == [
+    apt = AptBackend(Job(_settings(tmp_path), k, fake, get_logger()))
+    assert apt.kernel_packages() == [
         "linux-headers-" + k,
         "linux-headers-6.1.0-57-common",
         "linux-kbuild-6.1",
@@ -102,11 +102,11 @@ def test_apt_picks_the_headers_their_own_kind_and_the_module_package():
     ]
 
 
-def test_a_kernel_the_sources_do_not_carry_is_named_with_the_likely_cause():
+def test_a_kernel_the_sources_do_not_carry_is_named_with_the_likely_cause(tmp_path):
     fake = FakeRunner()
     fake.expect(("apt-cache", "show"), returncode=100)
     with pytest.raises(FallbackFailed) as exc:
-        AptBackend(Path("/nonexistent"), fake, {}, get_logger()).kernel_packages("6.1.0-12-amd64")
+        AptBackend(Job(_settings(tmp_path), "6.1.0-12-amd64", fake, get_logger())).kernel_packages()
     msg = str(exc.value)
     assert "no package linux-headers-6.1.0-12-amd64 in apt's configured sources" in msg
     assert "snapshot.debian.org" in msg and "DRIVER_CTR_LOCAL_REPO" in msg
@@ -378,7 +378,7 @@ class CDN(Runner):
 def test_the_repository_ladder_keeps_what_works_and_says_why_it_moved_on(root, eus, releasever, repos):
     _entitle(root)
     cdn = CDN(eus)
-    dnf = DnfBackend(_settings(root).paths, cdn, {}, get_logger(), RHEL_K, "x86_64", openshift_version="4.16")
+    dnf = DnfBackend(Job(_settings(root, OPENSHIFT_VERSION="4.16"), RHEL_K, cdn, get_logger()))
     dnf.refresh()
     assert dnf.releasever == releasever
     assert [r.split("-for-")[1].replace("x86_64-", "").replace("-rpms", "") for r in dnf.repos] == repos
@@ -391,10 +391,10 @@ def test_the_repository_ladder_keeps_what_works_and_says_why_it_moved_on(root, e
 def test_a_package_the_repositories_lack_is_named_with_what_was_searched(root):
     _entitle(root)
     missing = "kernel-devel-" + RHEL_K
-    dnf = DnfBackend(_settings(root).paths, CDN(True, missing), {}, get_logger(), RHEL_K, "x86_64")
+    dnf = DnfBackend(Job(_settings(root), RHEL_K, CDN(True, missing), get_logger()))
     dnf.refresh()
     with pytest.raises(FallbackFailed) as exc:
-        dnf.install(kernel_package_names(RHEL_K), RHEL_K)
+        dnf.install(kernel_package_names(RHEL_K))
     msg = str(exc.value)
     assert "no package %s for kernel %s" % (missing, RHEL_K) in msg
     assert "rhel-9-for-x86_64-baseos-eus-rpms" in msg and "releasevers tried: 9.4, 9" in msg
@@ -695,6 +695,38 @@ def test_dnf_installs_the_kernels_gcc_only_when_the_images_is_another(root, here
     (root / "lib/modules" / RHEL_K).mkdir(parents=True)
     (root / "lib/modules" / RHEL_K / "build").symlink_to("/usr/src/kernels/" + RHEL_K)
     gcc = GccHere(here)
-    dnf = DnfBackend(_settings(root).paths, gcc, {}, get_logger(), RHEL_K, "x86_64")
-    assert dnf.install_compiler(RHEL_K) == [n for i in installed for n in i]
+    dnf = DnfBackend(Job(_settings(root), RHEL_K, gcc, get_logger()))
+    assert dnf.install_compiler() == [n for i in installed for n in i]
     assert gcc.installs == installed
+
+
+def test_a_new_backend_is_its_class_and_one_registry_line(root, monkeypatch):
+    """zypper (or any other) is a PackageManager subclass with its family and os-release IDs, and a line in
+    BACKENDS: the node's os-release then picks it, with the one constructor every backend has."""
+    import driver_ctr.fallback as fallback
+    from driver_ctr.fallback.base import PackageManager
+
+    class Zypper(PackageManager):
+        name, family, os_ids = "zypper", "suse", ("sles", "opensuse-leap")
+
+        def available(self):
+            return ""
+
+        def refresh(self):
+            pass
+
+        def kernel_packages(self):
+            return ["kernel-default-devel"]
+
+        def install(self, names):
+            return list(names)
+
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text('ID="sles"\nVERSION_ID="15.6"\n')
+    s = _settings(root)
+    with pytest.raises(FallbackFailed, match="no package-manager backend for this node"):
+        backend_for(s, "6.4.0-150600.23.25-default", Runner(), get_logger())
+    monkeypatch.setitem(fallback.BACKENDS, Zypper.family, Zypper)
+    backend = backend_for(s, "6.4.0-150600.23.25-default", Runner(), get_logger())
+    assert isinstance(backend, Zypper) and backend.kernel == "6.4.0-150600.23.25-default"
+    assert backend.root == root

@@ -25,6 +25,7 @@ from harness import (
     make_fixture_modules,
     make_shared_dir,
     nvd,
+    package_job,
     path_with,
     run_both,
     start_driver,
@@ -642,15 +643,14 @@ def _apt_install(root, tmp_path, packages):
     from harness import make_deb
 
     from driver_ctr.fallback.apt import AptBackend
-    from driver_ctr.toolkit.log import get_logger
     from driver_ctr.toolkit.runner import Runner
 
     repo = tmp_path / "repo"
     repo.mkdir(exist_ok=True)
     for name, members in packages.items():
         make_deb(repo / (name + ".deb"), name, members)
-    apt = AptBackend(root, Runner(), dict(os.environ), get_logger(), repo)
-    return apt.install(list(packages), PK)
+    apt = AptBackend(package_job(root, PK, Runner(), repo))
+    return apt.install(list(packages))
 
 
 def _listing(d):
@@ -779,18 +779,17 @@ def test_20_2_the_node_local_repositorys_problems_are_named(root, tmp_path, capf
 
     from driver_ctr.fallback.apt import AptBackend
     from driver_ctr.fallback.base import FallbackFailed
-    from driver_ctr.toolkit.log import get_logger
     from driver_ctr.toolkit.runner import Runner
 
     fifo = tmp_path / "repo-fifo"
     os.mkfifo(str(fifo))
-    err = _promptly(AptBackend(root, Runner(), {}, get_logger(), fifo).local_kernel_packages, PK)
+    err = _promptly(AptBackend(package_job(root, PK, Runner(), fifo)).local_kernel_packages)
     assert isinstance(err, FallbackFailed) and "repo-fifo is a FIFO, not a directory" in str(err)
     repo = tmp_path / "repo"
     repo.mkdir()
     os.mkfifo(str(repo / ("linux-headers-%s.deb" % PK)))  # would stall dpkg-deb for its 60 s timeout
     make_deb(repo / "other.deb", "linux-kbuild-6.1", [])
-    assert _promptly(AptBackend(root, Runner(), {}, get_logger(), repo).local_kernel_packages, PK) == []
+    assert _promptly(AptBackend(package_job(root, PK, Runner(), repo)).local_kernel_packages) == []
     err = capfd.readouterr().err
     assert "node-local repository entry skipped" in err and "is a FIFO" in err
     assert "the node-local repository lacks the kernel's packages" in err and "linux-headers-" + PK in err
@@ -836,10 +835,10 @@ def test_20_7_a_preflight_installs_the_kernels_trees_into_its_own_scratch_root_a
     assert (scratch / "lib/modules" / PK / "modules.dep").is_file()
     fake = FakeRunner()
     fake.expect(("apt-get",))
-    AptBackend(scratch, fake, {}, get_logger(), apt_state=scratch / "apt").refresh()
+    AptBackend(package_job(scratch, PK, fake)).refresh()
+    state = scratch / "var/lib/driver-ctr/apt"
     assert fake.calls == [
-        ("apt-get", "-o", "Dir::State::Lists=%s/apt/lists" % scratch, "-o", "Dir::Cache=%s/apt/cache" % scratch)
-        + ("update", "-q")
+        ("apt-get", "-o", "Dir::State::Lists=%s/lists" % state, "-o", "Dir::Cache=%s/cache" % state) + ("update", "-q")
     ]
 
 

@@ -6,8 +6,9 @@ kernel's build tree and module tree from the distribution's repositories, so tha
 decision (``dtk_decision.inspect_dtk``) is the post-check: "installed but still unusable" is said
 with the same words.
 
-One backend per file, chosen from the node's OS (``/host-etc/os-release``): ``apt`` (Debian,
-Ubuntu) and ``dnf`` (RHEL, RHCOS, with entitlement certificates). ``DRIVER_CTR_LOCAL_REPO`` (a
+One backend per file (``base.PackageManager``), chosen from the node's OS (``/host-etc/os-release``)
+through :data:`BACKENDS`: ``apt`` (Debian, Ubuntu) and ``dnf`` (RHEL, RHCOS, with entitlement
+certificates). ``DRIVER_CTR_LOCAL_REPO`` (a
 directory of .debs or RPMs, e.g. a hostPath) is used first, with no network. The package manager runs
 with the container's environment in the C locale, its proxies in both cases (curl, under dnf, ignores
 an upper-case ``HTTP_PROXY``).
@@ -15,9 +16,8 @@ an upper-case ``HTTP_PROXY``).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Type
 
 from ..toolkit.dtk_decision import inspect_dtk
 from ..toolkit.errors import CommandFailed, InvalidValue
@@ -27,7 +27,7 @@ from ..toolkit.runner import Runner
 from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
 from .apt import AptBackend
-from .base import FallbackFailed, PackageManager
+from .base import FallbackFailed, Job, PackageManager
 from .dnf import DnfBackend
 from .node_os import NodeOS, read_node_os
 from .package_contents import mark_complete, mirror_merged_usr
@@ -39,62 +39,44 @@ SUPPORT_NOTE = (
 __all__ = ["FallbackFailed", "PackageManager", "install_kernel_tree", "SUPPORT_NOTE"]
 
 
+# The package-manager backends, keyed by the node's distribution family: a new one is its file and a line here.
+BACKENDS: Dict[str, Type[PackageManager]] = {cls.family: cls for cls in (AptBackend, DnfBackend)}
+
+
+def family_of(node: NodeOS) -> str:
+    """The family of the first backend serving the node's OS (its ID or an ID_LIKE), else ''."""
+    ids = (node.id,) + node.id_like
+    return next((family for family, cls in BACKENDS.items() if any(i in cls.os_ids for i in ids)), "")
+
+
 def node_family(settings: Settings, kernel: str) -> str:
-    """``debian`` or ``rhel``: from the node's os-release when mounted, else from the kernel release."""
+    """The node's family: from its os-release when mounted, else from the kernel release."""
     path = settings.paths.host_os_release
     if path.exists() or path.is_symlink():
-        return read_node_os(path).family()
+        return family_of(read_node_os(path))
     try:
         distro = parse_kernel_release(kernel).distro
     except InvalidValue:
         return ""
-    return NodeOS(id=distro).family()
-
-
-def package_manager_env(settings: Settings) -> Dict[str, str]:
-    """The container's environment in the C locale, each proxy setting under both of its names."""
-    env = dict(os.environ, LC_ALL="C")
-    for name, value in settings.proxies:
-        env[name.lower()] = env[name.upper()] = value
-    return env
+    return family_of(NodeOS(id=distro))
 
 
 def backend_for(
     settings: Settings, kernel: str, runner: Runner, log: Logger, target: Optional[HostPaths] = None
 ) -> PackageManager:
-    """The node's package manager, installing into ``target``'s root (default: the settings' own). A target
-    that is not the settings' own root (a preflight's scratch) keeps apt's state there too."""
-    target = target or settings.paths
-    family = node_family(settings, kernel)
-    local = settings.host_path("local_repo")
-    env = package_manager_env(settings)
-    root = target.host("/")
-    scratch = target != settings.paths
-    if family == "debian":
-        return AptBackend(
-            root,
-            runner,
-            dict(env, DEBIAN_FRONTEND="noninteractive"),
-            log,
-            local,
-            apt_state=target.host("/var/lib/driver-ctr/apt") if scratch else None,
+    """The node's package manager, installing ``kernel``'s trees into ``target``'s root (default: the
+    settings' own)."""
+    cls = BACKENDS.get(node_family(settings, kernel))
+    if cls is None:
+        raise FallbackFailed(
+            "no package-manager backend for this node (os-release %s, kernel %s; backends: %s)"
+            % (
+                settings.paths.host_os_release,
+                kernel,
+                ", ".join("%s for %s" % (c.name, f) for f, c in BACKENDS.items()),
+            )
         )
-    if family == "rhel":
-        return DnfBackend(
-            settings.paths,
-            runner,
-            env,
-            log,
-            kernel,
-            settings.target_arch,
-            settings.openshift_version,
-            settings.dnf_releasever,
-            local,
-            root=root,
-        )
-    raise FallbackFailed(
-        "no package-manager backend for this node (os-release %s, kernel %s)" % (settings.paths.host_os_release, kernel)
-    )
+    return cls(Job(settings, kernel, runner, log, target))
 
 
 def install_kernel_tree(
@@ -119,14 +101,14 @@ def install_kernel_tree(
     why = backend.available()
     if why:
         raise FallbackFailed("the %s backend cannot run: %s" % (backend.name, why))
-    names = backend.local_kernel_packages(kernel)
+    names = backend.local_kernel_packages()
     if names:
         log.info("the node-local repository holds the kernel's packages: no network", packages=names)
     else:
         backend.refresh()
-        names = backend.kernel_packages(kernel)
-    installed = backend.install(names, kernel)  # marks the install incomplete before its first write
-    installed += backend.install_compiler(kernel)
+        names = backend.kernel_packages()
+    installed = backend.install(names)  # marks the install incomplete before its first write
+    installed += backend.install_compiler()
     try:
         runner.run(["depmod", "-b", str(target.host("/")), kernel], timeout=600)
     except CommandFailed as exc:

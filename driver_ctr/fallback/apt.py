@@ -14,13 +14,11 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..toolkit.errors import CommandFailed
-from ..toolkit.log import Logger
-from ..toolkit.runner import Runner
 from ..toolkit.shared_fs import Confined
-from .base import FallbackFailed, PackageManager
+from .base import FallbackFailed, Job, PackageManager
 from .package_contents import (
     install,
     local_archives,
@@ -42,27 +40,24 @@ LIKELY_CAUSE = (
 class AptBackend(PackageManager):
     name = "apt"
 
-    def __init__(
-        self,
-        root: Path,
-        runner: Runner,
-        env: Mapping[str, str],
-        log: Logger,
-        local_repo: Optional[Path] = None,
-        apt_state: Optional[Path] = None,
-    ) -> None:
-        self.root = root
-        self.runner = runner
-        self.env = dict(env)
-        self.log = log
-        self.local_repo = local_repo
+    family = "debian"
+    os_ids = ("debian", "ubuntu")
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job)
+        self.env["DEBIAN_FRONTEND"] = "noninteractive"
         self._local: Optional[Dict[str, Path]] = None
-        # a preflight's own apt lists and cache: the machine's apt state is never touched
-        self.options: List[str] = []
-        if apt_state is not None:
-            for d in ("lists/partial", "cache/archives/partial"):
-                (apt_state / d).mkdir(parents=True, exist_ok=True)
-            self.options = ["-o", "Dir::State::Lists=%s/lists" % apt_state, "-o", "Dir::Cache=%s/cache" % apt_state]
+
+    @property
+    def options(self) -> List[str]:
+        """apt's options: a scratch target (a preflight's root) gets its own apt lists and cache, made on
+        first use; the machine's apt state is never touched."""
+        if not self.job.scratch:
+            return []
+        state = self.job.paths.host("/var/lib/driver-ctr/apt")
+        for d in ("lists/partial", "cache/archives/partial"):
+            (state / d).mkdir(parents=True, exist_ok=True)
+        return ["-o", "Dir::State::Lists=%s/lists" % state, "-o", "Dir::Cache=%s/cache" % state]
 
     def available(self) -> str:
         missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb") if not shutil.which(t)]
@@ -87,7 +82,8 @@ class AptBackend(PackageManager):
                 self._local[name] = deb
         return self._local
 
-    def local_kernel_packages(self, kernel: str) -> List[str]:
+    def local_kernel_packages(self) -> List[str]:
+        kernel = self.kernel
         """The kernel's packages when the local repository holds them all (headers and modules), else []."""
         local = self.local_packages()
         headers = "linux-headers-" + kernel
@@ -113,7 +109,8 @@ class AptBackend(PackageManager):
         )
         return r.returncode == 0 and bool(r.stdout.strip())
 
-    def kernel_packages(self, kernel: str) -> List[str]:
+    def kernel_packages(self) -> List[str]:
+        kernel = self.kernel
         headers = "linux-headers-" + kernel
         if not self._exists(headers):
             raise FallbackFailed(
@@ -151,11 +148,11 @@ class AptBackend(PackageManager):
 
     # -- installing ----------------------------------------------------------------------
 
-    def install(self, names: Sequence[str], kernel: str) -> List[str]:
+    def install(self, names: Sequence[str]) -> List[str]:
         """Each package unpacked into private scratch under :mod:`package_contents`' rules, then only the
         kernel's build-tree paths moved into the root."""
         local = self.local_packages()
-        prefixes = wanted(kernel)
+        prefixes = wanted(self.kernel)
         with tempfile.TemporaryDirectory(prefix="driver-ctr-apt-") as t:
             work = Path(t)
             fetch = [n for n in names if n not in local]
@@ -172,7 +169,7 @@ class AptBackend(PackageManager):
                 for deb in debs:
                     with self.runner.stream(["dpkg-deb", "--fsys-tarfile", str(deb)]) as tar:
                         unpack(deb.name, tar_members(tar), Confined(scratch), prefixes)
-                mark_incomplete(self.root, kernel, list(names))  # the first write into the root is next
+                mark_incomplete(self.root, self.kernel, list(names))  # the first write into the root is next
                 placed = install(Confined(scratch), Confined(self.root), prefixes)
             finally:
                 Confined(scratch.parent).remove(scratch.name)

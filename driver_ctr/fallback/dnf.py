@@ -26,17 +26,16 @@ import configparser
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..toolkit.errors import CommandFailed, InvalidValue
 from ..toolkit.inputs import UnreadableInput, read_input, read_input_text
 from ..toolkit.kernel_tree import compiler_version, present_compiler_version
-from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
 from ..toolkit.shared_fs import Confined
 from ..toolkit.versions import parse_kernel_release
-from .base import FallbackFailed, PackageManager
+from .base import FallbackFailed, Job, PackageManager
 from .download_errors import explain
 from .kernel_compiler import kernel_compiler_text
 from .package_contents import (
@@ -166,29 +165,15 @@ def kernel_package_names(kernel: str) -> List[str]:
 class DnfBackend(PackageManager):
     name = "dnf"
 
-    def __init__(
-        self,
-        paths: HostPaths,
-        runner: Runner,
-        env: Mapping[str, str],
-        log: Logger,
-        kernel: str,
-        arch: str,
-        openshift_version: str = "",
-        dnf_releasever: str = "",
-        local_repo: Optional[Path] = None,
-        root: Optional[Path] = None,
-    ) -> None:
-        self.paths = paths
-        self.root = root if root is not None else paths.host("/")  # where the trees go
-        self.runner = runner
-        self.env = dict(env)
-        self.log = log
-        self.kernel = kernel
-        self.arch = arch
-        self.openshift_version = openshift_version
-        self.releasevers = rhel_releasevers(kernel, dnf_releasever)
-        self.local_repo = local_repo
+    family = "rhel"
+    os_ids = ("rhel", "rhcos", "centos", "fedora")
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(job)
+        self.paths = job.settings.paths  # the container's (the kernel's .config is read there)
+        self.arch = job.settings.target_arch
+        self.openshift_version = job.settings.openshift_version
+        self.releasevers = rhel_releasevers(self.kernel, job.settings.dnf_releasever)
         self.repos: List[str] = []  # the ladder's repositories kept
         self.releasever: Optional[str] = None
         self.tried: List[str] = []
@@ -218,7 +203,7 @@ class DnfBackend(PackageManager):
         return r.returncode == 0, "" if r.returncode == 0 else explain(text, self.env)
 
     def preflight(self) -> List[str]:
-        if self.local_kernel_packages(self.kernel):
+        if self.local_kernel_packages():
             return []  # the node-local repository serves: no entitlement needed
         return preflight(self.paths, self.runner)
 
@@ -244,8 +229,8 @@ class DnfBackend(PackageManager):
                         self._local[spec] = rpm
         return self._local
 
-    def local_kernel_packages(self, kernel: str) -> List[str]:
-        names = kernel_package_names(kernel)
+    def local_kernel_packages(self) -> List[str]:
+        names = kernel_package_names(self.kernel)
         local = self.local_packages()
         return names if all(n in local for n in names) else []
 
@@ -288,36 +273,36 @@ class DnfBackend(PackageManager):
             % (", ".join(self.releasevers), last, "; ".join(self.tried))
         )
 
-    def kernel_packages(self, kernel: str) -> List[str]:
-        return kernel_package_names(kernel)
+    def kernel_packages(self) -> List[str]:
+        return kernel_package_names(self.kernel)
 
     # -- installing ----------------------------------------------------------------------
 
-    def install(self, names: Sequence[str], kernel: str) -> List[str]:
+    def install(self, names: Sequence[str]) -> List[str]:
         """The node-local repository's RPMs are unpacked under :mod:`package_contents`' rules (only the
         kernel's build-tree paths reach the root, no scriptlet runs); the repositories' through dnf."""
         local = self.local_packages()
         if all(n in local for n in names):
             self.offline = True
-            return self._unpack_local(names, kernel)
-        mark_incomplete(self.root, kernel, list(names))  # rpm writes as soon as dnf has downloaded
+            return self._unpack_local(names)
+        mark_incomplete(self.root, self.kernel, list(names))  # rpm writes as soon as dnf has downloaded
         try:
             return self._dnf_install(names)
         except FallbackFailed as exc:
             if exc.nothing_installed:
-                mark_complete(self.root, kernel, nothing_written=True)
+                mark_complete(self.root, self.kernel, nothing_written=True)
             raise
 
-    def _unpack_local(self, names: Sequence[str], kernel: str) -> List[str]:
+    def _unpack_local(self, names: Sequence[str]) -> List[str]:
         root = self.root
-        prefixes = wanted(kernel)
+        prefixes = wanted(self.kernel)
         scratch = private_scratch(root)
         try:
             for n in names:
                 rpm = self.local_packages()[n]
                 with self.runner.stream(["rpm2cpio", str(rpm)]) as cpio:
                     unpack(rpm.name, cpio_members(cpio), Confined(scratch), prefixes)
-            mark_incomplete(root, kernel, list(names))  # the first write into the root is next
+            mark_incomplete(root, self.kernel, list(names))  # the first write into the root is next
             placed = install(Confined(scratch), Confined(root), prefixes)
         except CommandFailed as exc:
             raise FallbackFailed("an RPM of the node-local repository does not unpack: %s" % exc.summary) from None
@@ -356,8 +341,9 @@ class DnfBackend(PackageManager):
         self.log.info("packages installed", packages=list(names), from_local_repo=offline)
         return list(names)
 
-    def install_compiler(self, kernel: str) -> List[str]:
+    def install_compiler(self) -> List[str]:
         """The gcc the kernel was built with, when the image's gcc is another version."""
+        kernel = self.kernel
         text = kernel_compiler_text(self.paths, kernel, self.runner)
         want = compiler_version(text)
         if not want:

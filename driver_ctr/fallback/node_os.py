@@ -17,15 +17,6 @@ class NodeOS:
     version_id: str = ""
     id_like: Tuple[str, ...] = ()
 
-    def family(self) -> str:
-        """``debian`` (Debian, Ubuntu and their derivatives), ``rhel`` (RHEL, RHCOS, CentOS, …) or ''."""
-        ids = (self.id,) + self.id_like
-        if any(i in ("debian", "ubuntu") for i in ids):
-            return "debian"
-        if any(i in ("rhel", "rhcos", "centos", "fedora") for i in ids):
-            return "rhel"
-        return ""
-
 
 def parse_os_release(text: str) -> Dict[str, str]:
     out: Dict[str, str] = {}
