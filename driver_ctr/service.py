@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from typing import Callable, List, Optional, Tuple
 
-from .daemons import start_daemons, stop_daemons
-from .driver_load import Loader
 from .module_trees import ModuleTree, loaded_tree
-from .node_state import (
+from .node.daemons import start_daemons, stop_daemons
+from .node.driver_load import Loader
+from .node.state import (
     PidLock,
     clear_daemons_status,
     mount_rootfs,
@@ -46,12 +46,12 @@ from .node_state import (
     withdraw_modules,
     write_state,
 )
+from .node.unload import DriverInUse, unload
 from .toolkit.errors import Cancelled, DriverCtrError
 from .toolkit.log import Logger, get_logger
 from .toolkit.settings import Settings
 from .toolkit.waiting import Cancellation
 from .tools import Tools
-from .unload import DriverInUse, unload
 
 Body = Callable[["Service"], Optional[ModuleTree]]
 
@@ -106,7 +106,7 @@ class Service:
         return self.wait_for_signal()
 
     def publish(self, tree: ModuleTree) -> None:
-        """Put the loaded tree in the driver root's ``/lib/modules`` (``node_state.publish_modules``) for a
+        """Put the loaded tree in the driver root's ``/lib/modules`` (``node.state.publish_modules``) for a
         chroot modprobe (the nvidia-peermem sidecar); the GPU driver is loaded: never undone for this."""
         try:
             publish_modules(self.paths, tree.root, tree.kernel, self.runner, self.log)

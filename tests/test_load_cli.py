@@ -94,7 +94,7 @@ def test_reload_peermem_waits_and_stops_promptly_on_sigterm(root):
 
 
 def test_peermem_is_loaded_only_with_rdma_and_a_mellanox_device(root):
-    from driver_ctr.driver_load import Loader
+    from driver_ctr.node.driver_load import Loader
     from driver_ctr.toolkit.settings import Settings
 
     env = env_for(root, GPU_DIRECT_RDMA_ENABLED="true")
@@ -130,7 +130,7 @@ def test_init_builds_here_with_the_m_bound_then_reports_the_kernel_refusing_modu
 
 def test_a_second_instance_leaves_the_first_ones_ready_status_alone(root):
     """init/load take the pid lock before they say NotReady."""
-    from driver_ctr.node_state import PidLock
+    from driver_ctr.node.state import PidLock
     from driver_ctr.toolkit.settings import Settings
 
     env = env_for(root)
@@ -153,8 +153,8 @@ def test_a_peermem_that_fails_to_load_never_takes_the_gpu_driver_down(root, tmp_
     from fakes import FakeRunner
     from harness import make_fixture_module
 
-    from driver_ctr.driver_load import Loader
     from driver_ctr.module_trees import ModuleTree
+    from driver_ctr.node.driver_load import Loader
     from driver_ctr.toolkit.nvidia_modules import SUBDIR
     from driver_ctr.toolkit.runner import Result
     from driver_ctr.toolkit.settings import Settings
@@ -227,10 +227,10 @@ def test_load_installs_the_userspace_from_the_run_as_the_references_load(root, t
 
 
 def test_an_install_that_leaves_no_persistenced_is_an_error(root, tmp_path):
+    from driver_ctr.node.userspace import UserspaceMissing, userspace_install
     from driver_ctr.toolkit.log import get_logger
     from driver_ctr.toolkit.runner import Runner
     from driver_ctr.toolkit.settings import Settings
-    from driver_ctr.userspace import UserspaceMissing, userspace_install
 
     run = root / "drivers/NVIDIA-Linux-x86_64-535.261.03.run"
     run.parent.mkdir(parents=True)

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 from harness import events
 
-from driver_ctr import module_params as mp
-from driver_ctr.daemons import DAEMONS, configure_fabric_manager, nvlink5_present, nvswitch_present, stop_daemons
-from driver_ctr.load_diagnosis import Facts, diagnose
-from driver_ctr.node_state import (
+from driver_ctr.node import module_params as mp
+from driver_ctr.node.daemons import DAEMONS, configure_fabric_manager, nvlink5_present, nvswitch_present, stop_daemons
+from driver_ctr.node.load_diagnosis import Facts, diagnose
+from driver_ctr.node.state import (
     SECOND_INSTANCE,
     AlreadyRunning,
     PidLock,
     configure_firmware_path,
     host_selinux_enabled,
 )
+from driver_ctr.node.unload import ModuleState, in_use_reasons, loaded_nvidia_modules
 from driver_ctr.toolkit.log import get_logger
 from driver_ctr.toolkit.modinfo import ModInfo
 from driver_ctr.toolkit.paths import HostPaths
-from driver_ctr.unload import ModuleState, in_use_reasons, loaded_nvidia_modules
 
 LOG = get_logger(test=True)
 
@@ -205,7 +205,7 @@ def test_loaded_modules_read_from_sysfs(tmp_path):
 def test_second_instance_aborts_and_does_not_wipe_the_pid(tmp_path):
     pid_file = tmp_path / "run/nvidia/nvidia-driver.pid"
     code = (
-        "import sys,time; sys.path.insert(0, %r); from driver_ctr.node_state import PidLock; "
+        "import sys,time; sys.path.insert(0, %r); from driver_ctr.node.state import PidLock; "
         "lock = PidLock(__import__('pathlib').Path(%r)).acquire(); print('locked', flush=True); time.sleep(30)"
         % (str(Path(__file__).resolve().parent.parent), str(pid_file))
     )
@@ -299,9 +299,9 @@ def test_stale_pid_file_never_signals_an_unrelated_process(tmp_path):
 
 
 def test_userspace_install_runs_the_installer_with_the_reference_flags(tmp_path):
+    from driver_ctr.node.userspace import userspace_install
     from driver_ctr.toolkit.runner import Runner
     from driver_ctr.toolkit.settings import Settings
-    from driver_ctr.userspace import userspace_install
 
     env = {
         "DRIVER_VERSION": "535.261.03",
@@ -342,7 +342,7 @@ def test_nvlink5_waits_for_mofed_modules_then_starts_fm_with_config_and_resets(t
 
     from fakes import FakeRunner
 
-    from driver_ctr.daemons import start_daemons
+    from driver_ctr.node.daemons import start_daemons
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
 
@@ -401,7 +401,7 @@ def test_a_driver_root_left_mounted_by_a_killed_container_is_mounted_again(tmp_p
     mount is ever kept, the fast path included (it serves through the same step)."""
     from fakes import FakeRunner
 
-    from driver_ctr.node_state import mount_rootfs
+    from driver_ctr.node.state import mount_rootfs
 
     paths = HostPaths(str(tmp_path))
     (tmp_path / "proc/self").mkdir(parents=True)
@@ -431,7 +431,7 @@ def test_the_loaded_tree_is_published_in_the_driver_roots_lib_modules(tmp_path):
     fallback's real directory: NVIDIA's modules copied beside the kernel's and indexed by depmod."""
     from fakes import FakeRunner
 
-    from driver_ctr.node_state import publish_modules, withdraw_modules
+    from driver_ctr.node.state import publish_modules, withdraw_modules
 
     paths = HostPaths(str(tmp_path))
     tree = tmp_path / "run/nvidia/driver-ctr/trees/k-1"
@@ -505,11 +505,11 @@ def test_undo_runs_every_step_when_the_unload_raises(root):
     from fakes import FakeRunner
     from harness import env_for
 
+    from driver_ctr.node.unload import DriverInUse
     from driver_ctr.service import Service
     from driver_ctr.toolkit.settings import Settings
     from driver_ctr.toolkit.waiting import Cancellation
     from driver_ctr.tools import Tools
-    from driver_ctr.unload import DriverInUse
 
     settings = Settings.from_env(env_for(root))
     (root / "sys/module/nvidia").mkdir(parents=True)

@@ -477,7 +477,7 @@ def test_20_1_entitlement_key_certificate_and_repository_files_are_named(tmp_pat
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_20_1_os_release_parameter_vgpu_and_signing_files_are_named(root, tmp_path, kind):
     from driver_ctr.fallback.node_os import read_node_os
-    from driver_ctr.module_params import read_param_files
+    from driver_ctr.node.module_params import read_param_files
     from driver_ctr.toolkit.errors import DriverCtrError
     from driver_ctr.toolkit.signing import certificate_fingerprint
 
@@ -492,8 +492,8 @@ def test_20_1_os_release_parameter_vgpu_and_signing_files_are_named(root, tmp_pa
 
 @pytest.mark.parametrize("kind", HOSTILE)
 def test_20_1_gridd_conf_is_named_and_nothing_is_written(root, kind):
+    from driver_ctr.node.vgpu import GRIDD_CONF, install_licence
     from driver_ctr.toolkit.settings import Settings
-    from driver_ctr.vgpu import GRIDD_CONF, install_licence
 
     env = env_for(root, DRIVER_TYPE="vgpu")
     _hostile(root / "drivers/gridd.conf", kind)
@@ -800,7 +800,7 @@ def test_20_2_publishing_beside_the_kernels_modules_never_follows_a_link_in_its_
     machine's own /lib/modules (it happened during the audit)."""
     from fakes import FakeRunner
 
-    from driver_ctr.node_state import publish_modules
+    from driver_ctr.node.state import publish_modules
     from driver_ctr.toolkit.errors import ProtocolError
     from driver_ctr.toolkit.log import get_logger
     from driver_ctr.toolkit.paths import HostPaths
@@ -867,7 +867,7 @@ def test_20_8_unpacking_a_package_ends_on_cancellation(tmp_path, monkeypatch):
 
 
 def test_20_6_an_unparsable_parameter_line_is_named_by_file_and_line_never_printed(tmp_path):
-    from driver_ctr.module_params import ParameterError, read_param_files
+    from driver_ctr.node.module_params import ParameterError, read_param_files
 
     shadow = tmp_path / "shadow"
     shadow.write_text("root:$6$s3cr3tHASH'unclosed:19000:0:99999:7:::\n")
@@ -887,7 +887,7 @@ def test_20_6_the_peermem_sidecars_parameters_are_checked_as_the_load_path_check
     from harness import make_fixture_module
 
     from driver_ctr.commands.peermem import checked_parameters
-    from driver_ctr.module_params import ParameterError
+    from driver_ctr.node.module_params import ParameterError
     from driver_ctr.toolkit.log import get_logger
     from driver_ctr.toolkit.settings import Settings
 

@@ -9,13 +9,13 @@ import pytest
 from fakes import FakeRunner
 from harness import env_for, nvd
 
-from driver_ctr.daemons import start_daemons
-from driver_ctr.fast_path import decide_fast_path
+from driver_ctr.node.daemons import start_daemons
+from driver_ctr.node.fast_path import decide_fast_path
+from driver_ctr.node.vgpu import VgpuError, select_version, with_selected_version
 from driver_ctr.toolkit.errors import InvalidValue
 from driver_ctr.toolkit.log import get_logger
 from driver_ctr.toolkit.settings import Settings
 from driver_ctr.toolkit.versions import parse_driver_version
-from driver_ctr.vgpu import VgpuError, select_version, with_selected_version
 
 
 @pytest.mark.parametrize(

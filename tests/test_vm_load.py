@@ -85,9 +85,9 @@ grep -q " /run/nvidia/driver " /proc/mounts && echo mounted > $O/rootfs_after
 python - > $O/wrong.out 2> $O/wrong.err <<'EOF'
 import os
 from pathlib import Path
-from driver_ctr.driver_load import Loader
+from driver_ctr.node.driver_load import Loader
 from driver_ctr.module_trees import ModuleTree
-from driver_ctr.load_diagnosis import LoadFailed
+from driver_ctr.node.load_diagnosis import LoadFailed
 from driver_ctr.toolkit.settings import Settings
 s = Settings.from_env(dict(os.environ))
 try:

@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import module_trees
-from ..fast_path import decide_fast_path
 from ..module_trees import ModuleTree
+from ..node.fast_path import decide_fast_path
+from ..node.userspace import userspace_install
+from ..node.vgpu import with_selected_version
 from ..service import Service
 from ..toolkit.log import get_logger
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
 from ..tools import Tools
-from ..userspace import userspace_install
-from ..vgpu import with_selected_version
 from .options import InitOptions
 
 

@@ -9,11 +9,11 @@ from typing import Optional
 
 from .. import module_trees
 from ..module_trees import ModuleTree
+from ..node.userspace import userspace_install
 from ..service import Service
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
 from ..tools import Tools
-from ..userspace import userspace_install
 from .options import NoOptions
 
 

@@ -68,7 +68,7 @@ def checked_parameters(settings: Settings, log: Logger) -> List[str]:
     the module the chroot's modprobe will load (the driver root's ``/lib/modules/<kernel>``), an unknown
     one dropped with a warning, a bad value refused before modprobe runs, naming the file and line. Only
     the names are logged."""
-    from .. import module_params
+    from ..node import module_params
     from ..toolkit.modinfo import read_modinfo
     from ..toolkit.nvidia_modules import PEERMEM, module_name
     from ..toolkit.paths import reroot

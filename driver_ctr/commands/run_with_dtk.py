@@ -19,15 +19,15 @@ from __future__ import annotations
 from typing import Optional
 
 from .. import module_trees
-from ..fast_path import decide_fast_path
 from ..module_trees import ModuleTree
+from ..node.fast_path import decide_fast_path
+from ..node.userspace import userspace_install
 from ..service import Service
 from ..toolkit.errors import Cancelled
 from ..toolkit.log import get_logger
 from ..toolkit.settings import Settings
 from ..toolkit.waiting import Cancellation
 from ..tools import Tools
-from ..userspace import userspace_install
 from .options import RunWithDtkOptions
 
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any, Dict, List
 
 from .. import __version__, precompiled
-from ..fast_path import decide_fast_path
+from ..node.fast_path import decide_fast_path
 from ..toolkit import protocol as proto
 from ..toolkit.build_logs import build_logs
 from ..toolkit.errors import InvalidValue, printable

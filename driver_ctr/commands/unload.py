@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..daemons import stop_daemons
+from ..node.daemons import stop_daemons
+from ..node.unload import unload
 from ..toolkit.log import get_logger
 from ..toolkit.settings import Settings
 from ..tools import Tools
-from ..unload import unload
 from .options import NoOptions
 
 

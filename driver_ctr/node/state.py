@@ -25,13 +25,13 @@ import os
 from pathlib import Path
 from typing import IO, List, Mapping, Optional
 
-from .toolkit import nvidia_modules as nv
-from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.fsio import atomic_write_text, replace_symlink
-from .toolkit.log import Logger
-from .toolkit.paths import HostPaths
-from .toolkit.runner import Runner
-from .toolkit.shared_fs import Confined
+from ..toolkit import nvidia_modules as nv
+from ..toolkit.errors import CommandFailed, DriverCtrError
+from ..toolkit.fsio import atomic_write_text, replace_symlink
+from ..toolkit.log import Logger
+from ..toolkit.paths import HostPaths
+from ..toolkit.runner import Runner
+from ..toolkit.shared_fs import Confined
 
 SECOND_INSTANCE = "An instance of the NVIDIA driver is already running, aborting"
 DAEMONS_STATUS = ".driver-daemons-status"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .toolkit.settings import Settings
+from ..toolkit.settings import Settings
 
 
 @dataclass(frozen=True)

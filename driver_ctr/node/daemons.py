@@ -16,13 +16,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import psutil
 
-from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.fsio import atomic_write_text
-from .toolkit.log import Logger
-from .toolkit.paths import HostPaths
-from .toolkit.runner import Runner
-from .toolkit.settings import Settings
-from .toolkit.waiting import Cancellation, wait_until
+from ..toolkit.errors import CommandFailed, DriverCtrError
+from ..toolkit.fsio import atomic_write_text
+from ..toolkit.log import Logger
+from ..toolkit.paths import HostPaths
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
+from ..toolkit.waiting import Cancellation, wait_until
 
 FM_CONFIG = "/usr/share/nvidia/nvswitch/fabricmanager.cfg"
 

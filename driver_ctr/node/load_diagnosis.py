@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .toolkit.errors import DriverCtrError
+from ..toolkit.errors import DriverCtrError
 
 _UNKNOWN_SYMBOL = re.compile(r"(\S+): Unknown symbol (\S+)")
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import shutil
 from typing import Optional
 
-from .toolkit.errors import DriverCtrError
-from .toolkit.log import Logger
-from .toolkit.runner import Runner
-from .toolkit.settings import Settings
-from .toolkit.sources import run_file_name
-from .toolkit.waiting import Cancellation
+from ..toolkit.errors import DriverCtrError
+from ..toolkit.log import Logger
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
+from ..toolkit.sources import run_file_name
+from ..toolkit.waiting import Cancellation
 
 
 class UserspaceMissing(DriverCtrError):

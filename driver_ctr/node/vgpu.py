@@ -21,13 +21,13 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.fsio import atomic_write_bytes, atomic_write_text
-from .toolkit.inputs import read_input, read_input_text
-from .toolkit.log import Logger
-from .toolkit.runner import Runner
-from .toolkit.settings import Settings
-from .toolkit.versions import parse_driver_version
+from ..toolkit.errors import CommandFailed, DriverCtrError
+from ..toolkit.fsio import atomic_write_bytes, atomic_write_text
+from ..toolkit.inputs import read_input, read_input_text
+from ..toolkit.log import Logger
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
+from ..toolkit.versions import parse_driver_version
 
 GRIDD_CONF = "/etc/nvidia/gridd.conf"
 TOKENS_DIR = "/etc/nvidia/ClientConfigToken"

@@ -16,11 +16,11 @@ from typing import Dict, List, Optional, Sequence
 
 import psutil
 
-from .toolkit.errors import CommandFailed, DriverCtrError
-from .toolkit.log import Logger
-from .toolkit.nvidia_modules import UNLOAD_ORDER
-from .toolkit.paths import HostPaths
-from .toolkit.runner import Runner
+from ..toolkit.errors import CommandFailed, DriverCtrError
+from ..toolkit.log import Logger
+from ..toolkit.nvidia_modules import UNLOAD_ORDER
+from ..toolkit.paths import HostPaths
+from ..toolkit.runner import Runner
 
 DEVICE_PREFIXES = ("/dev/nvidia", "/dev/dri/")
 

@@ -24,20 +24,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional
 
+from ..toolkit import nvidia_modules as nv
+from ..toolkit.errors import ProtocolError
+from ..toolkit.fsio import replace_symlink
+from ..toolkit.kernel_tree import first_module
+from ..toolkit.log import get_logger
+from ..toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
+from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
 from . import module_params
 from .load_diagnosis import Facts, KernelLog, LoadFailed, diagnose
-from .node_state import configure_firmware_path, mellanox_present, pci_devices
-from .toolkit import nvidia_modules as nv
-from .toolkit.errors import ProtocolError
-from .toolkit.fsio import replace_symlink
-from .toolkit.kernel_tree import first_module
-from .toolkit.log import get_logger
-from .toolkit.modinfo import ModInfo, read_modinfo, vermagic_problem
-from .toolkit.runner import Runner
-from .toolkit.settings import Settings
+from .state import configure_firmware_path, mellanox_present, pci_devices
 
 if TYPE_CHECKING:
-    from .module_trees import ModuleTree
+    from ..module_trees import ModuleTree
 
 
 @dataclass

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .toolkit.errors import DriverCtrError, ProtocolError
-from .toolkit.fsio import atomic_write_text
-from .toolkit.inputs import read_input_text
-from .toolkit.log import Logger
-from .toolkit.modinfo import ModInfo
-from .toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
+from ..toolkit.errors import DriverCtrError, ProtocolError
+from ..toolkit.fsio import atomic_write_text
+from ..toolkit.inputs import read_input_text
+from ..toolkit.log import Logger
+from ..toolkit.modinfo import ModInfo
+from ..toolkit.nvidia_modules import PARAMETER_MODULES, normalize, parameter_file
 
 CDMM = ("NVreg_CoherentGPUMemoryMode", "driver")
 
