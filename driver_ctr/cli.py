@@ -117,7 +117,8 @@ def _settings(args: argparse.Namespace, builds: bool = True) -> Settings:
     """Settings from the environment, validated once; logging configured from them. A command that never
     builds ignores a bad value of a variable only builds read (``BUILD_ONLY_VARIABLES``)."""
     settings = Settings.from_env(unused=() if builds else BUILD_ONLY_VARIABLES)
-    logmod.configure(logmod.choose_format(settings.log_format or None, sys.stdout), level=settings.log_level)
+    fmt = logmod.choose_format(settings.log_format or None, sys.stdout)
+    logmod.configure(fmt, level=settings.log_level, side="driver")
     return settings
 
 

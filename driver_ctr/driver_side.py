@@ -61,7 +61,7 @@ class DriverSide:
         self.trees = self.paths.adopted_trees
         self.kernel = settings.running_kernel()
         self.inputs = BuildInputs.from_settings(settings, self.kernel)
-        self.log = get_logger(side="driver")
+        self.log = get_logger()
 
     def require_mounted(self) -> None:
         """The shared directory is a real directory; this side's leftovers (temp

@@ -82,7 +82,7 @@ class Sources:
         self.kernel = settings.running_kernel()
         self.inputs = BuildInputs.from_settings(settings, self.kernel)
         self.cache = HostCache.from_settings(settings)
-        self.log: Logger = get_logger(side="driver")
+        self.log: Logger = get_logger()
 
     def signing_fingerprint(self) -> str:
         return signing_fingerprint(Signing.from_settings(self.settings))

@@ -66,7 +66,7 @@ class Service:
         self.tools = tools
         self.runner = tools.runner.with_cancel(cancel)  # start-up work: stops on a TERM
         self.undo_runner = tools.runner.with_cancel(None)  # undo work: runs after it
-        self.log: Logger = get_logger(side="driver")
+        self.log: Logger = get_logger()
         self.lock: Optional[PidLock] = None
         self.touched = False  # the node's driver state was changed by us
         self.published: Optional[ModuleTree] = None  # the tree linked into the driver root

@@ -66,3 +66,16 @@ def test_console_format_is_key_value():
     logmod.get_logger().info("hello", kernel="6.1.0-56-amd64")
     assert "hello" in out.getvalue() and "kernel=6.1.0-56-amd64" in out.getvalue()
     assert not out.getvalue().lstrip().startswith("{")
+
+
+def test_every_event_names_the_side_its_program_configured():
+    """The side is a fact of the process (``configure(side=...)`` by each program), never passed per logger;
+    a field given on the event itself wins."""
+    out = io.StringIO()
+    logmod.configure("json", stream=out, side="dtk")
+    logmod.get_logger().info("one")
+    logmod.get_logger(builder="kbuild").info("two")
+    logmod.get_logger().info("three", side="driver")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["event"], e["side"]) for e in events] == [("one", "dtk"), ("two", "dtk"), ("three", "driver")]
+    assert events[1]["builder"] == "kbuild"

@@ -59,7 +59,7 @@ def _bundle(
     check: bool,
     tools: Tools,
 ) -> int:
-    log = get_logger(side="driver", target_kernel=kernel)
+    log = get_logger(target_kernel=kernel)
     cancel = Cancellation().install()
     options = _options(settings, sign, max_threads)
     work = Path(tempfile.mkdtemp(prefix="driver-ctr-bundle-"))

@@ -30,9 +30,7 @@ from .options import InitOptions
 def run(settings: Settings, options: InitOptions, tools: Optional[Tools] = None) -> int:
     tools = tools or Tools()
     cancel = Cancellation().install()
-    settings = with_selected_version(
-        settings, tools.runner.with_cancel(cancel), get_logger(side="driver")
-    )  # vGPU guests only
+    settings = with_selected_version(settings, tools.runner.with_cancel(cancel), get_logger())  # vGPU guests only
 
     def body(service: Service) -> Optional[ModuleTree]:
         fp = decide_fast_path(settings)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, List, Optional
 
 from ..toolkit.errors import Cancelled
 from ..toolkit.log import Logger, get_logger
+from ..toolkit.nvidia_modules import PEERMEM, normalize
 from ..toolkit.settings import Settings
 from .options import NoOptions
 
@@ -33,24 +34,22 @@ def reload(settings: Settings, options: NoOptions, tools: Optional["Tools"] = No
 
     runner = (tools or Tools()).runner
 
-    cancel = Cancellation().install()  # before any wait (the reference's trap came too late)
-    log = get_logger(side="driver")
+    cancel = Cancellation().install()  # before any wait: a signal during it ends the command at once
+    log = get_logger()
     try:
         wait_until(
             lambda: True if _ready(settings) else None,
             directory=settings.paths.validations_dir,
             what="the MOFED driver and the NVIDIA driver container to be ready",
-            timeout_s=float("inf"),
+            timeout_s=None,
             cancel=cancel,
             recheck_s=10.0,
             progress_s=300,
             log=log,
         )
-        if (settings.paths.sys / "module/nvidia_peermem/refcnt").exists():
+        if (settings.paths.sys / "module" / normalize(PEERMEM) / "refcnt").exists():
             log.info("nvidia-peermem module already loaded, skipping modprobe")
         else:
-            from ..toolkit.nvidia_modules import PEERMEM
-
             words = checked_parameters(settings, log)
             runner.run(
                 ["chroot", str(settings.paths.driver_root), "modprobe", PEERMEM, *words], timeout=300, cancel=cancel
@@ -93,9 +92,9 @@ def probe(settings: Settings, options: NoOptions) -> int:
     """Exit 1 when mlx5_core is loaded but nvidia-peermem is not."""
     sysmod = settings.paths.sys / "module"
     if not (sysmod / "mlx5_core").is_dir():
-        get_logger(side="driver").info("MOFED drivers are not ready, skipping probe to avoid container restarts...")
+        get_logger().info("MOFED drivers are not ready, skipping probe to avoid container restarts...")
         return 0
-    if not (sysmod / "nvidia_peermem").is_dir():
-        get_logger(side="driver").error("nvidia-peermem module is not loaded")
+    if not (sysmod / normalize(PEERMEM)).is_dir():
+        get_logger().error("nvidia-peermem module is not loaded")
         return 1
     return 0

@@ -33,7 +33,7 @@ from .options import RunWithDtkOptions
 
 def _tree(settings: Settings, cancel: Cancellation, tools: Tools) -> Optional[ModuleTree]:
     """The tree to load, or None on the fast path."""
-    log = get_logger(side="driver")
+    log = get_logger()
     fp = decide_fast_path(settings)
     if fp.applies:  # before RHCOS_IMAGE_MISSING, as the reference's fallback (init) takes its fast path too
         log.info("fast path: the driver is loaded with this configuration; userspace-only install", **fp.facts)
@@ -49,9 +49,9 @@ def run(settings: Settings, options: RunWithDtkOptions, tools: Optional[Tools] =
         try:
             tree = _tree(settings, cancel, tools)
         except Cancelled as exc:
-            get_logger(side="driver").info("stopping", reason=str(exc))
+            get_logger().info("stopping", reason=str(exc))
             return 0
-        get_logger(side="driver").info(
+        get_logger().info(
             "dry run: stopping before loading", fast_path=tree is None, tree=str(tree.root) if tree else None
         )
         return 0

@@ -14,7 +14,7 @@ from .options import NoOptions
 
 
 def run(settings: Settings, options: NoOptions, tools: Optional[Tools] = None) -> int:
-    log = get_logger(side="driver")
+    log = get_logger()
     stop_daemons(settings.paths, log)
     unload(settings.paths, (tools or Tools()).runner, log)
     return 0

@@ -34,12 +34,16 @@ class Daemon:
     pid_file: str
 
 
+FABRIC_MANAGER = Daemon(
+    "NVIDIA fabric manager daemon", "nv-fabricmanager", "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid"
+)
+NVLSM = Daemon("NVLink Subnet Manager daemon", "nvlsm", "/var/run/nvidia-fabricmanager/nvlsm.pid")
 DAEMONS = (
     Daemon("NVIDIA persistence daemon", "nvidia-persistenced", "/var/run/nvidia-persistenced/nvidia-persistenced.pid"),
     Daemon("NVIDIA Grid daemon", "nvidia-gridd", "/var/run/nvidia-gridd/nvidia-gridd.pid"),
     Daemon("NVIDIA topology daemon", "nvidia-topologyd", "/var/run/nvidia-topologyd/nvidia-topologyd.pid"),
-    Daemon("NVIDIA fabric manager daemon", "nv-fabricmanager", "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid"),
-    Daemon("NVLink Subnet Manager daemon", "nvlsm", "/var/run/nvidia-fabricmanager/nvlsm.pid"),
+    FABRIC_MANAGER,
+    NVLSM,
 )
 
 
@@ -134,7 +138,7 @@ def start_daemons(settings: Settings, runner: Runner, log: Logger, cancel: Optio
             lambda: True if all((paths.sys / "module" / m).is_dir() for m in ("mlx5_core", "ib_umad")) else None,
             directory=paths.sys / "module",
             what="the mlx5_core and ib_umad kernel modules to be loaded",
-            timeout_s=float("inf"),
+            timeout_s=None,
             cancel=cancel,
             recheck_s=10.0,
             progress_s=60,
@@ -154,11 +158,11 @@ def start_daemons(settings: Settings, runner: Runner, log: Logger, cancel: Optio
                 "--fm-config-file",
                 str(cfg),
                 "--fm-pid-file",
-                "/var/run/nvidia-fabricmanager/nv-fabricmanager.pid",
+                FABRIC_MANAGER.pid_file,
                 "--nvlsm-config-file",
                 "/usr/share/nvidia/nvlsm/nvlsm.conf",
                 "--nvlsm-pid-file",
-                "/var/run/nvidia-fabricmanager/nvlsm.pid",
+                NVLSM.pid_file,
             ]
         else:
             argv = ["nv-fabricmanager", "-c", str(cfg)]

@@ -75,7 +75,7 @@ class Loader:
         self.settings = settings
         self.paths = settings.paths
         self.runner = runner or Runner()
-        self.log = get_logger(side="driver")
+        self.log = get_logger()
 
     def wanted(self) -> List[str]:
         mods = list(nv.BASE)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
+from . import nvidia_modules as nv
 from .errors import BuildFailed, CommandFailed, ProtocolError
 from .fsio import remove_tree
 from .kernel_tree import KernelTree
@@ -110,10 +111,11 @@ def _gdrcopy_args(inputs: Inputs, work: Path) -> List[str]:
 
 
 NVIDIA_FS = Component(
-    "nvidia-fs", "GDS_ENABLED", "gds-nvidia-fs/src", "nvidia-fs.ko", _nvidia_fs_args, _prepare_nvidia_fs
+    nv.NVIDIA_FS, "GDS_ENABLED", "gds-nvidia-fs/src", nv.ko_file(nv.NVIDIA_FS), _nvidia_fs_args, _prepare_nvidia_fs
 )
-GDRCOPY = Component("gdrcopy", "GDRCOPY_ENABLED", "gdrcopy", "src/gdrdrv/gdrdrv.ko", _gdrcopy_args, lambda i, w: None)
-COMPONENTS = (NVIDIA_FS, GDRCOPY)
+GDRCOPY = Component(
+    "gdrcopy", "GDRCOPY_ENABLED", "gdrcopy", "src/gdrdrv/" + nv.ko_file(nv.GDRDRV), _gdrcopy_args, lambda i, w: None
+)
 
 
 def copy_out(fs: Confined, rel: str, dest: Path) -> int:

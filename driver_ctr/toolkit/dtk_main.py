@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None, builder: Optional[Builder] = None) ->
     env = dict(os.environ)
     try:
         fmt = logmod.choose_format(env.get("DRIVER_CTR_LOG_FORMAT") or None, sys.stdout)
-        logmod.configure(fmt, level=(env.get("DRIVER_CTR_LOG_LEVEL") or "info").strip().lower())
+        logmod.configure(fmt, level=(env.get("DRIVER_CTR_LOG_LEVEL") or "info").strip().lower(), side="dtk")
     except InvalidValue as exc:
         sys.stderr.write("ocp_dtk_entrypoint: %s\n" % exc)
         return 1

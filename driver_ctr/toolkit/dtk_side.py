@@ -73,7 +73,7 @@ class DtkSide:
         self.own_env = dict(own_env)
         self.cancel = cancel
         self.builder = builder or KbuildBuilder()
-        self.log = get_logger(side="dtk")
+        self.log = get_logger()
         self.generation: Optional[int] = None  # the generation being worked on, once read
 
     # -- helpers -----------------------------------------------------------
@@ -89,7 +89,7 @@ class DtkSide:
             check,
             directory=self.shared.path,
             what=why,
-            timeout_s=float("inf"),
+            timeout_s=None,
             cancel=self.cancel,
             recheck_s=IDLE_RECHECK_S,
             progress_s=3600,

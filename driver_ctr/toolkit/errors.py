@@ -41,14 +41,6 @@ class SettingsError(DriverCtrError):
         super().__init__("\n".join(lines))
 
 
-class NotImplementedYet(DriverCtrError):
-    """A command exists in the CLI contract but its capability is not built yet."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        super().__init__("not implemented yet: %s" % what)
-
-
 class CommandFailed(DriverCtrError):
     """A child process exited non-zero (or could not be started, or timed out).
 

@@ -53,10 +53,17 @@ class _Config:
     fmt: str = "json"
     level: str = "info"
     stream: Optional[TextIO] = None
+    side: str = ""  # "driver" or "dtk": on every event of this process
     applied: bool = False
 
 
 _config = _Config()
+
+
+def _add_side(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _config.side:
+        event.setdefault("side", _config.side)
+    return event
 
 
 def _redact(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
@@ -77,11 +84,12 @@ def choose_format(env_value: Optional[str], stdout: TextIO) -> str:
     return "console" if tty else "json"
 
 
-def configure(fmt: str = "json", stream: Optional[TextIO] = None, level: str = "info") -> None:
-    """Say how to log (the CLI calls this once); structlog is set up on the first event."""
+def configure(fmt: str = "json", stream: Optional[TextIO] = None, level: str = "info", side: str = "") -> None:
+    """Say how to log (each program calls this once, naming its ``side``: every event carries it);
+    structlog is set up on the first event."""
     if level not in LOG_LEVELS:
         raise InvalidValue("DRIVER_CTR_LOG_LEVEL", level, "one of " + ", ".join(LOG_LEVELS))
-    _config.fmt, _config.level, _config.stream, _config.applied = fmt, level, stream, False
+    _config.fmt, _config.level, _config.stream, _config.side, _config.applied = fmt, level, stream, side, False
 
 
 def _structlog() -> Any:
@@ -95,7 +103,7 @@ def _structlog() -> Any:
             renderer = structlog.processors.JSONRenderer(sort_keys=False)
         structlog.configure(
             processors=[
-                structlog.contextvars.merge_contextvars,
+                _add_side,
                 structlog.processors.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
                 _redact,

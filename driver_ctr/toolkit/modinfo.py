@@ -43,11 +43,6 @@ class ModInfo:
         return self.get("vermagic")
 
     @property
-    def vermagic_release(self) -> str:
-        v = self.vermagic.split()
-        return v[0] if v else ""
-
-    @property
     def depends(self) -> List[str]:
         return [d for d in self.get("depends").split(",") if d]
 

@@ -22,8 +22,6 @@ GDRDRV = "gdrdrv"  # GDRCopy
 
 # Always built and loaded, in this order (reference §2.5).
 BASE = (NVIDIA, UVM, MODESET)
-# Removed dependants first (reference §2.6), in the kernel's spelling.
-UNLOAD_ORDER = ("nvidia_peermem", "gdrdrv", "nvidia_fs", "nvidia_drm", "nvidia_modeset", "nvidia_uvm", "nvidia")
 # What the NVIDIA modules import from the kernel (modinfo depends of the 535/550 builds).
 KERNEL_DEPENDENCIES = ("drm", "video")
 # Loaded before nvidia, best effort (reference §2.5): staged when the kernel has them as modules.
@@ -48,6 +46,10 @@ def build_set(rdma: bool) -> Tuple[str, ...]:
 def normalize(name: str) -> str:
     """The kernel's spelling of a module name: ``nvidia-uvm`` -> ``nvidia_uvm``."""
     return name.replace("-", "_")
+
+
+# Removed dependants first (reference §2.6), in the kernel's spelling.
+UNLOAD_ORDER = tuple(normalize(name) for name in (PEERMEM, GDRDRV, NVIDIA_FS, DRM, MODESET, UVM, NVIDIA))
 
 
 def is_module(path: str) -> bool:

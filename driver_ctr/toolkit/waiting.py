@@ -8,6 +8,7 @@ by SIGTERM/SIGINT within half a second, and logs progress at a modest interval.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 import time
@@ -71,7 +72,8 @@ def check_cancelled() -> None:
 
 
 class DirWatch:
-    """Wake-ups on changes in one directory; polling when inotify is unavailable."""
+    """Wake-ups on changes in one directory; polling when inotify is unavailable. A directory that does not
+    exist yet is never created: its nearest existing ancestor is watched (its creation wakes the wait)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -90,15 +92,13 @@ class DirWatch:
                 | flags.ATTRIB
                 | flags.DELETE_SELF
             )
-            directory.mkdir(parents=True, exist_ok=True)
-            ino.add_watch(str(directory), mask)
+            watched = directory
+            while not watched.is_dir() and watched != watched.parent:
+                watched = watched.parent
+            ino.add_watch(str(watched), mask)
             self._ino = ino
         except (ImportError, OSError):
             self._ino = None
-
-    @property
-    def event_driven(self) -> bool:
-        return self._ino is not None
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds; True when something may have changed
@@ -125,7 +125,7 @@ def wait_until(
     *,
     directory: Path,
     what: str,
-    timeout_s: float,
+    timeout_s: Optional[float],
     cancel: Cancellation,
     log: Optional[Logger] = None,
     recheck_s: float = 5.0,
@@ -136,10 +136,11 @@ def wait_until(
 
     ``check`` runs at once, on every change in ``directory`` and at least every
     ``recheck_s``; it may raise to end the wait (a failure flag). Raises
-    :class:`HandoffTimeout` after ``timeout_s`` and :class:`Cancelled` on a signal.
+    :class:`HandoffTimeout` after ``timeout_s`` (None: no deadline, as a sidecar waiting for its
+    prerequisites or an idle side) and :class:`Cancelled` on a signal.
     """
     start = clock()
-    deadline = start + timeout_s
+    deadline = math.inf if timeout_s is None else start + timeout_s
     next_progress = start + progress_s
     told = False
     with DirWatch(directory) as watch:
@@ -150,12 +151,12 @@ def wait_until(
                 return result
             now = clock()
             if log is not None and not told:  # the first check did not hold: say what is awaited, once
-                log.info("waiting", what=what, waited_s=0, deadline_s=round(min(timeout_s, 1e12)))
+                log.info("waiting", what=what, waited_s=0, deadline_s=timeout_s)
                 told = True
-            if now >= deadline:
+            if timeout_s is not None and now >= deadline:
                 raise HandoffTimeout(what, timeout_s)
             if log is not None and now >= next_progress:
-                log.info("waiting", what=what, waited_s=round(now - start), deadline_s=round(timeout_s))
+                log.info("waiting", what=what, waited_s=round(now - start), deadline_s=timeout_s)
                 next_progress = now + progress_s
             # Sleep until an event, the periodic re-check or the deadline,
             # waking every TICK_S to honour a signal promptly.
