@@ -21,7 +21,7 @@ MALFORMED = {
     "OPEN_KERNEL_MODULES_ENABLED": "t",
     "DRIVER_CONFIG_DIGEST": "two words",
     "RHCOS_IMAGE_MISSING": "missing",
-    "RHCOS_VERSION": "rhcos-4.16",
+    "RHCOS_VERSION": "4.16 rhcos",
     "OPENSHIFT_VERSION": "four.sixteen",
     "RHEL_VERSION": "nine",
     "DNF_RELEASEVER": "9.4.x",
@@ -247,3 +247,11 @@ def test_the_lists_of_names_are_derived_from_the_rows():
     names = {f.name for f in fields(st.Settings)}
     assert all(v.attr in names for v in st.VARIABLES)
     assert st.Settings.from_env({"DRIVER_VERSION": "535.261.03", "TARGETARCH": "amd64"}).build_timeout_s == 2400.0
+
+
+@pytest.mark.parametrize(
+    "version", ["416.94.202407030122-0", "9.6.20250523-0", "39.20240210.3.0", "9.0.20250510-0", "rhcos-4.16"]
+)
+def test_any_os_version_nfd_reports_is_an_rhcos_version(base_env, version):
+    """RHCOS, FCOS/OKD and SCOS nodes: NFD's OSTREE_VERSION in every form starts the driver (it is only shown)."""
+    assert Settings.from_env(dict(base_env, RHCOS_VERSION=version)).rhcos_version == version

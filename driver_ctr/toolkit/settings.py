@@ -32,7 +32,6 @@ SIGNING_HASHES = ("sha256", "sha384", "sha512", "sha224", "sha1")
 DEFAULT_CACHE_DIR = "/var/lib/driver-ctr/cache"
 DEFAULT_MODULE_SIZE_LIMIT = 1 << 30  # bytes: no staged file is larger (nvidia.ko: ~80 MB)
 
-_RHCOS_VERSION = re.compile(r"^\d+\.\d+\.\d+-\d+$")
 _OPENSHIFT_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 _RHEL_VERSION = re.compile(r"^\d+(\.\d+)?$")
 _DIGEST = re.compile(r"^[!-~]+$")  # printable, no whitespace: the state file is one line
@@ -198,7 +197,10 @@ def _nvfm_field(name: str, raw: str) -> Tuple[str, str]:
 
 
 def _rhcos(name: str, raw: str) -> str:
-    return _pattern(_RHCOS_VERSION, "an RHCOS version like 416.94.202407030122-0 or 9.6.20250523-0")(name, raw)
+    """The node's OS version as NFD reports it (``OSTREE_VERSION``): RHCOS ``416.94.202407030122-0`` or
+    ``9.6.20250523-0``, FCOS/OKD ``39.20240210.3.0``, SCOS ``9.0.20250510-0``. Only messages and the
+    DTK decision's notes show it: any one word."""
+    return _pattern(_DIGEST, "the node's OS version as one word, such as 416.94.202407030122-0")(name, raw)
 
 
 @dataclass(frozen=True)
