@@ -55,7 +55,7 @@ echo "ocp_dtk_entrypoint: $reason" >&2
 tmp="$dir/.@BROKEN@.$$"
 printf '{"generation": null, "verdict": "broken", "reasons": ["%s"], "likely_cause": "%s"}\n' "$reason" "@CAUSE@" > "$tmp" \
   && mv -f "$tmp" "$dir/@BROKEN@"
-trap 'exit 0' TERM INT
+trap 'exit 0' TERM INT HUP QUIT PIPE
 while :; do sleep 1 & wait $!; done
 """
 

@@ -3,7 +3,7 @@
 ::
 
     lock -> NotReady -> body -> [unload ours, load the tree] -> daemons, driver root, state -> Ready
-         -> wait for SIGTERM/SIGINT -> shutdown
+         -> wait for a stop signal (TERM, INT, HUP, QUIT, PIPE) -> shutdown
 
 - **lock**: the pid file, flocked before it is truncated; a second instance
   aborts with the reference's message and touches nothing (not even the
@@ -149,7 +149,7 @@ class Service:
         self.log.info("driver ready: waiting for a signal")
 
     def wait_for_signal(self) -> int:
-        """Block until SIGTERM/SIGINT; then shut down. While the driver is in use,
+        """Block until a stop signal; then shut down. While the driver is in use,
         say so once and keep running (reference semantics): nothing is taken back."""
         told = False
         while True:

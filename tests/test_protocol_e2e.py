@@ -4,6 +4,7 @@ temporary shared directory, with re-rooted host paths."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -305,3 +306,31 @@ def test_after_a_reboot_the_dtk_waits_for_the_new_generation_and_never_fails_it(
     assert json.loads((shared / "manifest.json").read_text())["generation"] == 2
     assert not (shared / "driver_build_failed").exists() and not list(shared.glob("stale/*/driver_build_failed"))
     assert stop(dtk) < PROMPT_S and dtk.returncode == 0
+
+
+def _left_after(root, sig):
+    """Start the driver side (the real lifecycle: lock, NotReady), stop it with ``sig`` while it waits for the
+    DTK, and return what it left: every path under the root with the content of the small files."""
+    make_dtk_image(root)
+    make_shared_dir(root)
+    drv = start_driver(env_for(root), dry_run=False)
+    wait_for_event(drv, phase="wait build start", event="phase start")
+    took = stop(drv, sig)
+    assert drv.returncode == 0 and took < PROMPT_S, (signal.Signals(sig).name, drv.returncode, took)
+    left = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if rel.startswith(("mnt/shared-nvidia-driver-toolkit/.", "mnt/shared-nvidia-driver-toolkit/stale")):
+            continue
+        small = p.is_file() and not p.is_symlink() and p.stat().st_size < 200 and "shared-nvidia" not in rel
+        left[rel] = p.read_text() if small else None
+    return left
+
+
+def test_a_hup_quit_or_pipe_while_waiting_for_the_dtk_leaves_exactly_what_a_term_leaves(tmp_path):
+    """NVIDIA's script traps HUP, INT, QUIT, PIPE and TERM into its shutdown; with hostPID the process is not
+    PID 1 and any of them would kill it without the undo (pid file and NotReady left)."""
+    after_term = _left_after(tmp_path / "term", signal.SIGTERM)
+    assert not any(p.endswith("nvidia-driver.pid") for p in after_term)
+    for sig in (signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE):
+        assert _left_after(tmp_path / signal.Signals(sig).name, sig) == after_term, signal.Signals(sig).name

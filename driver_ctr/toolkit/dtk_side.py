@@ -14,7 +14,7 @@
    each ending in its own built or failed flag.
 6. Idle; when ``driver_built`` disappears or the generation changes, go to 2.
 On a failure: ``driver_build_failed`` with the phase, message and log tail,
-then exit non-zero. SIGTERM/SIGINT end the process promptly at any wait.
+then exit non-zero. A stop signal (TERM, INT, HUP, QUIT, PIPE) ends the process promptly at any wait.
 """
 
 from __future__ import annotations

@@ -190,7 +190,7 @@ class HandoffTimeout(DriverCtrError):
 
 
 class Cancelled(BaseException):
-    """A wait or a child process was ended by SIGTERM/SIGINT.
+    """A wait or a child process was ended by a stop signal (``waiting.STOP_SIGNALS``).
 
     Not an :class:`Exception` (as asyncio's ``CancelledError``): an ``except
     DriverCtrError`` or ``except Exception`` that handles a failure never

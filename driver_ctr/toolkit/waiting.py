@@ -3,7 +3,7 @@
 A wait wakes on inotify events in the watched directory (``inotify_simple``,
 vendored in the zipapp) and re-checks its condition; a periodic re-check
 covers filesystems without inotify. Every wait has a deadline, is cancelled
-by SIGTERM/SIGINT within half a second, and logs progress at a modest interval.
+by a stop signal (TERM, INT, HUP, QUIT, PIPE) within half a second, and logs progress at a modest interval.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from .log import Logger
 T = TypeVar("T")
 
 TICK_S = 0.5  # longest sleep between checks of the cancel flag
+# What stops a command, as NVIDIA's script traps them: with hostPID the process is not PID 1, and any of
+# these would otherwise kill it without the undo (pid file, NotReady, modules and mounts left as they were).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE)
 
 
 class Cancellation:
-    """Set by SIGTERM/SIGINT (after :meth:`install`) or by a test.
+    """Set by a stop signal (:data:`STOP_SIGNALS`, after :meth:`install`) or by a test.
 
     The one installed in this process is also :func:`check_cancelled`'s: a long loop of pure Python (a
     verifying copy, unpacking a package) that is not handed a cancellation checks the process's own."""
@@ -40,8 +43,8 @@ class Cancellation:
             self.signal_name = signal.Signals(signum).name
             self._event.set()
 
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, handler)
         Cancellation.installed = self
         return self
 
