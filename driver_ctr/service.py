@@ -30,7 +30,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 from .module_trees import ModuleTree, loaded_tree
 from .node.daemons import start_daemons, stop_daemons
@@ -165,30 +165,36 @@ class Service:
                     told = True
                 self.cancel.clear()
                 continue
-            self.undo(unload=False)
+            self.undo(unloaded=True)
             return 0
 
-    def undo(self, unload: bool = True) -> None:
-        """Take back what was done: the driver when the node was touched (``unload``), then the state, the
-        readiness and the lock. Every step runs whatever an earlier one raised; the first error is raised
-        once the last step has run, the others are logged."""
-        steps: List[Tuple[str, Callable[[], None]]] = []
-        if self.touched and unload:
-            steps.append(("unload the driver", self.unload_ours))
-        steps += [
-            ("remove the state file", lambda: remove_state(self.paths)),
-            ("remove the readiness file", lambda: clear_daemons_status(self.paths)),
-            ("release the lock", self._release_lock),
-        ]
+    def undo(self, unloaded: bool = False) -> None:
+        """Take back what was done: the driver when the node was touched (unless ``unloaded`` already), then
+        the readiness and the lock. The state file goes only with the driver it describes: when no driver
+        of ours was unloaded (a failure before any load, the fast path), the loaded driver stays and so does
+        its state, which k8s-driver-manager compares with the digest (deleting it would evict every GPU
+        workload of the node at the next restart). Every step runs whatever an earlier one raised; the
+        first error is raised once the last step has run, the others are logged."""
         first: Optional[BaseException] = None
-        for what, step in steps:
+
+        def attempt(what: str, step: Callable[[], None]) -> bool:
+            nonlocal first
             try:
                 step()
+                return True
             except Exception as exc:  # noqa: BLE001 - the later steps run whatever this one raised
                 if first is None:
                     first = exc
                 else:
                     self.log.warning("cleanup step failed", step=what, reason=str(exc))
+                return False
+
+        if self.touched and not unloaded:
+            unloaded = attempt("unload the driver", self.unload_ours)
+        if unloaded:
+            attempt("remove the state file", lambda: remove_state(self.paths))
+        attempt("remove the readiness file", lambda: clear_daemons_status(self.paths))
+        attempt("release the lock", self._release_lock)
         if first is not None:
             raise first
         if self.touched:

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import List, Sequence
 
+import pytest
 from fakes import FakeRunner
 from fixture_builder import FixtureBuilder
 from harness import RHEL_KERNEL, env_for, make_fixture_modules
@@ -21,10 +22,10 @@ from harness import RHEL_KERNEL, env_for, make_fixture_modules
 from driver_ctr.commands import init
 from driver_ctr.commands.options import InitOptions
 from driver_ctr.node.state import DAEMONS_STATUS
-from driver_ctr.toolkit.errors import Cancelled
+from driver_ctr.toolkit.errors import Cancelled, DriverCtrError
 from driver_ctr.toolkit.runner import Result
 from driver_ctr.toolkit.settings import Settings
-from driver_ctr.toolkit.waiting import Cancellation, wait_until
+from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation, wait_until
 from driver_ctr.tools import Tools
 
 
@@ -96,7 +97,7 @@ def test_init_runs_load_serve_signal_and_undo_in_process(root, tmp_path):
     runner = FakeRunner()
     runner.answers += [((tool,), node.answer) for tool in ("modprobe", "rmmod", "mount", "umount")]
     tools = Tools(runner=runner, new_builder=lambda _runner: FixtureBuilder())
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     stop, done, seen = Cancellation(), threading.Event(), []
     watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
     watcher.start()
@@ -141,3 +142,28 @@ def test_init_runs_load_serve_signal_and_undo_in_process(root, tmp_path):
     assert not settings.paths.state_file.exists()
     assert not (settings.paths.validations_dir / DAEMONS_STATUS).exists()
     assert not settings.paths.pid_file.exists()
+
+
+def test_init_that_fails_on_the_fast_path_leaves_the_state_file_as_it_was(root):
+    """The driver of this configuration is loaded (the fast path); the userspace install then fails (no .run,
+    no userspace in the image). Nothing of the node's driver changed, so its state file, which
+    k8s-driver-manager compares with the digest, stays as it was; the lock and readiness are taken back."""
+    settings = Settings.from_env(env_for(root, DRIVER_CTR_USERSPACE="auto"))
+    (root / "sys/module/nvidia").mkdir(parents=True)
+    (root / "sys/module/nvidia/refcnt").write_text("0")
+    (root / "sys/module/nvidia/version").write_text("535.261.03")
+    settings.paths.state_file.parent.mkdir(parents=True)
+    settings.paths.state_file.write_text(settings.driver_config_digest + "\n")
+    runner = FakeRunner()
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        with pytest.raises(DriverCtrError, match="userspace"):
+            init.run(settings, InitOptions(accept_license=False, max_threads=None), Tools(runner=runner))
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Cancellation.installed = None
+    assert settings.paths.state_file.read_text() == settings.driver_config_digest + "\n"
+    assert not settings.paths.pid_file.exists()
+    assert not (settings.paths.validations_dir / DAEMONS_STATUS).exists()
+    assert runner.calls == []  # nothing unloaded, nothing mounted

@@ -498,8 +498,9 @@ def test_on_the_fast_path_with_rdma_the_loaded_drivers_tree_is_found_and_publish
 
 
 def test_undo_runs_every_step_when_the_unload_raises(root):
-    """Issue 20.9: the old driver is in use before a load, so the unload raises; the undo still removes the
-    state and readiness files and releases the lock (and removes the pid file), then raises the first error."""
+    """The old driver is in use before a load, so the unload raises; the undo still removes the readiness
+    file and releases the lock (and removes the pid file), then raises the first error. The old driver is
+    still loaded: its state file stays (k8s-driver-manager reads it)."""
     import types
 
     from fakes import FakeRunner
@@ -522,5 +523,5 @@ def test_undo_runs_every_step_when_the_unload_raises(root):
         service.run(lambda _svc: types.SimpleNamespace(source="test", root=root, kernel="k"))
     assert not settings.paths.pid_file.exists()
     assert not (settings.paths.validations_dir / ".driver-daemons-status").exists()
-    assert not settings.paths.state_file.exists()
+    assert settings.paths.state_file.read_text() == "an earlier digest\n"
     assert runner.calls == []
