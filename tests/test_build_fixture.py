@@ -106,14 +106,14 @@ def test_rdma_without_mofeds_tree_builds_the_driver_without_peermem_and_says_why
 
 @pytest.mark.parametrize("host_mofed", [False, True])
 def test_rdma_with_mofeds_tree_builds_peermem_against_its_symbols(root, tmp_path, k61, host_mofed):
-    """MOFED's tree (the MOFED container's, or the host's with USE_HOST_MOFED=true): nvidia-peermem imports
-    the IB peer-memory API, its ib_core is MOFED's (never the kernel's inbox one staged beside it)."""
+    """MOFED's tree (the MOFED container's, or the host's with USE_HOST_MOFED=true: the operator mounts
+    either at /run/mellanox/drivers/usr/src): nvidia-peermem imports the IB peer-memory API, its ib_core is
+    MOFED's (never the kernel's inbox one staged beside it)."""
     from harness import make_ofa_kernel
 
     from driver_ctr.toolkit.modinfo import undefined_symbols
 
-    base = "usr/src/ofa_kernel" if host_mofed else "run/mellanox/drivers/usr/src/ofa_kernel"
-    ofa = make_ofa_kernel(root / base / "x86_64" / k61)
+    ofa = make_ofa_kernel(root / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / k61)
     _, env = fixture_build_env(
         root, tmp_path, k61, GPU_DIRECT_RDMA_ENABLED="true", USE_HOST_MOFED="true" if host_mofed else "false"
     )

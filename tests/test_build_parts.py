@@ -274,3 +274,25 @@ def test_cancellable_run_times_out_and_captures_output(tmp_path):
     assert "timed out" in str(e.value)
     r = Runner().run(["sh", "-c", "echo hi; echo err >&2; exit 3"], cancel=Cancellation(), check=False)
     assert r.returncode == 3 and r.stdout == "hi\n" and r.stderr == "err\n"  # both kept, not merged
+
+
+@pytest.mark.parametrize("use_host_mofed", ["false", "true"])
+def test_mofeds_tree_is_found_at_the_operators_mount_either_way(tmp_path, use_host_mofed):
+    """The operator mounts the MOFED container's /usr/src, or with USE_HOST_MOFED=true the host's, at
+    /run/mellanox/drivers/usr/src (golden driver-rdma / driver-rdma-hostmofed): nvidia-peermem is built
+    against /run/mellanox/drivers/usr/src/ofa_kernel in both. The container's own /usr/src/ofa_kernel is
+    nobody's mount: a tree there is never taken."""
+    from harness import BASE_ENV, make_ofa_kernel
+
+    from driver_ctr.toolkit.mofed import find_ofa_kernel
+    from driver_ctr.toolkit.settings import Settings
+
+    kernel = "6.1.0-57-amd64"
+    make_ofa_kernel(tmp_path / "usr/src/ofa_kernel" / kernel)
+    settings = Settings.from_env(
+        dict(BASE_ENV, DRIVER_CTR_ROOT=str(tmp_path), GPU_DIRECT_RDMA_ENABLED="true", USE_HOST_MOFED=use_host_mofed)
+    )
+    found, why = find_ofa_kernel(settings.paths, kernel, settings.target_arch, settings.use_host_mofed)
+    assert found is None and str(tmp_path / "run/mellanox/drivers/usr/src/ofa_kernel" / kernel) in why
+    ofa = make_ofa_kernel(tmp_path / "run/mellanox/drivers/usr/src/ofa_kernel/x86_64" / kernel)
+    assert find_ofa_kernel(settings.paths, kernel, settings.target_arch, settings.use_host_mofed) == (ofa, "")

@@ -6,9 +6,10 @@ Kbuild and conftest look for MOFED's ``Module.symvers`` under ``/usr/src/ofa_ker
 <kver>,default}``; without it the module still compiles, but its init fails with EINVAL ("compiled
 without IB peer memory symbols present"). So:
 
-- :func:`find_ofa_kernel`: MOFED's tree for the target kernel, where the reference finds it: the MOFED
-  container's ``/run/mellanox/drivers/usr/src/ofa_kernel/...``, or with ``USE_HOST_MOFED=true`` the
-  host's ``/usr/src/ofa_kernel/...``; a tree whose ``Module.symvers`` lacks the two symbols is not one;
+- :func:`find_ofa_kernel`: MOFED's tree for the target kernel, where the reference finds it:
+  ``/run/mellanox/drivers/usr/src/ofa_kernel/...``. The operator mounts there the MOFED container's
+  ``/usr/src``, or with ``USE_HOST_MOFED=true`` the host's ``/usr/src`` (its ``mlnx-ofed-usr-src``
+  volume): one path either way. A tree whose ``Module.symvers`` lacks the two symbols is not one;
 - :func:`prepare_build`: the build sees that tree at the paths NVIDIA's Kbuild and conftest read
   (``OFA_DIR`` on make's command line; the conftest's fixed ``/usr/src/ofa_kernel`` rewritten in the
   build's scratch copy), so nothing is written outside the scratch directory;
@@ -30,8 +31,7 @@ from .modinfo import undefined_symbols
 from .paths import HostPaths
 
 PEER_MEMORY_SYMBOLS = ("ib_register_peer_memory_client", "ib_unregister_peer_memory_client")
-MOFED_CONTAINER_SRC = "/run/mellanox/drivers/usr/src/ofa_kernel"
-HOST_SRC = "/usr/src/ofa_kernel"
+OFA_KERNEL = "/run/mellanox/drivers/usr/src/ofa_kernel"  # the operator's mount, the MOFED container's or the host's
 _CONFTEST_LINE = "MLNX_OFED_KERNEL_DIR=/usr/src/ofa_kernel"
 _OFA_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64", "ppc64le": "ppc64le"}
 
@@ -48,15 +48,15 @@ def exports_peer_memory(symvers: Path) -> bool:
     return all(s in exported for s in PEER_MEMORY_SYMBOLS)
 
 
-def candidates(paths: HostPaths, kernel: str, arch: str, use_host_mofed: bool) -> List[Path]:
+def candidates(paths: HostPaths, kernel: str, arch: str) -> List[Path]:
     """Where MOFED's tree for ``kernel`` may be, in the order NVIDIA's Kbuild tries them."""
-    base = paths.host(HOST_SRC if use_host_mofed else MOFED_CONTAINER_SRC)
+    base = paths.host(OFA_KERNEL)
     return [base / _OFA_ARCH.get(arch, arch) / kernel, base / kernel, base / "default"]
 
 
 def find_ofa_kernel(paths: HostPaths, kernel: str, arch: str, use_host_mofed: bool) -> Tuple[Optional[Path], str]:
-    """(MOFED's tree, '') or (None, why there is none)."""
-    tried = candidates(paths, kernel, arch, use_host_mofed)
+    """(MOFED's tree, '') or (None, why there is none); ``use_host_mofed`` says whose tree the mount holds."""
+    tried = candidates(paths, kernel, arch)
     for d in tried:
         if d.is_dir():
             try:
