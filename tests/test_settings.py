@@ -255,3 +255,23 @@ def test_the_lists_of_names_are_derived_from_the_rows():
 def test_any_os_version_nfd_reports_is_an_rhcos_version(base_env, version):
     """RHCOS, FCOS/OKD and SCOS nodes: NFD's OSTREE_VERSION in every form starts the driver (it is only shown)."""
     assert Settings.from_env(dict(base_env, RHCOS_VERSION=version)).rhcos_version == version
+
+
+def test_the_vgpu_host_manager_is_refused_at_start_with_its_reason(root):
+    """The operator's vgpu-host-manager DaemonSets run NVIDIA's vGPU manager image on hypervisor hosts:
+    driver-ctr fails at start with one named error instead of half-working."""
+    import subprocess
+    import sys
+
+    from harness import env_for
+
+    r = subprocess.run(
+        [sys.executable, "-m", "driver_ctr", "nvidia-driver", "init"],
+        env=env_for(root, DRIVER_TYPE="vgpu-host-manager"),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1
+    assert "DRIVER_TYPE: invalid value 'vgpu-host-manager'" in r.stderr
+    assert "served by NVIDIA's vGPU manager image, not by driver-ctr" in r.stderr
+    assert not (root / "run/nvidia/nvidia-driver.pid").exists()  # nothing started

@@ -23,7 +23,7 @@ from .versions import DriverVersion, normalize_arch, parse_driver_version, parse
 TRUE_WORDS = ("true", "1")
 FALSE_WORDS = ("false", "0")
 
-DRIVER_TYPES = ("passthrough", "vgpu", "vgpu-host-manager")
+DRIVER_TYPES = ("passthrough", "vgpu")
 KERNEL_MODULE_TYPES = ("auto", "open", "proprietary")
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy")
 NVFM_PREFIX = "NVFM_CONFIG_"
@@ -57,6 +57,19 @@ def _choice(choices: Tuple[str, ...]) -> Callable[[str, str], str]:
         return v
 
     return parse
+
+
+def _driver_type(name: str, raw: str) -> str:
+    """``passthrough`` or ``vgpu`` (a vGPU guest). The operator's ``vgpu-host-manager`` DaemonSets (hypervisor
+    hosts) run NVIDIA's separate vGPU manager image: driver-ctr is not that image, and says so."""
+    if raw.strip().lower() == "vgpu-host-manager":
+        raise InvalidValue(
+            name,
+            raw,
+            "passthrough or vgpu: vgpu-host-manager (a hypervisor host) is served by NVIDIA's vGPU manager "
+            "image, not by driver-ctr; set the operator's vgpuManager image for these nodes",
+        )
+    return _choice(DRIVER_TYPES)(name, raw)
 
 
 def _upper_choice(choices: Tuple[str, ...]) -> Callable[[str, str], str]:
@@ -212,7 +225,7 @@ class Settings:
     target_arch: str = setting("TARGETARCH", parse=_arch, required=True, shared=True)  # x86_64 / aarch64
     driver_branch: int = setting("DRIVER_BRANCH", parse=_branch, shared=True)  # default: the version's
     targetarch_raw: str = ""  # as the image says it: amd64 / arm64
-    driver_type: str = setting("DRIVER_TYPE", parse=_choice(DRIVER_TYPES), default="passthrough", shared=True)
+    driver_type: str = setting("DRIVER_TYPE", parse=_driver_type, default="passthrough", shared=True)
     kernel_module_type: str = setting(
         "KERNEL_MODULE_TYPE", parse=_choice(KERNEL_MODULE_TYPES), default="auto", shared=True
     )
