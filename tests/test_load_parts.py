@@ -57,7 +57,7 @@ def test_parameters_checked_against_the_module(tmp_path):
     text = mp.option_lines(full)["nvidia"]
     assert text.splitlines()[1] == (
         "options nvidia NVreg_CoherentGPUMemoryMode=driver NVreg_EnableGpuFirmware=0 "
-        "NVreg_RegistryDwords=a=1;b=2 NVreg_Temp=-3"
+        'NVreg_RegistryDwords="a=1;b=2" NVreg_Temp=-3'
     )
     # without the parameter declared, CDMM is not added
     assert (
@@ -79,7 +79,9 @@ def test_parameters_checked_against_the_module(tmp_path):
         ("NVreg_X=4294967296", "uint", "out of range for uint"),
         ("NVreg_X=maybe", "bool", "expected a boolean"),
         ("NVreg_X=1,x,3", "array of int", "expected an integer (int)"),
-        ("justaword", "uint", "nvidia.conf:2: word 1 of the line is not name=value"),
+        ("NVreg_X", "uint", "NVreg_X=None: a bare word gives no value: the kernel refuses it for a uint parameter"),
+        ('NVreg_X="1 2', "uint", "nvidia.conf:2: the line does not parse (a double quote is not closed)"),
+        ("=1", "uint", "nvidia.conf:2: word 1 of the line is not name=value or a parameter name"),
     ],
 )
 def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):
@@ -90,8 +92,7 @@ def test_bad_parameters_name_file_line_and_known(tmp_path, line, typ, needle):
         mp.usable(mp.read_param_files(d), {"nvidia": _info(NVreg_X=typ)}, get_logger())
     msg = str(e.value)
     assert needle in msg
-    if "=" in line:
-        assert "%s:2" % (d / "nvidia.conf") in msg
+    assert "%s:2" % (d / "nvidia.conf") in msg
 
 
 def test_parameters_as_the_kernel_treats_them_unknown_dropped_unloaded_module_ignored(tmp_path, capfd):
@@ -525,3 +526,19 @@ def test_undo_runs_every_step_when_the_unload_raises(root):
     assert not (settings.paths.validations_dir / ".driver-daemons-status").exists()
     assert settings.paths.state_file.read_text() == "an earlier digest\n"
     assert runner.calls == []
+
+
+def test_bare_words_and_double_quotes_as_modprobe_and_the_kernel_take_them(tmp_path, capfd):
+    """The operator's kernel-module-parameters ConfigMap: a bare bool is true, an unknown bare word is dropped
+    with a warning (the kernel ignores it), a double-quoted value (spaces, semicolons) is checked without its
+    quotes and written with them, as modprobe passes it to the kernel."""
+    d = tmp_path / "drivers"
+    d.mkdir()
+    (d / "nvidia.conf").write_text('NVreg_Flag NVreg_Unknown\nNVreg_RegistryDwords="RMA=1;RMB=2" NVreg_N="7"\n')
+    info = _info(NVreg_Flag="bool", NVreg_RegistryDwords="charp", NVreg_N="uint")
+    kept = mp.usable(mp.read_param_files(d), {"nvidia": info}, get_logger())
+    assert [p.word for p in kept["nvidia"]] == ["NVreg_Flag", 'NVreg_RegistryDwords="RMA=1;RMB=2"', 'NVreg_N="7"']
+    assert [p.kernel_value for p in kept["nvidia"]] == [None, "RMA=1;RMB=2", "7"]
+    assert "unknown module parameter dropped" in capfd.readouterr().err
+    text = mp.option_lines(kept)["nvidia"]
+    assert text.splitlines()[-1] == 'options nvidia NVreg_Flag NVreg_RegistryDwords="RMA=1;RMB=2" NVreg_N="7"'

@@ -85,7 +85,7 @@ def checked_parameters(settings: Settings, log: Logger) -> List[str]:
         )
     kept = module_params.usable({PEERMEM: params}, {PEERMEM: read_modinfo(module_dir / rel)}, log)[PEERMEM]
     log.info("module parameters for nvidia-peermem", parameters=[p.name for p in kept])
-    return ["%s=%s" % (p.name, p.value) for p in kept]
+    return [p.word for p in kept]
 
 
 def probe(settings: Settings, options: NoOptions) -> int:

@@ -144,9 +144,11 @@ class Loader:
         params = module_params.read_param_files(self.paths.drivers_dir)
         params = module_params.with_defaults(module_params.usable(params, infos, self.log), infos)
         module_params.write_dropins(self.paths.modprobe_d, params)
-        report = LoadReport(params={m: ["%s=%s" % (p.name, p.value) for p in ps] for m, ps in params.items() if ps})
+        report = LoadReport(params={m: [p.word for p in ps] for m, ps in params.items() if ps})
         report.firmware = configure_firmware_path(
-            self.paths, {p.name: p.value for p in params.get("nvidia", [])}, self.log
+            self.paths,
+            {p.name: p.kernel_value for p in params.get("nvidia", []) if p.kernel_value is not None},
+            self.log,
         )
         base = self.modprobe_base(tree, kernel)
         companions = self.runner.run(base + ["-a", *nv.COMPANIONS], timeout=120, check=False)

@@ -1,7 +1,9 @@
 """Module parameters: ``/drivers/<module>.conf`` -> ``options <module> ...`` drop-ins.
 
-Each ``.conf`` line holds one or more ``name=value`` words (the reference
-takes lines verbatim). Every parameter is checked against what the built
+Each ``.conf`` line holds one or more words as modprobe and the kernel take them (the reference takes
+lines verbatim): ``name=value``, a value in double quotes (``NVreg_RegistryDwords="RMA=1;RMB=2"``, kept
+as written: the kernel removes the quotes), or a bare ``name`` (the kernel sets a bool to true and
+rejects it for any other declared type). Every parameter is checked against what the built
 module declares (``parm``/``parmtype`` of its ``.modinfo``), as the kernel
 treats them (:func:`usable`): an unknown one is dropped with a warning naming
 the file, the line and the module's parameters; a file for a module not being
@@ -13,7 +15,6 @@ nvidia only when the module declares it (the reference adds it always).
 from __future__ import annotations
 
 import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -51,8 +52,46 @@ class ParameterError(DriverCtrError):
 class Param:
     module: str
     name: str
-    value: str
+    value: Optional[str]  # as written, double quotes kept; None: a bare word
     source: str  # "file:line"
+
+    @property
+    def word(self) -> str:
+        """The parameter as modprobe is given it."""
+        return self.name if self.value is None else "%s=%s" % (self.name, self.value)
+
+    @property
+    def kernel_value(self) -> Optional[str]:
+        """The value the kernel reads: enclosing double quotes removed, as its ``parse_args`` does."""
+        v = self.value
+        return v[1:-1] if v is not None and len(v) >= 2 and v[0] == v[-1] == '"' else v
+
+
+def split_words(text: str) -> List[str]:
+    """The words of an ``options`` line as the kernel's ``next_arg`` splits them: at spaces outside double
+    quotes (the quotes stay in the word). ValueError for an unterminated quote."""
+    words, word, quoted = [], "", False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        elif ch.isspace() and not quoted:
+            if word:
+                words.append(word)
+            word = ""
+            continue
+        word += ch
+    if quoted:
+        raise ValueError("a double quote is not closed")
+    return words + ([word] if word else [])
+
+
+def check_param(typ: str, p: Param) -> Optional[str]:
+    """Why the kernel would refuse ``p`` for a parameter of type ``typ`` (None when it takes it)."""
+    if p.kernel_value is None:
+        if typ in ("bool", "invbool"):
+            return None
+        return "a bare word gives no value: the kernel refuses it for a %s parameter" % (typ or "declared")
+    return check_value(typ, p.kernel_value)
 
 
 def check_value(typ: str, value: str) -> Optional[str]:
@@ -100,14 +139,14 @@ def read_param_files(drivers_dir: Path, modules: Tuple[str, ...] = PARAMETER_MOD
             # a line that does not parse is named by file and line, never printed: the file is a node's or a
             # ConfigMap's, and a link may have put another file's secrets there
             try:
-                words = shlex.split(text)
+                words = split_words(text)
             except ValueError as exc:
                 raise ParameterError("%s:%d: the line does not parse (%s)" % (f, n, exc)) from None
             for i, w in enumerate(words, 1):
                 name, eq, value = w.partition("=")
-                if not eq or not name:
-                    raise ParameterError("%s:%d: word %d of the line is not name=value" % (f, n, i))
-                params.append(Param(mod, name, value, "%s:%d" % (f, n)))
+                if not name or not re.match(r"^\w+$", name):
+                    raise ParameterError("%s:%d: word %d of the line is not name=value or a parameter name" % (f, n, i))
+                params.append(Param(mod, name, value if eq else None, "%s:%d" % (f, n)))
         out[mod] = params
     return out
 
@@ -141,9 +180,9 @@ def usable(params: Mapping[str, List[Param]], infos: Mapping[str, ModInfo], log:
                     declared=sorted(known),
                 )
                 continue
-            why = check_value(known[p.name], p.value)
+            why = check_param(known[p.name], p)
             if why:
-                problems.append("%s: %s=%r: %s" % (p.source, p.name, p.value, why))
+                problems.append("%s: %s=%r: %s" % (p.source, p.name, p.kernel_value, why))
             kept[mod].append(p)
     if problems:
         raise ParameterError("invalid module parameters:\n" + "\n".join("  - " + x for x in problems))
@@ -165,7 +204,7 @@ def option_lines(params: Mapping[str, List[Param]]) -> Dict[str, str]:
     out = {}
     for mod, ps in params.items():
         if ps:
-            words = " ".join("%s=%s" % (p.name, shlex.quote(p.value) if " " in p.value else p.value) for p in ps)
+            words = " ".join(p.word for p in ps)
             out[mod] = "# written by driver-ctr from %s\noptions %s %s\n" % (
                 ", ".join(sorted({p.source.rsplit(":", 1)[0] for p in ps})),
                 normalize(mod),
