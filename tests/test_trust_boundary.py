@@ -870,14 +870,14 @@ def test_20_6_an_unparsable_parameter_line_is_named_by_file_and_line_never_print
     from driver_ctr.node.module_params import ParameterError, read_param_files
 
     shadow = tmp_path / "shadow"
-    shadow.write_text("root:$6$s3cr3tHASH'unclosed:19000:0:99999:7:::\n")
+    shadow.write_text('root:$6$s3cr3tHASH"unclosed:19000:0:99999:7:::\n')
     drivers = tmp_path / "drivers"
     drivers.mkdir()
     (drivers / "nvidia.conf").symlink_to(shadow)  # a ConfigMap-like link to another file
     with pytest.raises(ParameterError) as exc:
         read_param_files(drivers)
     assert "nvidia.conf:1: the line does not parse" in str(exc.value) and "s3cr3t" not in str(exc.value)
-    shadow.write_text("NVreg_A=1 s3cr3tHASH\n")
+    shadow.write_text("NVreg_A=1 s3cr3t:HASH\n")  # a word that is neither name=value nor a parameter name
     with pytest.raises(ParameterError) as exc:
         read_param_files(drivers)
     assert "nvidia.conf:1: word 2 of the line is not name=value" in str(exc.value) and "s3cr3t" not in str(exc.value)
