@@ -36,7 +36,7 @@ from driver_ctr.fallback.base import FallbackFailed, Job
 from driver_ctr.fallback.dnf import DnfBackend, kernel_package_names, preflight, rhel_releasevers
 from driver_ctr.fallback.node_os import NodeOS, parse_os_release
 from driver_ctr.toolkit.log import get_logger
-from driver_ctr.toolkit.runner import Runner
+from driver_ctr.toolkit.runner import Result, Runner
 from driver_ctr.toolkit.settings import Settings
 
 DEBIAN = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
@@ -730,3 +730,60 @@ def test_a_new_backend_is_its_class_and_one_registry_line(root, monkeypatch):
     backend = backend_for(s, "6.4.0-150600.23.25-default", Runner(), get_logger())
     assert isinstance(backend, Zypper) and backend.kernel == "6.4.0-150600.23.25-default"
     assert backend.root == root
+
+
+def test_apt_and_dnf_name_the_newest_kernel_their_sources_carry(tmp_path):
+    """update -k latest: apt's newest linux-headers of the running kernel's flavour, compared as dpkg does
+    (6.1.0-10 < 6.1.0-9 as text, not as versions; -common and other flavours left out); dnf's repoquery."""
+    apt_cache = FakeRunner()
+    apt_cache.expect(
+        ("apt-cache", "search"),
+        stdout="linux-headers-6.1.0-9-amd64 - Header files\n"
+        "linux-headers-6.1.0-10-amd64 - Header files\n"
+        "linux-headers-6.1.0-10-common - Common header files\n"
+        "linux-headers-6.1.0-11-cloud-amd64 - Header files\n",
+    )
+    apt = AptBackend(Job(_settings(tmp_path), "6.1.0-9-amd64", apt_cache, get_logger()))
+    assert apt.newest_kernel() == "6.1.0-10-amd64"
+    assert apt_cache.calls == [("apt-cache", "search", "--names-only", "^linux-headers-[0-9].*-amd64$")]
+    repoquery = FakeRunner()
+    repoquery.expect(("dnf",), stdout="5.14.0-570.12.1.el9_6.x86_64\n")
+    dnf = DnfBackend(Job(_settings(tmp_path), RHEL_K, repoquery, get_logger()))
+    assert dnf.newest_kernel() == "5.14.0-570.12.1.el9_6.x86_64"
+    assert "repoquery" in repoquery.calls[0] and "--latest-limit=1" in repoquery.calls[0]
+
+
+def test_update_k_latest_resolves_the_kernel_then_checks_the_build_for_it(root, tmp_path, capsys):
+    """``update -k latest --check`` in-process (the fake runner plays apt, the fixture builder builds): the
+    newest kernel apt carries is the target, apt's state is the preflight's scratch root's, and the
+    preflight says pass for that kernel."""
+    import signal
+
+    from fixture_builder import FixtureBuilder
+    from harness import make_fixture_modules
+
+    from driver_ctr.commands import build
+    from driver_ctr.commands.options import UpdateOptions
+    from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation
+    from driver_ctr.tools import Tools
+
+    newest = "6.1.0-99-amd64"
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    mods = make_fixture_modules(tmp_path / "fixture", newest)
+    settings = _settings(root, DRIVER_CTR_KERNEL_RELEASE="6.1.0-57-amd64", DRIVER_CTR_SOURCE_DIR=str(mods))
+    fake = FakeRunner()
+    fake.expect(("apt-get",))
+    search = Result(("apt-cache",), 0, "linux-headers-%s - Header files\n" % newest, "")
+    fake.answers.append((("apt-cache",), lambda argv: search if "search" in argv else Result(tuple(argv), 100, "", "")))
+    tools = Tools(runner=fake, new_builder=lambda _runner: FixtureBuilder())
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        status = build.update(settings, UpdateOptions(kernel="latest", check=True), tools)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Cancellation.installed = None
+    assert status == 0
+    assert capsys.readouterr().out.startswith("%s: pass (" % newest)
+    assert [c[:2] for c in fake.calls] == [("apt-get", "-o"), ("apt-cache", "-o")]  # the scratch root's apt state

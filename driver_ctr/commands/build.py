@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from .. import precompiled
-from ..fallback import install_kernel_tree
+from ..fallback import LATEST, install_kernel_tree, newest_kernel
 from ..toolkit.builders import BuildOptions as BuildRequestOptions
 from ..toolkit.builders import BuildRequest, DescribedBuild, build_and_describe, request_for
 from ..toolkit.errors import BuildFailed, InvalidValue, NoKernelTree
@@ -45,7 +45,8 @@ def build(settings: Settings, options: BuildOptions, tools: Optional[Tools] = No
 
 
 def update(settings: Settings, options: UpdateOptions, tools: Optional[Tools] = None) -> int:
-    """``update -k KVER``: a bundle (or with ``--check`` a preflight) for kernel ``KVER``."""
+    """``update -k KVER``: a bundle (or with ``--check`` a preflight) for kernel ``KVER``; ``latest``: the newest
+    kernel of the running kernel's flavour the package sources carry."""
     kernel = options.kernel or settings.running_kernel()
     return _bundle(settings, kernel, options.sign, options.tag, options.max_threads, options.check, tools or Tools())
 
@@ -67,6 +68,10 @@ def _bundle(
     staging.mkdir()
     started = time.monotonic()
     try:
+        if kernel == LATEST:
+            runner = tools.runner.with_cancel(cancel)
+            kernel = newest_kernel(settings, runner, log, root=work / "root" if check else None)
+            log = log.bind(target_kernel=kernel)
         request = request_for(settings, kernel, staging, work / "build.log", cancel, options)
         details = {"tag": tag or "", "signing_key_id": sign or ""}
         try:

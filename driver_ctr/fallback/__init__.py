@@ -36,7 +36,7 @@ SUPPORT_NOTE = (
     "NVIDIA does not support entitled builds on OpenShift 4.10 and later; the Driver Toolkit is the supported "
     "path: fix the DTK (see the reasons) when you can"
 )
-__all__ = ["FallbackFailed", "PackageManager", "install_kernel_tree", "SUPPORT_NOTE"]
+__all__ = ["FallbackFailed", "PackageManager", "install_kernel_tree", "newest_kernel", "LATEST", "SUPPORT_NOTE"]
 
 
 # The package-manager backends, keyed by the node's distribution family: a new one is its file and a line here.
@@ -77,6 +77,23 @@ def backend_for(
             )
         )
     return cls(Job(settings, kernel, runner, log, target))
+
+
+LATEST = "latest"  # update -k latest: the newest kernel the package sources carry
+
+
+def newest_kernel(settings: Settings, runner: Runner, log: Logger, root: Optional[Path] = None) -> str:
+    """The newest kernel of the running kernel's flavour that the node's package sources carry (the
+    reference's ``update -k latest``). ``root``: a preflight's scratch root, where apt keeps its state."""
+    target = HostPaths(root=str(root)) if root is not None else None
+    backend = backend_for(settings, settings.running_kernel(), runner, log, target)
+    why = backend.available()
+    if why:
+        raise FallbackFailed("the %s backend cannot run: %s" % (backend.name, why))
+    backend.refresh()
+    kernel = backend.newest_kernel()
+    log.info("the newest kernel the package sources carry", kernel=kernel, backend=backend.name)
+    return kernel
 
 
 def install_kernel_tree(

@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..toolkit.errors import CommandFailed
+from ..toolkit.errors import CommandFailed, InvalidValue
 from ..toolkit.shared_fs import Confined
+from ..toolkit.versions import compare_kernel_releases, parse_kernel_release
 from .base import FallbackFailed, Job, PackageManager
 from .package_contents import (
     install,
@@ -145,6 +146,32 @@ class AptBackend(PackageManager):
                 "configured sources; likely cause: %s" % (kernel, kernel, kernel, LIKELY_CAUSE)
             )
         return [headers] + sorted(set(own)) + [modules]
+
+    def newest_kernel(self) -> str:
+        """The newest ``linux-headers-<kver>`` of the running kernel's flavour (``amd64``, ``cloud-amd64``,
+        ``generic``) in apt's sources, compared as dpkg does."""
+        variant = parse_kernel_release(self.kernel).variant
+        r = self.runner.run(
+            ["apt-cache", *self.options, "search", "--names-only", "^linux-headers-[0-9].*-%s$" % re.escape(variant)],
+            env=self.env,
+            timeout=120,
+        )
+        found = []
+        for line in r.stdout.splitlines():
+            name = line.split(" ", 1)[0]
+            try:
+                release = parse_kernel_release(name[len("linux-headers-") :])
+            except InvalidValue:
+                continue  # linux-headers-6.1.0-28-common and the like
+            if release.variant == variant:
+                found.append(release)
+        if not found:
+            raise FallbackFailed("apt's sources carry no linux-headers-<version>-%s" % variant)
+        newest = found[0]
+        for release in found[1:]:
+            if compare_kernel_releases(release, newest) > 0:
+                newest = release
+        return newest.raw
 
     # -- installing ----------------------------------------------------------------------
 

@@ -116,6 +116,11 @@ class PackageManager(ABC):
         """Put ``names``, the packages of the kernel's trees, into the root (unpacked, never as a boot
         kernel); returns what was installed."""
 
+    def newest_kernel(self) -> str:
+        """After :meth:`refresh`: the newest kernel of the job kernel's flavour the sources carry
+        (``update -k latest``)."""
+        raise FallbackFailed("the %s backend cannot tell the newest kernel its sources carry" % self.name)
+
     def install_compiler(self) -> List[str]:
         """The compiler the kernel was built with, once its trees are in (when it is not here already)."""
         return []

@@ -276,6 +276,26 @@ class DnfBackend(PackageManager):
     def kernel_packages(self) -> List[str]:
         return kernel_package_names(self.kernel)
 
+    def newest_kernel(self) -> str:
+        """The newest ``kernel-devel`` the repositories carry, as ``uname -r`` names it."""
+        rv = self.releasever or self.releasevers[0]
+        argv = self._dnf(
+            "repoquery",
+            "--latest-limit=1",
+            "--arch=%s" % self.arch,
+            "--qf=%{VERSION}-%{RELEASE}.%{ARCH}",
+            "kernel-devel",
+            releasever=rv,
+        )
+        r = self.runner.run(argv, env=self.env, timeout=600)
+        lines = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+        if not lines:
+            raise FallbackFailed(
+                "the repositories searched (%s) carry no kernel-devel"
+                % (", ".join(self.repos) or "the configured ones")
+            )
+        return lines[-1]
+
     # -- installing ----------------------------------------------------------------------
 
     def install(self, names: Sequence[str]) -> List[str]:
