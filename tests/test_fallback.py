@@ -787,3 +787,32 @@ def test_update_k_latest_resolves_the_kernel_then_checks_the_build_for_it(root, 
     assert status == 0
     assert capsys.readouterr().out.startswith("%s: pass (" % newest)
     assert [c[:2] for c in fake.calls] == [("apt-get", "-o"), ("apt-cache", "-o")]  # the scratch root's apt state
+
+
+def test_the_mounted_custom_cas_are_installed_before_any_download(root):
+    """The operator's certConfig certificates (a TLS-inspecting proxy's CA) reach apt before it downloads:
+    update-ca-certificates runs first (chrooted into the temporary root here); a mount without a
+    certificate changes nothing."""
+    from driver_ctr.fallback import newest_kernel
+
+    (root / "host-etc").mkdir()
+    (root / "host-etc/os-release").write_text(DEBIAN)
+    cas = root / "usr/local/share/ca-certificates"
+    cas.mkdir(parents=True)
+    settings = _settings(root, DRIVER_CTR_KERNEL_RELEASE="6.1.0-57-amd64")
+
+    def fake():
+        runner = FakeRunner()
+        runner.expect(("chroot",))
+        runner.expect(("apt-get",))
+        runner.expect(("apt-cache",), stdout="linux-headers-6.1.0-58-amd64 - Header files\n")
+        return runner
+
+    empty = fake()
+    assert newest_kernel(settings, empty, get_logger()) == "6.1.0-58-amd64"
+    assert [c[0] for c in empty.calls] == ["apt-get", "apt-cache"]
+    (cas / "corp-proxy.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    with_ca = fake()
+    newest_kernel(settings, with_ca, get_logger())
+    assert with_ca.calls[0] == ("chroot", str(root), "update-ca-certificates")
+    assert [c[0] for c in with_ca.calls[1:]] == ["apt-get", "apt-cache"]

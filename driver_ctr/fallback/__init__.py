@@ -28,6 +28,7 @@ from ..toolkit.settings import Settings
 from ..toolkit.versions import parse_kernel_release
 from .apt import AptBackend
 from .base import FallbackFailed, Job, PackageManager
+from .custom_ca import install_custom_cas
 from .dnf import DnfBackend
 from .node_os import NodeOS, read_node_os
 from .package_contents import mark_complete, mirror_merged_usr
@@ -87,6 +88,7 @@ def newest_kernel(settings: Settings, runner: Runner, log: Logger, root: Optiona
     reference's ``update -k latest``). ``root``: a preflight's scratch root, where apt keeps its state."""
     target = HostPaths(root=str(root)) if root is not None else None
     backend = backend_for(settings, settings.running_kernel(), runner, log, target)
+    install_custom_cas(settings.paths, runner, log)
     why = backend.available()
     if why:
         raise FallbackFailed("the %s backend cannot run: %s" % (backend.name, why))
@@ -110,6 +112,7 @@ def install_kernel_tree(
         mirror_merged_usr(settings.paths.host("/"), root)
         target = HostPaths(root=str(root))
     backend = backend_for(settings, kernel, runner, log, target)
+    install_custom_cas(settings.paths, runner, log)  # before any download
     problems = backend.preflight()
     if problems:
         raise FallbackFailed(
