@@ -3,6 +3,7 @@ licence configuration, the grid daemons and the vgpu-util version check."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,62 @@ def test_the_vgpu_version_check_keeps_the_version_without_devices_and_names_a_mi
     )
     off = FakeRunner()  # DISABLE_VGPU_VERSION_CHECK=true (the default): no vgpu-util call
     assert select_version(_vgpu(root), off, get_logger()) is None and off.calls == []
+
+
+def test_gridd_libraries_where_the_images_distribution_keeps_them(root):
+    """nvidia-gridd's LD_LIBRARY_PATH: RHEL's /usr/lib64/nvidia/gridd, Debian's and Ubuntu's
+    /usr/lib/<arch>-linux-gnu/nvidia/gridd; the directory the image has wins."""
+    from driver_ctr.node.vgpu import gridd_libs
+
+    assert gridd_libs(_vgpu(root)) == "/usr/lib64/nvidia/gridd"
+    (root / "etc").mkdir(exist_ok=True)
+    (root / "etc/debian_version").write_text("12.8\n")
+    assert gridd_libs(_vgpu(root)) == "/usr/lib/x86_64-linux-gnu/nvidia/gridd"
+    (root / "usr/lib64/nvidia/gridd").mkdir(parents=True)
+    assert gridd_libs(_vgpu(root)) == "/usr/lib64/nvidia/gridd"
+
+
+def _selecting_runner() -> FakeRunner:
+    runner = FakeRunner()
+    runner.expect(("vgpu-util", "count"), stdout="count=1\n")
+    runner.expect(("vgpu-util", "match"), stdout="version=550.163.01-grid\n")
+    return runner
+
+
+def _in_process(command, *args):
+    import signal
+
+    from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation
+
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        return command(*args)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Cancellation.installed = None
+
+
+def test_the_vgpu_version_is_selected_for_load_and_for_the_dtk_build_too(root):
+    """NVIDIA's _prepare selects the guest driver for init, load and the DTK build: ``load`` looks for a build
+    of the selected version, and the DTK side is told that version in settings.json."""
+    from driver_ctr.commands import load, run_with_dtk
+    from driver_ctr.commands.options import NoOptions, RunWithDtkOptions
+    from driver_ctr.module_trees import NoBuild
+    from driver_ctr.toolkit.errors import HandoffTimeout
+    from driver_ctr.tools import Tools
+
+    (root / "drivers").mkdir()
+    settings = _vgpu(root, DISABLE_VGPU_VERSION_CHECK="false", DRIVER_CTR_START_TIMEOUT="1")
+    assert settings.shared()["DRIVER_VERSION"] == "535.261.03-grid"
+    runner = _selecting_runner()
+    with pytest.raises(NoBuild):
+        _in_process(load.run, settings, NoOptions(), Tools(runner=runner))
+    assert [c[:2] for c in runner.calls] == [("vgpu-util", "count"), ("vgpu-util", "match")]
+
+    shared = root / "mnt/shared-nvidia-driver-toolkit"
+    shared.mkdir(parents=True)
+    with pytest.raises(HandoffTimeout):  # no DTK container here: what matters is what it was told
+        _in_process(run_with_dtk.run, settings, RunWithDtkOptions(dry_run=True), Tools(runner=_selecting_runner()))
+    told = json.loads((shared / "settings.json").read_text())["env"]
+    assert told["DRIVER_VERSION"] == "550.163.01-grid" and told["DRIVER_BRANCH"] == "550"

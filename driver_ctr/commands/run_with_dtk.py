@@ -22,6 +22,7 @@ from .. import module_trees
 from ..module_trees import ModuleTree
 from ..node.fast_path import decide_fast_path
 from ..node.userspace import userspace_install
+from ..node.vgpu import with_selected_version
 from ..service import Service
 from ..toolkit.errors import Cancelled
 from ..toolkit.log import get_logger
@@ -45,6 +46,7 @@ def _tree(settings: Settings, cancel: Cancellation, tools: Tools) -> Optional[Mo
 def run(settings: Settings, options: RunWithDtkOptions, tools: Optional[Tools] = None) -> int:
     tools = tools or Tools()
     cancel = Cancellation().install()
+    settings = with_selected_version(settings, tools.runner.with_cancel(cancel), get_logger())  # vGPU guests
     if options.dry_run:
         try:
             tree = _tree(settings, cancel, tools)

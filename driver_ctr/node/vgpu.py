@@ -6,11 +6,15 @@ As the reference does:
   ``/etc/nvidia/gridd.conf``; with ``VGPU_LICENSE_SERVER_TYPE=NLS`` the client configuration token(s) of
   ``/drivers/ClientConfigToken/`` go to ``/etc/nvidia/ClientConfigToken/``. Either missing is a named
   error before any daemon starts (the reference copied nothing and ``nvidia-gridd`` ran unlicensed).
-- **daemons**: ``nvidia-gridd`` (``LD_LIBRARY_PATH=/usr/lib64/nvidia/gridd``) and, when installed,
+- **daemons**: ``nvidia-gridd`` (``LD_LIBRARY_PATH``: its libraries where the image's distribution puts
+  them, ``/usr/lib64/nvidia/gridd`` on RHEL, ``/usr/lib/<arch>-linux-gnu/nvidia/gridd`` on Debian and
+  Ubuntu) and, when installed,
   ``nvidia-topologyd``; stopped like the others (``daemons.DAEMONS``: pid file, pid checked).
 - **version check** (unless ``DISABLE_VGPU_VERSION_CHECK=true``): ``vgpu-util count``; with vGPU devices,
   ``vgpu-util match`` against the driver catalog (``vgpuDriverCatalog.yaml`` in the shared dir's
-  ``drivers/`` when there is one, else ``/drivers``) picks the guest driver version the host supports.
+  ``drivers/`` when there is one, else ``/drivers``) picks the guest driver version the host supports,
+  for every command that loads or builds (``init``, ``load``, ``nv-ctr-run-with-dtk``: the DTK side
+  builds the selected version, which ``settings.json`` carries).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..toolkit.versions import parse_driver_version
 
 GRIDD_CONF = "/etc/nvidia/gridd.conf"
 TOKENS_DIR = "/etc/nvidia/ClientConfigToken"
-GRIDD_LIBS = "/usr/lib64/nvidia/gridd"
+GRIDD_LIBS = ("/usr/lib64/nvidia/gridd", "/usr/lib/%s-linux-gnu/nvidia/gridd")  # RHEL; Debian, Ubuntu
 CATALOG = "vgpuDriverCatalog.yaml"
 
 
@@ -68,7 +72,7 @@ def install_licence(settings: Settings, log: Logger) -> None:
 def start_grid_daemons(settings: Settings, runner: Runner, log: Logger) -> List[str]:
     """``nvidia-gridd`` with its libraries, then ``nvidia-topologyd`` when installed; the names started."""
     install_licence(settings, log)
-    env = dict(os.environ, LD_LIBRARY_PATH=GRIDD_LIBS)
+    env = dict(os.environ, LD_LIBRARY_PATH=gridd_libs(settings))
     try:
         runner.run(["nvidia-gridd"], env=env, timeout=120)
     except CommandFailed as exc:
@@ -78,6 +82,16 @@ def start_grid_daemons(settings: Settings, runner: Runner, log: Logger) -> List[
         runner.run(["nvidia-topologyd"], timeout=120)
         started.append("nvidia-topologyd")
     return started
+
+
+def gridd_libs(settings: Settings) -> str:
+    """Where this image's distribution keeps nvidia-gridd's libraries: the one that exists, else the
+    Debian/Ubuntu path on a Debian-based image (``/etc/debian_version``), else RHEL's."""
+    rhel, debian = GRIDD_LIBS[0], GRIDD_LIBS[1] % settings.target_arch
+    for candidate in (rhel, debian):
+        if settings.paths.host(candidate).is_dir():
+            return candidate
+    return debian if settings.paths.host("/etc/debian_version").exists() else rhel
 
 
 def _value(text: str, key: str) -> str:
@@ -131,4 +145,7 @@ def with_selected_version(settings: Settings, runner: Runner, log: Logger) -> Se
     if not chosen or chosen == settings.driver_version.raw:
         return settings
     version = parse_driver_version(chosen)
-    return dataclasses.replace(settings, driver_version=version, driver_branch=version.branch)
+    raw = dict(settings.raw, DRIVER_VERSION=chosen, DRIVER_BRANCH=str(version.branch))  # settings.json carries it
+    return dataclasses.replace(
+        settings, driver_version=version, driver_branch=version.branch, raw=tuple(sorted(raw.items()))
+    )
