@@ -18,7 +18,8 @@
 - **publish**: the loaded tree goes in the driver root's ``/lib/modules`` for the nvidia-peermem
   sidecar's chroot modprobe; on the fast path with RDMA, the loaded driver's tree is looked up
   (``module_trees.loaded_tree``), since a restarted container has lost it.
-- **serve**: daemons, the driver root, the state file, ``Ready``.
+- **serve**: daemons, NVIDIA's sources for the GDS/GDRCopy sidecars, the driver root, the state file,
+  ``Ready``.
 - **a failure (or a signal) before the wait undoes what was done**: once the
   node was touched (load or serve began), our daemons are stopped, the NVIDIA
   modules unloaded and the driver root unmounted; in every case the state and
@@ -38,6 +39,7 @@ from .node.driver_load import Loader
 from .node.state import (
     PidLock,
     clear_daemons_status,
+    expose_driver_sources,
     mount_rootfs,
     publish_modules,
     remove_state,
@@ -142,6 +144,7 @@ class Service:
     def serve(self) -> None:
         """After a load (or the fast path): daemons, driver root, state, Ready."""
         start_daemons(self.settings, self.runner, self.log, self.cancel)
+        expose_driver_sources(self.settings, self.runner, self.log)  # before the root is mounted: sidecars wait
         mount_rootfs(self.paths, self.runner, self.log)
         if self.settings.driver_config_digest:
             write_state(self.paths, self.settings.driver_config_digest)

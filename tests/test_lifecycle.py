@@ -167,3 +167,39 @@ def test_init_that_fails_on_the_fast_path_leaves_the_state_file_as_it_was(root):
     assert not settings.paths.pid_file.exists()
     assert not (settings.paths.validations_dir / DAEMONS_STATUS).exists()
     assert runner.calls == []  # nothing unloaded, nothing mounted
+
+
+def test_with_gds_the_sources_are_in_the_driver_root_on_the_fast_path_too(root, tmp_path):
+    """The GDS and GDRCopy sidecars wait for /run/nvidia/driver/usr/src and build against
+    /run/nvidia/driver/usr/src/nvidia-<version>: on the fast path (nothing built, nothing loaded) the sources
+    are exposed as on every other path, by a link that resolves inside the driver root too."""
+    from harness import copy_fixture_sources
+
+    sources = copy_fixture_sources(root / "opt/nvidia-src")  # an extracted .run
+    settings = Settings.from_env(env_for(root, GDS_ENABLED="true", DRIVER_CTR_SOURCE_DIR=str(sources)))
+    settings.paths.validations_dir.mkdir(parents=True)
+    node = Node(root)
+    (root / "sys/module/nvidia").mkdir(parents=True)
+    (root / "sys/module/nvidia/refcnt").write_text("0")
+    (root / "sys/module/nvidia/version").write_text("535.261.03")
+    settings.paths.state_file.parent.mkdir(parents=True, exist_ok=True)
+    settings.paths.state_file.write_text(settings.driver_config_digest + "\n")
+    runner = FakeRunner()
+    runner.answers += [((tool,), node.answer) for tool in ("rmmod", "mount", "umount")]
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stop, done, seen = Cancellation(), threading.Event(), []
+    watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
+    watcher.start()
+    try:
+        status = init.run(settings, InitOptions(accept_license=False, max_threads=None), Tools(runner=runner))
+    finally:
+        stop.set()
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Cancellation.installed = None
+    watcher.join(10)
+    assert status == 0 and seen, "the fast path never reached Ready"
+    assert not any(c[0] == "modprobe" for c in runner.calls)  # the fast path: nothing loaded
+    link = root / "usr/src/nvidia-535.261.03"
+    assert link.is_symlink() and not os.path.isabs(os.readlink(str(link)))
+    assert (link / "kernel/Makefile").is_file() and link.resolve() == sources.resolve()

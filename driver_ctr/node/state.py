@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import IO, List, Mapping, Optional
 
 from ..toolkit import nvidia_modules as nv
+from ..toolkit.builders import default_scratch, find_source
 from ..toolkit.errors import CommandFailed, DriverCtrError
 from ..toolkit.fsio import atomic_write_text, replace_symlink
 from ..toolkit.log import Logger
 from ..toolkit.paths import HostPaths
 from ..toolkit.runner import Runner
+from ..toolkit.settings import Settings
 from ..toolkit.shared_fs import Confined
+from ..toolkit.sources import expose, open_sources
 
 SECOND_INSTANCE = "An instance of the NVIDIA driver is already running, aborting"
 DAEMONS_STATUS = ".driver-daemons-status"
@@ -170,6 +173,28 @@ def unmount_rootfs(paths: HostPaths, runner: Runner, log: Logger) -> None:
         log.info("driver root unmounted", target=str(target))
     except CommandFailed as exc:
         log.warning("could not unmount the driver root", target=str(target), reason=exc.summary)
+
+
+def expose_driver_sources(settings: Settings, runner: Runner, log: Logger) -> None:
+    """With GDS or GDRCopy on, NVIDIA's sources at ``/usr/src/nvidia-<version>`` of this container (so the
+    driver root's ``/run/nvidia/driver/usr/src/nvidia-<version>``, where those sidecars build), on every path
+    (a build here, the DTK's, a cache hit, the fast path), as the reference's ``_prepare``. The ``.run`` is
+    extracted once into the scratch directory. An optional component never takes the driver down: a
+    failure is a warning naming it."""
+    if not (settings.gds_enabled or settings.gdrcopy_enabled):
+        return
+    version = settings.driver_version.raw
+    try:
+        source = find_source(settings.source_dir, [settings.paths.drivers_dir], settings.target_arch, version)
+        sources = open_sources(source, default_scratch(), runner)
+        link = expose(settings.paths, version, sources)
+    except (DriverCtrError, OSError) as exc:
+        log.warning(
+            "NVIDIA sources not exposed in the driver root: the GDS/GDRCopy sidecars will wait", reason=str(exc)
+        )
+        return
+    if link is not None:
+        log.info("NVIDIA sources exposed in the driver root", path=str(link), sources=str(sources.root))
 
 
 def publish_modules(paths: HostPaths, tree: Path, kernel: str, runner: Runner, log: Logger) -> None:

@@ -39,7 +39,6 @@ from .errors import (
     innermost_step,
     tail_lines,
 )
-from .fsio import replace_symlink
 from .host_cache import HostCache, store_build
 from .inputs import read_tail
 from .jobs import plan_jobs
@@ -49,6 +48,7 @@ from .log import Logger, first_line, get_logger, phase
 from .records import BuildInputs, BuildRecord, Manifest
 from .runner import Runner
 from .settings import DTK_OWN_VARIABLES, Settings
+from .sources import DriverSources, expose
 from .waiting import Cancellation, wait_until
 
 IDLE_RECHECK_S = 5.0
@@ -379,15 +379,12 @@ class DtkSide:
 
 
 def expose_sources(settings: Settings, result: BuildResult, log: Logger) -> None:
-    """``/usr/src/nvidia-<version>``: NVIDIA's sources of this build, where the reference's ``_prepare``
-    leaves them (the GDS and GDRCopy Makefiles and sidecars look there)."""
+    """``/usr/src/nvidia-<version>``: NVIDIA's sources of this build (``sources.expose``)."""
     if result.sources_root is None:
         return
-    link = settings.paths.host("/usr/src/nvidia-%s" % settings.driver_version.raw)
-    if link.exists() and not link.is_symlink():
-        return  # the image's own
-    replace_symlink(link, result.sources_root)
-    log.info("NVIDIA sources exposed", path=str(link), sources=str(result.sources_root))
+    link = expose(settings.paths, settings.driver_version.raw, DriverSources(result.sources_root, "this build"))
+    if link is not None:
+        log.info("NVIDIA sources exposed", path=str(link), sources=str(result.sources_root))
 
 
 def _log_tail(path: Path) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 from .errors import BuildFailed, CommandFailed
-from .fsio import atomic_write_text, remove_tree
+from .fsio import atomic_write_text, remove_tree, replace_symlink
+from .paths import HostPaths
 from .runner import Runner
 
 SUBDIRS = {"proprietary": "kernel", "open": "kernel-open"}
@@ -59,6 +60,18 @@ def open_sources(source: Path, scratch: Path, runner: Runner) -> DriverSources:
     if source.is_file():
         return extract_run(source, scratch, runner)
     raise BuildFailed("sources", "the NVIDIA driver sources %s do not exist" % source)
+
+
+def expose(paths: HostPaths, version: str, sources: DriverSources) -> Optional[Path]:
+    """``/usr/src/nvidia-<version>``: NVIDIA's sources where the reference's ``_prepare`` leaves them (the GDS
+    and GDRCopy sidecars build against ``/run/nvidia/driver/usr/src/nvidia-<version>``, the driver root). A
+    relative link, so that it resolves inside the driver root too; the image's own directory is kept.
+    Returns the link, or None when the image's own directory is there."""
+    link = paths.host("/usr/src/nvidia-%s" % version)
+    if link.exists() and not link.is_symlink():
+        return None  # the image's own
+    replace_symlink(link, Path(os.path.relpath(str(sources.root), str(link.parent))))
+    return link
 
 
 def _fingerprint(run: Path) -> str:
