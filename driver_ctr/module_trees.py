@@ -12,7 +12,7 @@ or a :class:`Miss` saying why not:
    (``fallback/``: apt, dnf, a node-local repository), then ``local_build``; the one place that
    raises :class:`FallbackRequired`.
 
-The orders: ``nvidia-driver load`` takes 1, 3; ``init`` takes 1, 2, 3, 4, then 6;
+The orders: ``nvidia-driver load`` takes 1, 2, 3; ``init`` takes 1, 2, 3, 4, then 6;
 ``nv-ctr-run-with-dtk`` takes 2 or 3 (handed over to the DTK side), 5, then 6. On the fast path
 (nothing to load) ``loaded_tree`` finds the loaded driver's tree among 1, 2, 3, to publish it.
 Every build is stored in the host cache by the one policy,
@@ -257,9 +257,10 @@ def loaded_tree(settings: Settings, cancel: Cancellation, tools: Tools) -> Union
 
 
 def for_load(settings: Settings, cancel: Cancellation, tools: Tools) -> ModuleTree:
-    """``nvidia-driver load``: a build made earlier, never a new one."""
+    """``nvidia-driver load``: a build made earlier, never a new one (the shared dir's, the bundle ``build``
+    stored in the image, the host cache's)."""
     src = Sources(settings, cancel, tools)
-    found = _first(src, shared_dir_build, host_cache_entry)
+    found = _first(src, shared_dir_build, precompiled_bundle, host_cache_entry)
     if isinstance(found, ModuleTree):
         return found
     raise NoBuild(

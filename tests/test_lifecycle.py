@@ -7,6 +7,7 @@ and every path is under the temporary root.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -203,3 +204,38 @@ def test_with_gds_the_sources_are_in_the_driver_root_on_the_fast_path_too(root, 
     link = root / "usr/src/nvidia-535.261.03"
     assert link.is_symlink() and not os.path.isabs(os.readlink(str(link)))
     assert (link / "kernel/Makefile").is_file() and link.resolve() == sources.resolve()
+
+
+def test_load_finds_what_build_made(root, tmp_path, capfd):
+    """NVIDIA's ``build`` installs modules for the image's kernel and a later ``load`` uses them: ours stores
+    a bundle in the image's precompiled store, and ``load`` takes it (in-process, the fixture builder, the
+    fake kernel)."""
+    from driver_ctr.commands import build, load
+    from driver_ctr.commands.options import BuildOptions, NoOptions
+
+    mods = make_fixture_modules(tmp_path / "fixture", RHEL_KERNEL)
+    settings = Settings.from_env(env_for(root, DRIVER_CTR_SOURCE_DIR=str(mods)))
+    settings.paths.validations_dir.mkdir(parents=True)
+    node = Node(root)
+    runner = FakeRunner()
+    runner.answers += [((tool,), node.answer) for tool in ("modprobe", "rmmod", "mount", "umount")]
+    tools = Tools(runner=runner, new_builder=lambda _runner: FixtureBuilder())
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    stop, done, seen = Cancellation(), threading.Event(), []
+    try:
+        assert build.build(settings, BuildOptions(accept_license=False, tag=None, max_threads=None), tools) == 0
+        watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
+        watcher.start()
+        assert load.run(settings, NoOptions(), tools) == 0
+    finally:
+        stop.set()
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        Cancellation.installed = None
+    watcher.join(10)
+    assert seen and seen[0]["loaded"] == ["nvidia", "nvidia_modeset", "nvidia_uvm"]
+    adopted = settings.paths.adopted_trees
+    assert [c[-1] for c in runner.calls if "--first-time" in c] == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
+    assert any(adopted.iterdir())  # loaded from the adopted copy of the bundle
+    found = [json.loads(line) for line in capfd.readouterr().err.splitlines() if '"modules found"' in line]
+    assert [e["source"] for e in found] == ["precompiled"]

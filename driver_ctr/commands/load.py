@@ -1,4 +1,4 @@
-"""``nvidia-driver load``: load a build made earlier (shared dir, host cache), serve, wait.
+"""``nvidia-driver load``: load a build made earlier (shared dir, the bundle ``build`` stored, host cache), serve, wait.
 
 The lifecycle (``service``) says NotReady first, so a stale Ready of a killed pod never outlives this start.
 """
