@@ -6,7 +6,10 @@ nvidia-fs, GDRCopy, NVIDIA's vGPU manager) are named, and a vGPU host-manager st
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
@@ -127,3 +130,83 @@ def test_the_openshift_drivertoolkit_containers_in_detail():
         "GDRCOPY_ENABLED",
     }
     assert Settings.from_env(_env(dtk)).rhcos_version == "413.92.202304252344-0"
+
+
+# -- the driver container of each non-OpenShift rendering, run to its end state ----------------------------------
+
+INIT_GOLDENS = [
+    g
+    for g in GOLDENS
+    for c in _containers(g)
+    if c["name"] == "nvidia-driver-ctr" and c["command"] == ["nvidia-driver"] and _ours(g, c)
+]
+
+
+def _golden_settings(golden: str, root: Path, sources: Path) -> Settings:
+    """The driver container's environment in ``golden`` (references stubbed, the placeholder args' FOO and
+    BAR kept), as our image sets it, on ``root`` with ``sources`` as the driver's sources."""
+    from harness import env_for
+
+    env = {k: v for k, v in _env(next(c for c in _containers(golden) if c["name"] == "nvidia-driver-ctr")).items()}
+    env.pop("DRIVER_VERSION")  # the image's: ours is the fixture's 535.261.03 (env_for)
+    if golden.startswith("vgpu-licensing"):
+        env["DRIVER_TYPE"] = "vgpu"  # NVIDIA's vGPU guest images set it in their ENV
+    return Settings.from_env(env_for(root, DRIVER_CTR_SOURCE_DIR=str(sources), **env))
+
+
+@pytest.mark.parametrize("golden", INIT_GOLDENS)
+def test_golden_driver_container_reaches_its_end_state(golden, root, tmp_path, capfd):
+    """``nvidia-driver init`` with the rendering's environment, in-process (fixture builder, fake kernel), to
+    Ready and through a SIGTERM: the GPU driver loaded and the state file the digest, plus what the
+    configuration needs: NVIDIA's sources in the driver root (GDS, GDRCopy), nvidia-peermem in the published
+    tree for the sidecar's chroot modprobe (RDMA), the licence installed and nvidia-gridd started (vGPU),
+    the image's bundle taken with no build (precompiled)."""
+    from fixture_builder import FixtureBuilder
+    from harness import RHEL_KERNEL, copy_fixture_sources, make_fixture_module, make_fixture_modules
+    from inprocess import Node, in_process, node_runner, run_until_ready_then_term
+
+    from driver_ctr.commands import build, init
+    from driver_ctr.commands.options import BuildOptions, InitOptions
+    from driver_ctr.tools import Tools
+
+    sources = make_fixture_modules(copy_fixture_sources(tmp_path / "nvidia-src"), RHEL_KERNEL)
+    settings = _golden_settings(golden, root, sources)
+    if settings.gpu_direct_rdma_enabled:
+        make_fixture_module(sources, "nvidia-peermem", RHEL_KERNEL, depends="nvidia")
+    if settings.driver_type == "vgpu":
+        (root / "drivers/ClientConfigToken").mkdir(parents=True)
+        (root / "drivers/gridd.conf").write_text("FeatureType=1\n")
+        (root / "drivers/ClientConfigToken/client_configuration_token.tok").write_text("token")
+    settings.paths.validations_dir.mkdir(parents=True)
+    node = Node(root)
+    runner = node_runner(node)
+    runner.expect(("nvidia-gridd",))
+    builds: List[str] = []
+
+    def builder(_runner):
+        builds.append(golden)
+        return FixtureBuilder()
+
+    if golden == "precompiled":  # the image carries its bundle for this kernel: built before, stored
+        assert in_process(build.build, settings, BuildOptions(False, None, None), Tools(runner, builder)) == 0
+        builds.clear()
+    capfd.readouterr()
+    status, seen = run_until_ready_then_term(
+        init.run, settings, node, settings, InitOptions(accept_license=False, max_threads=None), Tools(runner, builder)
+    )
+    assert status == 0 and seen, capfd.readouterr().err[-3000:]
+    assert seen[0]["loaded"][:3] == ["nvidia", "nvidia_modeset", "nvidia_uvm"]
+    assert seen[0]["state"] == settings.driver_config_digest
+    sources_link = root / "usr/src/nvidia-535.261.03"
+    if settings.gds_enabled or settings.gdrcopy_enabled:
+        assert (sources_link / "kernel/Makefile").is_file() and not os.path.isabs(os.readlink(str(sources_link)))
+    else:
+        assert not sources_link.is_symlink()  # (the precompiled image's store is a real directory there)
+    assert ("nvidia-peermem.ko" in seen[0]["published"]) == settings.gpu_direct_rdma_enabled
+    gridd = [c for c in runner.calls if c[0] == "nvidia-gridd"]
+    assert bool(gridd) == (settings.driver_type == "vgpu")
+    if gridd:
+        assert (root / "etc/nvidia/gridd.conf").read_text() == "FeatureType=1\n"
+        assert (root / "etc/nvidia/ClientConfigToken/client_configuration_token.tok").read_text() == "token"
+    found = [json.loads(line)["source"] for line in capfd.readouterr().err.splitlines() if '"modules found"' in line]
+    assert (found, builds) == ((["precompiled"], []) if golden == "precompiled" else ([], [golden]))

@@ -9,81 +9,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import threading
-from pathlib import Path
-from typing import List, Sequence
 
 import pytest
 from fakes import FakeRunner
 from fixture_builder import FixtureBuilder
 from harness import RHEL_KERNEL, env_for, make_fixture_modules
+from inprocess import Node, in_process, node_runner, run_until_ready_then_term
 
 from driver_ctr.commands import init
 from driver_ctr.commands.options import InitOptions
 from driver_ctr.node.state import DAEMONS_STATUS
-from driver_ctr.toolkit.errors import Cancelled, DriverCtrError
-from driver_ctr.toolkit.runner import Result
+from driver_ctr.toolkit.errors import DriverCtrError
 from driver_ctr.toolkit.settings import Settings
-from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation, wait_until
 from driver_ctr.tools import Tools
 
-
-class Node:
-    """The kernel and mount table the fake runner's answers change, under the temporary root: ``modprobe``
-    makes ``/sys/module/<name>``, ``rmmod`` removes it, ``mount --rbind`` and ``umount`` edit
-    ``/proc/self/mounts``."""
-
-    def __init__(self, root: Path) -> None:
-        self.sys_module = root / "sys/module"
-        self.mounts = root / "proc/self/mounts"
-        self.mounts.parent.mkdir(parents=True, exist_ok=True)
-        self.mounts.write_text("")
-
-    def answer(self, argv: Sequence[str]) -> Result:
-        if argv[0] == "modprobe" and "--first-time" in argv:
-            d = self.sys_module / argv[-1].replace("-", "_")
-            d.mkdir(parents=True)
-            (d / "refcnt").write_text("0\n")
-        elif argv[0] == "rmmod":
-            for name in argv[1:]:
-                shutil.rmtree(str(self.sys_module / name.replace("-", "_")))
-        elif argv[:2] == ("mount", "--rbind"):
-            with open(str(self.mounts), "a") as f:
-                f.write("none %s none rw 0 0\n" % argv[3])
-        elif argv[0] == "umount":
-            kept = [line for line in self.mounts.read_text().splitlines() if line.split()[1] != argv[-1]]
-            self.mounts.write_text("".join(line + "\n" for line in kept))
-        return Result(tuple(argv), 0, "", "")
-
-    def loaded(self) -> List[str]:
-        return sorted(d.name for d in self.sys_module.iterdir()) if self.sys_module.is_dir() else []
-
-
-def _signal_when_ready(settings: Settings, node: Node, stop: Cancellation, done: threading.Event, seen: list) -> None:
-    """Wait (inotify) for the readiness file to say Ready, remember what the node looked like, then SIGTERM;
-    ``stop``: the lifecycle ended first (it failed before Ready)."""
-    status = settings.paths.validations_dir / DAEMONS_STATUS
-
-    def ready():
-        return True if status.is_file() and status.read_text().strip() == "Ready" else None
-
-    try:
-        wait_until(ready, directory=status.parent, what="Ready", timeout_s=60, cancel=stop, recheck_s=0.2)
-    except (Exception, Cancelled):  # the lifecycle ended before Ready: the test says why
-        done.set()
-        return
-    seen.append(
-        {
-            "state": settings.paths.state_file.read_text().strip(),
-            "pid": settings.paths.pid_file.is_file(),
-            "loaded": node.loaded(),
-            "driver root mounted": str(settings.paths.driver_root) in node.mounts.read_text(),
-        }
-    )
-    done.set()
-    os.kill(os.getpid(), signal.SIGTERM)  # the lifecycle's own handler is installed: it ends the wait
+INIT = InitOptions(accept_license=False, max_threads=None)
 
 
 def test_init_runs_load_serve_signal_and_undo_in_process(root, tmp_path):
@@ -95,22 +35,10 @@ def test_init_runs_load_serve_signal_and_undo_in_process(root, tmp_path):
     settings = Settings.from_env(env_for(root, DRIVER_CTR_SOURCE_DIR=str(mods)))
     settings.paths.validations_dir.mkdir(parents=True)  # the operator's hostPath
     node = Node(root)
-    runner = FakeRunner()
-    runner.answers += [((tool,), node.answer) for tool in ("modprobe", "rmmod", "mount", "umount")]
+    runner = node_runner(node)
     tools = Tools(runner=runner, new_builder=lambda _runner: FixtureBuilder())
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    stop, done, seen = Cancellation(), threading.Event(), []
-    watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
-    watcher.start()
-    try:
-        status = init.run(settings, InitOptions(accept_license=False, max_threads=None), tools)
-    finally:
-        stop.set()
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
-    watcher.join(10)
-    assert done.is_set() and status == 0
+    status, seen = run_until_ready_then_term(init.run, settings, node, settings, INIT, tools)
+    assert status == 0
     # while it served
     assert seen == [
         {
@@ -118,6 +46,7 @@ def test_init_runs_load_serve_signal_and_undo_in_process(root, tmp_path):
             "pid": True,
             "loaded": ["nvidia", "nvidia_modeset", "nvidia_uvm"],
             "driver root mounted": True,
+            "published": ["nvidia-modeset.ko", "nvidia-uvm.ko", "nvidia.ko"],
         }
     ]
     # what ran, in order: the load from the adopted tree, the driver root, then after the signal the undo
@@ -156,14 +85,8 @@ def test_init_that_fails_on_the_fast_path_leaves_the_state_file_as_it_was(root):
     settings.paths.state_file.parent.mkdir(parents=True)
     settings.paths.state_file.write_text(settings.driver_config_digest + "\n")
     runner = FakeRunner()
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        with pytest.raises(DriverCtrError, match="userspace"):
-            init.run(settings, InitOptions(accept_license=False, max_threads=None), Tools(runner=runner))
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
+    with pytest.raises(DriverCtrError, match="userspace"):
+        in_process(init.run, settings, INIT, Tools(runner=runner))
     assert settings.paths.state_file.read_text() == settings.driver_config_digest + "\n"
     assert not settings.paths.pid_file.exists()
     assert not (settings.paths.validations_dir / DAEMONS_STATUS).exists()
@@ -185,20 +108,8 @@ def test_with_gds_the_sources_are_in_the_driver_root_on_the_fast_path_too(root, 
     (root / "sys/module/nvidia/version").write_text("535.261.03")
     settings.paths.state_file.parent.mkdir(parents=True, exist_ok=True)
     settings.paths.state_file.write_text(settings.driver_config_digest + "\n")
-    runner = FakeRunner()
-    runner.answers += [((tool,), node.answer) for tool in ("rmmod", "mount", "umount")]
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    stop, done, seen = Cancellation(), threading.Event(), []
-    watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
-    watcher.start()
-    try:
-        status = init.run(settings, InitOptions(accept_license=False, max_threads=None), Tools(runner=runner))
-    finally:
-        stop.set()
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
-    watcher.join(10)
+    runner = node_runner(node, "rmmod", "mount", "umount")
+    status, seen = run_until_ready_then_term(init.run, settings, node, settings, INIT, Tools(runner=runner))
     assert status == 0 and seen, "the fast path never reached Ready"
     assert not any(c[0] == "modprobe" for c in runner.calls)  # the fast path: nothing loaded
     link = root / "usr/src/nvidia-535.261.03"
@@ -217,23 +128,11 @@ def test_load_finds_what_build_made(root, tmp_path, capfd):
     settings = Settings.from_env(env_for(root, DRIVER_CTR_SOURCE_DIR=str(mods)))
     settings.paths.validations_dir.mkdir(parents=True)
     node = Node(root)
-    runner = FakeRunner()
-    runner.answers += [((tool,), node.answer) for tool in ("modprobe", "rmmod", "mount", "umount")]
+    runner = node_runner(node)
     tools = Tools(runner=runner, new_builder=lambda _runner: FixtureBuilder())
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    stop, done, seen = Cancellation(), threading.Event(), []
-    try:
-        assert build.build(settings, BuildOptions(accept_license=False, tag=None, max_threads=None), tools) == 0
-        watcher = threading.Thread(target=_signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
-        watcher.start()
-        assert load.run(settings, NoOptions(), tools) == 0
-    finally:
-        stop.set()
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
-    watcher.join(10)
-    assert seen and seen[0]["loaded"] == ["nvidia", "nvidia_modeset", "nvidia_uvm"]
+    assert in_process(build.build, settings, BuildOptions(accept_license=False, tag=None, max_threads=None), tools) == 0
+    status, seen = run_until_ready_then_term(load.run, settings, node, settings, NoOptions(), tools)
+    assert status == 0 and seen and seen[0]["loaded"] == ["nvidia", "nvidia_modeset", "nvidia_uvm"]
     adopted = settings.paths.adopted_trees
     assert [c[-1] for c in runner.calls if "--first-time" in c] == ["nvidia", "nvidia-uvm", "nvidia-modeset"]
     assert any(adopted.iterdir())  # loaded from the adopted copy of the bundle
