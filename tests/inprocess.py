@@ -36,7 +36,11 @@ class Node:
         self.mounts.write_text("")
 
     def answer(self, argv: Sequence[str]) -> Result:
-        if argv[0] == "modprobe" and "--first-time" in argv:
+        if argv[0] == "chroot" and argv[2] == "modprobe":  # the peermem sidecar, in the driver root
+            d = self.sys_module / argv[3].replace("-", "_")
+            d.mkdir(parents=True)
+            (d / "refcnt").write_text("0\n")
+        elif argv[0] == "modprobe" and "--first-time" in argv:
             d = self.sys_module / argv[-1].replace("-", "_")
             d.mkdir(parents=True)
             (d / "refcnt").write_text("0\n")
@@ -109,6 +113,38 @@ def run_until_ready_then_term(
         Cancellation.installed = None
     watcher.join(10)
     return status, seen
+
+
+def run_until_then_term(
+    command: Callable[..., int], condition: Callable[[], bool], directory: Path, *args: Any
+) -> Tuple[int, bool]:
+    """``command(*args)`` in this process until ``condition()`` holds (woken by changes in ``directory``),
+    then a real SIGTERM. (status, whether the condition held.)"""
+    stop, held = Cancellation(), []
+
+    def watch() -> None:
+        try:
+            wait_until(
+                lambda: True if condition() else None,
+                directory=directory,
+                what="the condition",
+                timeout_s=60,
+                cancel=stop,
+                recheck_s=0.2,
+            )
+        except (Exception, Cancelled):
+            return
+        held.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        status = in_process(command, *args)
+    finally:
+        stop.set()
+    watcher.join(10)
+    return status, bool(held)
 
 
 def in_process(command: Callable[..., int], *args: Any) -> int:

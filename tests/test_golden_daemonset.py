@@ -210,3 +210,37 @@ def test_golden_driver_container_reaches_its_end_state(golden, root, tmp_path, c
         assert (root / "etc/nvidia/ClientConfigToken/client_configuration_token.tok").read_text() == "token"
     found = [json.loads(line)["source"] for line in capfd.readouterr().err.splitlines() if '"modules found"' in line]
     assert (found, builds) == ((["precompiled"], []) if golden == "precompiled" else ([], [golden]))
+
+
+@pytest.mark.parametrize("golden", ["rdma", "rdma-hostmofed"])
+def test_golden_peermem_sidecar_loads_the_module_in_the_driver_root(golden, root):
+    """The nvidia-peermem sidecar (``reload_nvidia_peermem``) with the rendering's environment, in-process:
+    it waits for MOFED (the MOFED container's readiness, or with USE_HOST_MOFED the host's mlx5_core) and
+    the driver container's readiness, loads nvidia-peermem in the driver root (``chroot /run/nvidia/driver
+    modprobe``), then holds until a SIGTERM, which ends it at once."""
+    from harness import env_for
+    from inprocess import Node, node_runner, run_until_then_term
+
+    from driver_ctr.commands import peermem
+    from driver_ctr.commands.options import NoOptions
+    from driver_ctr.tools import Tools
+
+    sidecar = next(c for c in _containers(golden) if c["name"] == "nvidia-peermem-ctr")
+    env = {k: v for k, v in _env(sidecar).items() if k != "DRIVER_VERSION"}
+    settings = Settings.from_env(env_for(root, **env))
+    node = Node(root)
+    runner = node_runner(node, "chroot")
+    (root / "sys/module").mkdir(parents=True, exist_ok=True)
+    settings.paths.validations_dir.mkdir(parents=True)
+    (settings.paths.validations_dir / ".driver-ctr-ready").write_text("")  # the driver's startup probe
+    if settings.use_host_mofed:
+        (root / "sys/module/mlx5_core").mkdir()  # the host's MOFED is loaded
+    else:
+        (root / "run/mellanox/drivers").mkdir(parents=True)
+        (root / "run/mellanox/drivers/.driver-ready").write_text("")  # the MOFED container's readiness
+    loaded = root / "sys/module/nvidia_peermem"
+    status, held = run_until_then_term(
+        peermem.reload, loaded.is_dir, root / "sys/module", settings, NoOptions(), Tools(runner=runner)
+    )
+    assert status == 0 and held
+    assert runner.calls == [("chroot", str(settings.paths.driver_root), "modprobe", "nvidia-peermem")]
