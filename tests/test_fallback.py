@@ -757,14 +757,12 @@ def test_update_k_latest_resolves_the_kernel_then_checks_the_build_for_it(root, 
     """``update -k latest --check`` in-process (the fake runner plays apt, the fixture builder builds): the
     newest kernel apt carries is the target, apt's state is the preflight's scratch root's, and the
     preflight says pass for that kernel."""
-    import signal
-
     from fixture_builder import FixtureBuilder
     from harness import make_fixture_modules
+    from inprocess import in_process
 
     from driver_ctr.commands import build
     from driver_ctr.commands.options import UpdateOptions
-    from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation
     from driver_ctr.tools import Tools
 
     newest = "6.1.0-99-amd64"
@@ -777,13 +775,7 @@ def test_update_k_latest_resolves_the_kernel_then_checks_the_build_for_it(root, 
     search = Result(("apt-cache",), 0, "linux-headers-%s - Header files\n" % newest, "")
     fake.answers.append((("apt-cache",), lambda argv: search if "search" in argv else Result(tuple(argv), 100, "", "")))
     tools = Tools(runner=fake, new_builder=lambda _runner: FixtureBuilder())
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        status = build.update(settings, UpdateOptions(kernel="latest", check=True), tools)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
+    status = in_process(build.update, settings, UpdateOptions(kernel="latest", check=True), tools)
     assert status == 0
     assert capsys.readouterr().out.startswith("%s: pass (" % newest)
     assert [c[:2] for c in fake.calls] == [("apt-get", "-o"), ("apt-cache", "-o")]  # the scratch root's apt state

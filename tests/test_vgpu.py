@@ -171,23 +171,11 @@ def _selecting_runner() -> FakeRunner:
     return runner
 
 
-def _in_process(command, *args):
-    import signal
-
-    from driver_ctr.toolkit.waiting import STOP_SIGNALS, Cancellation
-
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        return command(*args)
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
-
-
 def test_the_vgpu_version_is_selected_for_load_and_for_the_dtk_build_too(root):
     """NVIDIA's _prepare selects the guest driver for init, load and the DTK build: ``load`` looks for a build
     of the selected version, and the DTK side is told that version in settings.json."""
+    from inprocess import in_process
+
     from driver_ctr.commands import load, run_with_dtk
     from driver_ctr.commands.options import NoOptions, RunWithDtkOptions
     from driver_ctr.module_trees import NoBuild
@@ -199,12 +187,12 @@ def test_the_vgpu_version_is_selected_for_load_and_for_the_dtk_build_too(root):
     assert settings.shared()["DRIVER_VERSION"] == "535.261.03-grid"
     runner = _selecting_runner()
     with pytest.raises(NoBuild):
-        _in_process(load.run, settings, NoOptions(), Tools(runner=runner))
+        in_process(load.run, settings, NoOptions(), Tools(runner=runner))
     assert [c[:2] for c in runner.calls] == [("vgpu-util", "count"), ("vgpu-util", "match")]
 
     shared = root / "mnt/shared-nvidia-driver-toolkit"
     shared.mkdir(parents=True)
     with pytest.raises(HandoffTimeout):  # no DTK container here: what matters is what it was told
-        _in_process(run_with_dtk.run, settings, RunWithDtkOptions(dry_run=True), Tools(runner=_selecting_runner()))
+        in_process(run_with_dtk.run, settings, RunWithDtkOptions(dry_run=True), Tools(runner=_selecting_runner()))
     told = json.loads((shared / "settings.json").read_text())["env"]
     assert told["DRIVER_VERSION"] == "550.163.01-grid" and told["DRIVER_BRANCH"] == "550"
