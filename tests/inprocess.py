@@ -100,17 +100,13 @@ def run_until_ready_then_term(
 ) -> Tuple[int, List[Dict[str, Any]]]:
     """``command(*args)`` in this process; once it says Ready, what the node looks like is noted and a real
     SIGTERM ends it. The process's signal handlers are put back afterwards. (status, [what was seen])."""
-    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     stop, done, seen = Cancellation(), threading.Event(), []  # type: ignore[var-annotated]
     watcher = threading.Thread(target=signal_when_ready, args=(settings, node, stop, done, seen), daemon=True)
     watcher.start()
     try:
-        status = command(*args)
+        status = in_process(command, *args)
     finally:
         stop.set()
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-        Cancellation.installed = None
     watcher.join(10)
     return status, seen
 
